@@ -1,0 +1,209 @@
+"""The `onnxcompress` command: compress, inspect, bench, passes.
+
+Exit codes: 0 success; 1 the accuracy budget could not be met or a pass failed; 2 bad input or
+options (one-line message, nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from . import __version__, io
+from .data import load_dataset
+from .errors import BudgetError, CompressError, InputError
+from .manager import Evaluator, PassManager, random_dataset
+from .metrics import LatencyConfig, count_params, node_macs
+from .pass_api import Registry, default_registry, type_name
+from .pipeline import parse_pipeline, parse_recipe
+from .report import Report, Step, format_table, human_bytes, human_count, render
+from .runtime import check_providers
+from .validate import ValidationError, validate_model
+
+log = logging.getLogger("onnxcompress")
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="onnxcompress", description="Compress trained ONNX models.")
+    ap.add_argument("--version", action="version", version=f"onnxcompress {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="run a pipeline of passes on a model")
+    c.add_argument("input", help="the .onnx model (never modified)")
+    c.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    how = c.add_mutually_exclusive_group(required=True)
+    how.add_argument("--passes", help="pipeline, e.g. \"fold-bn,prune-weights(sparsity=0.5)\"")
+    how.add_argument("--recipe", help="TOML recipe file holding a pipeline")
+    c.add_argument("--calib", help="calibration data (.npz keyed by input name, or a folder)")
+    c.add_argument("--eval", help="evaluation data (.npz with optional 'labels'); default: the calibration data")
+    c.add_argument("--max-drop", type=float, help="accuracy budget in points (agreement with the original without labels)")
+    c.add_argument("--teacher", help="comma-separated teacher models (default: the input model)")
+    c.add_argument("--temperature", type=float, help="distillation temperature (default 4)")
+    c.add_argument("--alpha", type=float, help="weight of hard labels in distillation (default 0)")
+    c.add_argument("--report", help="write the JSON report here")
+    c.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data beside the model")
+    _runtime_args(c)
+
+    i = sub.add_parser("inspect", help="ops, parameters and MACs per layer, and where passes apply")
+    i.add_argument("input")
+
+    b = sub.add_parser("bench", help="size, MACs, latency and accuracy of models side by side")
+    b.add_argument("models", nargs="+")
+    b.add_argument("--eval", help="evaluation data (.npz with optional 'labels')")
+    _runtime_args(b)
+
+    sub.add_parser("passes", help="list every pass with its options")
+    return ap
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--providers", type=_csv, help="execution providers, e.g. cpu or cuda,cpu (default cpu)")
+    p.add_argument("--batch-sizes", type=_ints, default=(1,), help="latency batch sizes, e.g. 1,32 (default 1)")
+    p.add_argument("--runs", type=int, default=30, help="latency runs per measurement; the median is reported")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for latency")
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+
+
+def _latency(args: argparse.Namespace) -> LatencyConfig:
+    if args.runs < 1:
+        raise InputError("--runs must be at least 1")
+    return LatencyConfig(batch_sizes=args.batch_sizes, runs=args.runs, threads=args.threads,
+                         enabled=not args.no_latency)
+
+
+def _load_checked(path: str, providers: Sequence[str]) -> onnx.ModelProto:
+    model = io.load_model(path)
+    try:
+        validate_model(model, providers)
+    except ValidationError as e:
+        raise InputError(f"{path} is not a valid model: {e}") from None
+    return model
+
+
+def _inputs(model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def cmd_compress(args: argparse.Namespace, registry: Registry) -> int:
+    if args.recipe:
+        recipe = parse_recipe(io.read_text(args.recipe), args.recipe)
+        steps, settings = recipe.steps, recipe.settings
+    else:
+        steps, settings = parse_pipeline(args.passes), {}
+    passes = [registry.create(name, opts) for name, opts in steps]  # option errors before any work
+    pick = lambda flag, key, default: flag if flag is not None else settings.get(key, default)
+    providers = check_providers(pick(args.providers, "providers", None))
+    src, dst = Path(args.input), Path(args.output)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise InputError("the output path is the input file; onnxcompress never overwrites its input")
+    if not dst.parent.exists():
+        raise InputError(f"output folder does not exist: {dst.parent}")
+    model = _load_checked(args.input, providers)
+    names = _inputs(model)
+    calib = load_dataset(args.calib, names) if args.calib else None
+    evaluation = load_dataset(args.eval, names) if args.eval else None
+    teachers = [_load_checked(t, providers) for t in _csv(args.teacher)] if args.teacher else []
+    manager = PassManager(passes, calib=calib, eval_data=evaluation, teachers=teachers, providers=providers,
+                          max_drop=pick(args.max_drop, "max_drop", None), latency=_latency(args),
+                          temperature=pick(args.temperature, "temperature", 4.0), alpha=pick(args.alpha, "alpha", 0.0))
+    result = manager.run(model, name=src.name)
+    io.save_model(result.model, dst, external_data=True if args.external_data else None)
+    print(render(result.report))
+    if args.report:
+        io.write_json(args.report, result.report.to_dict())
+    print(f"wrote {dst}")
+    if not result.budget_met:
+        raise BudgetError(f"accuracy budget of {manager.max_drop} points not met: rolled-back passes are listed "
+                          f"above; {dst} holds the passes that fit")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, registry: Registry) -> int:
+    model = _load_checked(args.input, check_providers(None))
+    ops = Counter(n.op_type for n in model.graph.node)
+    print(f"{args.input}: opset {model.opset_import[0].version}, IR {model.ir_version}, "
+          f"{len(model.graph.node)} nodes, {human_count(count_params(model))} parameters, {human_bytes(model.ByteSize())}")
+    print("\nops: " + ", ".join(f"{op} x{n}" for op, n in ops.most_common()))
+    inits = {t.name: t for t in model.graph.initializer}
+    rows = []
+    for (name, op, macs), node in zip(node_macs(model), model.graph.node):
+        params = sum(int(np.prod(inits[i].dims)) for i in node.input if i in inits)
+        if macs or params:
+            rows.append([name, op, human_count(params), "?" if macs is None else human_count(macs)])
+    print("\nper layer (MACs at batch 1):\n" + format_table(rows, ["node", "op", "params", "MACs"]))
+    print("\npasses that apply:")
+    for cls in registry:
+        nodes = [n.name or n.output[0] for n in model.graph.node if n.op_type in cls.handles]
+        where = ", ".join(nodes[:6]) + (f", ... ({len(nodes)} nodes)" if len(nodes) > 6 else "")
+        print(f"  {cls.name}: {where if nodes else 'nothing to do'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
+    providers = check_providers(args.providers)
+    models = [_load_checked(m, providers) for m in args.models]
+    data = load_dataset(args.eval, _inputs(models[0])) if args.eval else random_dataset(models[0])
+    evaluator = Evaluator(models[0], data, providers, _latency(args))
+
+    report = Report(args.models[0])
+    for path, model in zip(args.models, models):
+        report.steps.append(evaluator.measure(model, Step(Path(path).name, "measured")))
+    print(render(report))
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace, registry: Registry) -> int:
+    for cls in registry:
+        print(f"{cls.name}: {cls.summary()}")
+        print(f"    handles: {', '.join(sorted(cls.handles))}")
+        for name, tp, default in cls.option_fields():
+            print(f"    {name}: {type_name(tp)} = {default!r}")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "bench": cmd_bench, "passes": cmd_passes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args, default_registry())
+    except CompressError as e:
+        print(f"onnxcompress: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("onnxcompress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback for users; --debug shows it
+        if args.debug:
+            raise
+        print(f"onnxcompress: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

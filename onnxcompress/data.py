@@ -1,0 +1,87 @@
+"""Calibration and evaluation data: feeds keyed by graph input name, with optional labels.
+
+A `Dataset` holds whole arrays (batch axis first) and hands out batches of feed dicts. It is built
+from a `.npz` file or a folder (through `io.read_arrays`), a dict of arrays, any iterable of feed
+dicts, or an onnxruntime `CalibrationDataReader`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from . import io
+from .errors import InputError
+
+__all__ = ["Dataset", "load_dataset", "as_dataset"]
+
+LABELS = "labels"
+
+
+@dataclass
+class Dataset:
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        sizes = {k: len(v) for k, v in self.feeds.items()}
+        if not sizes:
+            raise InputError("dataset has no input arrays")
+        if len(set(sizes.values())) != 1:
+            raise InputError(f"dataset arrays differ in length: {sizes}")
+        if self.labels is not None and len(self.labels) != len(self):
+            raise InputError(f"dataset has {len(self.labels)} labels for {len(self)} samples")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.feeds.values())))
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self), batch_size):
+            yield {k: v[start:start + batch_size] for k, v in self.feeds.items()}
+
+    def take(self, n: int) -> "Dataset":
+        """The first n samples (all of them if n is larger)."""
+        labels = None if self.labels is None else self.labels[:n]
+        return Dataset({k: v[:n] for k, v in self.feeds.items()}, labels)
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        """Raise InputError unless the dataset feeds exactly the model's graph inputs `inputs`."""
+        missing = [n for n in inputs if n not in self.feeds]
+        extra = [n for n in self.feeds if n not in inputs]
+        if missing or extra:
+            raise InputError(f"data does not match the model's inputs: missing {missing}, unexpected {extra}")
+
+
+def _from_arrays(arrays: Mapping[str | None, np.ndarray], input_names: list[str]) -> Dataset:
+    arrays = dict(arrays)
+    labels = arrays.pop(LABELS, None)
+    if None in arrays:  # .npy batches for a model's only input
+        if len(input_names) != 1:
+            raise InputError(".npy data is only for models with one input; use .npz keyed by input name")
+        arrays[input_names[0]] = arrays.pop(None)
+    return Dataset({str(k): np.asarray(v) for k, v in arrays.items()}, labels)
+
+
+def load_dataset(path: str, input_names: list[str]) -> Dataset:
+    """Read a dataset from a .npz file or a folder of .npz/.npy files, and check it feeds the model."""
+    ds = _from_arrays(io.read_arrays(path), input_names)
+    ds.check_inputs({n: None for n in input_names})
+    return ds
+
+
+def as_dataset(data: Any, input_names: list[str]) -> Dataset:
+    """Accept a Dataset, a dict of arrays, an iterable of feed dicts or a CalibrationDataReader."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, Mapping):
+        return _from_arrays(data, input_names)
+    if hasattr(data, "get_next"):  # onnxruntime.quantization.CalibrationDataReader
+        data = iter(data.get_next, None)
+    if isinstance(data, Iterable):
+        feeds: dict[str, list[np.ndarray]] = {}
+        for feed in data:
+            for k, v in feed.items():
+                feeds.setdefault(k, []).append(np.asarray(v))
+        return Dataset({k: np.concatenate(v) for k, v in feeds.items()})
+    raise InputError(f"cannot use {type(data).__name__} as data")

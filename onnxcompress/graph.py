@@ -1,0 +1,113 @@
+"""Graph surgery helpers shared by every pass (on onnx-graphsurgeon's mutable graph).
+
+Passes edit a `gs.Graph`; the pass manager converts to and from `onnx.ModelProto` with `to_graph`
+and `to_model`, which keep what graphsurgeon drops (metadata, model version, doc string).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "to_graph", "to_model", "iter_nodes", "constant_value", "producer", "consumers",
+    "set_constant", "weight_of", "unique_name", "tidy", "attr",
+]
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export a graph; copy from `like` the model-level fields graphsurgeon does not carry."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    if like is not None:
+        model.ir_version = like.ir_version
+        model.model_version = like.model_version
+        model.domain = like.domain
+        model.doc_string = like.doc_string
+        model.producer_name = like.producer_name
+        model.producer_version = like.producer_version
+        del model.metadata_props[:]
+        model.metadata_props.extend(like.metadata_props)
+        del model.opset_import[:]
+        model.opset_import.extend(like.opset_import)
+    return model
+
+
+def tidy(graph: gs.Graph) -> gs.Graph:
+    """Drop dead nodes and tensors and restore topological order (graph inputs are never removed)."""
+    return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def iter_nodes(graph: gs.Graph, recurse: bool = True) -> Iterator[gs.Node]:
+    """All nodes, including those inside If/Loop/Scan bodies when `recurse`."""
+    for node in graph.nodes:
+        yield node
+        if recurse:
+            for sub in node.subgraphs():
+                yield from iter_nodes(sub, recurse=True)
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of a constant tensor (initializer, `Constant` node output, or an Identity of one), else None."""
+    if tensor is None:
+        return None
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and node.op == "Identity":
+        return constant_value(node.inputs[0])
+    if node is not None and node.op == "Constant" and "value" in node.attrs:
+        v = node.attrs["value"]
+        return np.asarray(v.values if isinstance(v, gs.Constant) else v)
+    return None
+
+
+def weight_of(node: gs.Node, index: int = 1) -> np.ndarray | None:
+    """The constant input `index` of a node (e.g. a Conv/Gemm weight), or None if absent or not constant."""
+    if len(node.inputs) <= index:
+        return None
+    return constant_value(node.inputs[index])
+
+
+def attr(node: gs.Node, name: str, default=None):
+    return node.attrs.get(name, default)
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    names = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+    if base not in names:
+        return base
+    i = 1
+    while f"{base}_{i}" in names:
+        i += 1
+    return f"{base}_{i}"
+
+
+def set_constant(graph: gs.Graph, node: gs.Node, index: int, value: np.ndarray, suffix: str = "") -> gs.Constant:
+    """Give `node` a new constant as input `index`, never mutating a tensor other nodes may share.
+
+    The new initializer keeps the old one's dtype; `suffix` names it after the change (e.g. "_folded")."""
+    old = node.inputs[index] if len(node.inputs) > index else None
+    dtype = np.asarray(constant_value(old)).dtype if old is not None and constant_value(old) is not None else value.dtype
+    base = (old.name if old is not None and old.name else f"{node.name}_in{index}") + suffix
+    const = gs.Constant(unique_name(graph, base), np.ascontiguousarray(value.astype(dtype, copy=False)))
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = const
+    return const

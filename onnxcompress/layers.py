@@ -1,0 +1,63 @@
+"""Weighted layers seen as linear maps: one row of weights per output channel.
+
+Conv, ConvTranspose, Gemm and MatMul store their weights in different layouts; passes that scale,
+prune or refit output channels work on a `[out_channels, fan_in]` matrix instead and convert back.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+__all__ = ["WEIGHTED_OPS", "out_rows", "from_out_rows", "bias_input", "gemm_rows"]
+
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def out_rows(node: gs.Node, w: np.ndarray) -> np.ndarray:
+    """The weight as a [out_channels, fan_in] matrix (a copy for ConvTranspose, Gemm and MatMul)."""
+    if node.op == "Conv":
+        return w.reshape(w.shape[0], -1)
+    if node.op == "ConvTranspose":  # [C_in, C_out/g, k...] -> [C_out, C_in/g * k]
+        g = int(node.attrs.get("group", 1))
+        cin, cout_g = w.shape[0], w.shape[1]
+        k = int(np.prod(w.shape[2:], dtype=np.int64))
+        return w.reshape(g, cin // g, cout_g, k).transpose(0, 2, 1, 3).reshape(g * cout_g, (cin // g) * k)
+    if node.op == "Gemm":
+        return w if node.attrs.get("transB", 0) else w.T
+    if node.op == "MatMul":
+        return w.T
+    raise ValueError(f"no weight layout known for {node.op}")
+
+
+def from_out_rows(node: gs.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `out_rows`, back to the layout of the node's weight input (of shape `shape`)."""
+    if node.op == "Conv":
+        return rows.reshape(shape)
+    if node.op == "ConvTranspose":
+        g = int(node.attrs.get("group", 1))
+        cin, cout_g = shape[0], shape[1]
+        k = int(np.prod(shape[2:], dtype=np.int64))
+        return rows.reshape(g, cout_g, cin // g, k).transpose(0, 2, 1, 3).reshape(shape)
+    if node.op == "Gemm":
+        return rows if node.attrs.get("transB", 0) else rows.T
+    if node.op == "MatMul":
+        return rows.T
+    raise ValueError(f"no weight layout known for {node.op}")
+
+
+def bias_input(node: gs.Node) -> int | None:
+    """Index of the bias input of a weighted op, or None if the op has no bias input (MatMul)."""
+    return 2 if node.op in ("Conv", "ConvTranspose", "Gemm") else None
+
+
+def gemm_rows(node: gs.Node, w: np.ndarray, bias: np.ndarray | None, n_out: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A Gemm's effective (alpha * B as rows, beta * C as a length-N vector), or None if C varies per row."""
+    alpha = float(node.attrs.get("alpha", 1.0))
+    beta = float(node.attrs.get("beta", 1.0))
+    rows = alpha * out_rows(node, w).astype(np.float64)
+    if bias is None:
+        return rows, np.zeros(n_out)
+    c = np.asarray(bias, dtype=np.float64)
+    if c.ndim == 2 and c.shape[0] != 1:
+        return None
+    return rows, beta * np.broadcast_to(c.reshape(-1), (n_out,)).copy()

@@ -1,0 +1,184 @@
+"""The pass manager: run passes in order, validate and measure after each, roll back budget breakers."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+
+from . import __version__, graph as G
+from .data import Dataset
+from .errors import CompressError, PassError
+from .metrics import (LatencyConfig, accuracy, count_params, fidelity, gzip_bytes, latency_ms, size_bytes,
+                      sparsity, total_macs)
+from .pass_api import Context, Pass
+from .report import Report, Step
+from .runtime import DEFAULT_PROVIDERS, make_session, run_model
+from .validate import ValidationError, validate_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PassManager", "CompressResult", "Evaluator", "METADATA_KEY"]
+
+METADATA_KEY = "onnxcompress"
+
+
+def random_dataset(model: onnx.ModelProto, n: int = 16, seed: int = 0) -> Dataset:
+    """Standard-normal inputs for models given no data (symbolic dims other than batch become 1)."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        shape = [n] + dims[1:] if dims else [n]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return Dataset(feeds)
+
+
+@dataclass
+class Evaluator:
+    """Measures a model against the original on fixed data (outputs of the original computed once)."""
+    original: onnx.ModelProto
+    data: Dataset
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
+    latency: LatencyConfig = LatencyConfig()
+    batch_size: int = 64
+    reference: dict[str, np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reference = self.outputs(self.original)
+        self.input_shapes = {k: [1, *v.shape[1:]] for k, v in self.data.feeds.items()}
+
+    def outputs(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        return run_model(make_session(model, self.providers), self.data, self.batch_size, desc="evaluate")
+
+    def measure(self, model: onnx.ModelProto, step: Step) -> Step:
+        outs = self.outputs(model)
+        first = next(iter(outs.values()))
+        step.accuracy = accuracy(first, self.data.labels) if self.data.labels is not None else None
+        step.fidelity = fidelity(self.reference, outs)
+        step.size_bytes, step.gzip_bytes = size_bytes(model), gzip_bytes(model)
+        step.params, step.sparsity = count_params(model), sparsity(model)
+        try:
+            step.macs = total_macs(model, self.input_shapes)
+        except Exception as e:  # shape inference can fail on exotic graphs; MACs are then unknown
+            step.notes.append(f"MACs unknown: {e}")
+        if self.latency.enabled:
+            step.latency_ms = latency_ms(model, self.latency, self.data, self.providers)
+        return step
+
+
+def score(step: Step) -> float:
+    """What the budget protects: accuracy when labels are given, else agreement with the original."""
+    if step.accuracy is not None:
+        return step.accuracy
+    first = next(iter(step.fidelity.values()))
+    return first.get("top1_agreement", first["cosine"] * 100)
+
+
+@dataclass
+class CompressResult:
+    model: onnx.ModelProto
+    report: Report
+    budget_met: bool
+
+
+class PassManager:
+    """Runs passes; after each: checker, shape inference, an onnxruntime session, metrics, budget."""
+
+    def __init__(self, passes: Sequence[Pass], *, calib: Dataset | None = None, eval_data: Dataset | None = None,
+                 teachers: Sequence[onnx.ModelProto] = (), providers: Sequence[str] = DEFAULT_PROVIDERS,
+                 max_drop: float | None = None, latency: LatencyConfig = LatencyConfig(),
+                 temperature: float = 4.0, alpha: float = 0.0, batch_size: int = 64):
+        self.passes = list(passes)
+        self.calib, self.eval_data = calib, eval_data
+        self.teachers = list(teachers)
+        self.providers = tuple(providers)
+        self.max_drop = max_drop
+        self.latency = latency
+        self.temperature, self.alpha, self.batch_size = temperature, alpha, batch_size
+
+    def run(self, model: onnx.ModelProto, name: str = "model") -> CompressResult:
+        data = self.eval_data or self.calib or random_dataset(model)
+        evaluator = Evaluator(model, data, self.providers, self.latency, self.batch_size)
+        ctx = Context(calib=self.calib, teachers=self.teachers or [model], providers=self.providers,
+                      temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size)
+        report = Report(name, budget={"max_drop": self.max_drop, "metric": "accuracy" if data.labels is not None else "agreement"})
+        t0 = time.perf_counter()
+        report.steps.append(evaluator.measure(model, Step("original", "original")))
+        report.steps[0].seconds = time.perf_counter() - t0
+        baseline, current, budget_met, done = score(report.steps[0]), model, True, []
+        for p in self.passes:
+            step, candidate = self._apply(p, current, report.final(), ctx, evaluator, tuple(done))
+            if candidate is not None and self.max_drop is not None and baseline - score(step) > self.max_drop + 1e-9:
+                step.status = "rolled back"
+                step.notes.append(f"rolled back: score {score(step):.2f} is {baseline - score(step):.2f} points "
+                                  f"below the original's {baseline:.2f} (budget {self.max_drop})")
+                budget_met, candidate = False, None
+            report.steps.append(step)
+            if candidate is not None:
+                current = candidate
+                done.append(p.name)
+        if done:
+            current = _with_metadata(current, self.passes_applied(report))
+        return CompressResult(current, report, budget_met)
+
+    @staticmethod
+    def passes_applied(report: Report) -> list[dict[str, Any]]:
+        return [{"pass": s.pass_, "options": s.options} for s in report.steps[1:] if s.status == "applied"]
+
+    def _apply(self, p: Pass, current: onnx.ModelProto, last: Step, ctx: Context,
+               evaluator: Evaluator, previous: tuple[str, ...]) -> tuple[Step, onnx.ModelProto | None]:
+        """Run one pass on a fresh graph of `current`; return its step and the new model (None if unchanged)."""
+        t0 = time.perf_counter()
+        step = Step(p.name, "applied", options=_jsonable(p.options()))
+        try:
+            result = p.run(G.to_graph(current), ctx)
+        except CompressError:
+            raise
+        except Exception as e:
+            raise PassError(p.name, f"{type(e).__name__}: {e}", previous) from e
+        step.stats, step.notes = dict(result.stats), list(result.notes)
+        if not result.modified:  # same model: same measurements
+            return replace(last, pass_=p.name, status="unchanged", options=step.options, stats=step.stats,
+                           notes=step.notes, seconds=time.perf_counter() - t0), None
+        try:
+            new = G.to_model(G.tidy(result.graph), like=current)
+            validate_model(new, self.providers)
+        except ValidationError as e:
+            raise PassError(p.name, f"produced an invalid model: {e}", previous) from None
+        except Exception as e:
+            raise PassError(p.name, f"produced a graph that cannot be exported: {e}", previous) from e
+        evaluator.measure(new, step)
+        step.seconds = time.perf_counter() - t0
+        return step, new
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def _with_metadata(model: onnx.ModelProto, applied: list[dict[str, Any]]) -> onnx.ModelProto:
+    """Record the applied pipeline (appended to any earlier onnxcompress run) in metadata_props."""
+    history: list[dict[str, Any]] = []
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                history = json.loads(prop.value).get("passes", [])
+            except (ValueError, AttributeError):
+                history = []
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps({"version": __version__, "passes": history + applied})
+    return model

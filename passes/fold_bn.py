@@ -1,0 +1,64 @@
+"""fold-bn: fold inference-mode BatchNormalization into the Conv/ConvTranspose/Gemm before it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress import graph as G
+from onnxcompress.layers import from_out_rows, gemm_rows, out_rows
+from onnxcompress.pass_api import Context, Pass, PassResult
+
+FOLDABLE = frozenset({"Conv", "ConvTranspose", "Gemm"})
+
+
+@dataclass
+class FoldBatchNorm(Pass):
+    """Fold BatchNormalization into the preceding Conv, ConvTranspose or Gemm (exact up to rounding)."""
+
+    name = "fold-bn"
+    handles = frozenset({"BatchNormalization"})
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        folded, notes = 0, []
+        for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+            reason = self._fold(graph, bn)
+            if reason:
+                notes.append(f"BatchNormalization '{bn.name}' left as is: {reason}")
+            else:
+                folded += 1
+        return PassResult(graph, folded > 0, {"bn_folded": folded, "bn_left": len(notes)}, notes)
+
+    def _fold(self, graph: gs.Graph, bn: gs.Node) -> str | None:
+        """Fold one BN; return why not, or None on success."""
+        x = bn.inputs[0]
+        prev = G.producer(x)
+        if prev is None or prev.op not in FOLDABLE:
+            return f"its input comes from {prev.op if prev else 'a graph input'}, not Conv/ConvTranspose/Gemm"
+        if len(x.outputs) != 1 or x in graph.outputs:
+            return f"the output of '{prev.name}' is also used elsewhere"
+        if int(bn.attrs.get("training_mode", 0)) or len(bn.outputs) != 1:
+            return "training mode"
+        params = [G.constant_value(t) for t in bn.inputs[1:5]]
+        w = G.weight_of(prev, 1)
+        bias = G.weight_of(prev, 2)
+        if any(p is None for p in params) or w is None or (len(prev.inputs) > 2 and bias is None and prev.inputs[2].name):
+            return f"parameters of it or of '{prev.name}' are not constants"
+        scale, beta, mean, var = (p.astype(np.float64) for p in params)
+        s = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        if prev.op == "Gemm":
+            eff = gemm_rows(prev, w, bias, len(s))
+            if eff is None:
+                return f"Gemm '{prev.name}' has a per-row bias"
+            rows, b = eff
+            prev.attrs.update(alpha=1.0, beta=1.0, transB=1)
+        else:
+            rows = out_rows(prev, w).astype(np.float64)
+            b = np.zeros(len(s)) if bias is None else bias.astype(np.float64)
+        new_w = from_out_rows(prev, rows * s[:, None], tuple(w.shape) if prev.op != "Gemm" else rows.shape)
+        G.set_constant(graph, prev, 1, new_w.astype(w.dtype), "_bnfold")
+        G.set_constant(graph, prev, 2, ((b - mean) * s + beta).astype(w.dtype), "_bnfold")
+        prev.outputs = list(bn.outputs)
+        bn.outputs.clear()
+        return None
