@@ -125,7 +125,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None:
             raise bad
         item = typing.get_args(tp)[0]
-        return tuple(_coerce(v, item, where) for v in value)
+        try:
+            return tuple(_coerce(v, item, where) for v in value)
+        except OptionError:
+            raise bad from None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad

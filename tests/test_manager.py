@@ -1,0 +1,103 @@
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxcompress import Context, Dataset, LatencyConfig, Pass, PassError, PassManager, PassResult
+from onnxcompress.passes import FoldBatchNorm, PruneWeights
+
+NO_LATENCY = LatencyConfig(enabled=False)
+
+
+@dataclass
+class Explodes(Pass):
+    """Raises."""
+    name = "explodes"
+
+    def run(self, graph, ctx):
+        raise RuntimeError("boom")
+
+
+@dataclass
+class BreaksModel(Pass):
+    """Adds a node onnxruntime cannot run."""
+    name = "breaks-model"
+
+    def run(self, graph, ctx):
+        out = graph.outputs[0]
+        tmp = gs.Variable("tmp", dtype=np.float32)
+        graph.nodes[-1].outputs = [tmp]
+        graph.nodes.append(gs.Node("NoSuchOp", "bad", inputs=[tmp], outputs=[out]))
+        return PassResult(graph, True)
+
+
+@pytest.fixture(scope="module")
+def test_data(mnist_test):
+    return Dataset({"input": mnist_test["input"][:300]}, mnist_test["labels"][:300])
+
+
+def test_budget_breaker_is_rolled_back_and_the_rest_applied(resnet, test_data):
+    passes = [PruneWeights(sparsity=0.97), FoldBatchNorm()]
+    result = PassManager(passes, eval_data=test_data, max_drop=1.0, latency=NO_LATENCY).run(resnet)
+    steps = result.report.steps
+    assert [s.pass_ for s in steps] == ["original", "prune-weights", "fold-bn"]
+    assert steps[1].status == "rolled back" and "budget 1.0" in steps[1].notes[-1]
+    assert steps[2].status == "applied"
+    assert not result.budget_met
+    assert "BatchNormalization" not in {n.op_type for n in result.model.graph.node}
+    w = [onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer if len(t.dims) == 4]
+    assert all(np.count_nonzero(x) == x.size for x in w)  # the pruning did not survive
+    assert abs(steps[2].accuracy - steps[0].accuracy) < 0.5
+
+
+def test_within_budget_passes_apply(resnet, test_data):
+    result = PassManager([FoldBatchNorm()], eval_data=test_data, max_drop=0.5, latency=NO_LATENCY).run(resnet)
+    assert result.budget_met and result.report.steps[1].status == "applied"
+    meta = {p.key: p.value for p in result.model.metadata_props}
+    recorded = json.loads(meta["onnxcompress"])
+    assert recorded["passes"] == [{"pass": "fold-bn", "options": {}}] and recorded["version"]
+
+
+def test_no_labels_budget_uses_agreement(resnet, test_data):
+    unlabeled = Dataset(test_data.feeds)
+    result = PassManager([PruneWeights(sparsity=0.97)], eval_data=unlabeled, max_drop=2.0, latency=NO_LATENCY).run(resnet)
+    step = result.report.steps[1]
+    assert step.accuracy is None and step.status == "rolled back"
+    assert result.report.budget["metric"] == "agreement"
+
+
+def test_a_raising_pass_is_named_with_those_before_it(resnet, test_data):
+    with pytest.raises(PassError, match=r"pass 'explodes' \(after fold-bn\) failed: RuntimeError: boom"):
+        PassManager([FoldBatchNorm(), Explodes()], eval_data=test_data, latency=NO_LATENCY).run(resnet)
+
+
+def test_an_invalid_result_is_a_pass_error(resnet, test_data):
+    with pytest.raises(PassError, match=r"pass 'breaks-model' failed: produced an invalid model"):
+        PassManager([BreaksModel()], eval_data=test_data, latency=NO_LATENCY).run(resnet)
+
+
+def test_report_has_the_documented_fields(resnet, test_data):
+    cfg = LatencyConfig(batch_sizes=(1, 4), runs=3, warmup=1)
+    report = PassManager([FoldBatchNorm()], eval_data=test_data, latency=cfg).run(resnet).report.to_dict()
+    assert [s["pass"] for s in report["steps"]] == ["original", "fold-bn"]
+    for step in report["steps"]:
+        for key in ("pass", "accuracy", "size_bytes", "params", "macs", "latency_ms", "fidelity", "stats"):
+            assert key in step
+        assert set(step["latency_ms"]) == {"1", "4"}
+    assert report["steps"][1]["stats"]["bn_folded"] == 15  # stem, 12 in blocks, 2 shortcuts
+    assert report["steps"][1]["fidelity"]["logits"]["top1_agreement"] == 100.0
+
+
+def test_unchanged_pass_keeps_measurements(test_data, resnet):
+    folded = PassManager([FoldBatchNorm()], eval_data=test_data, latency=NO_LATENCY).run(resnet).model
+    steps = PassManager([FoldBatchNorm()], eval_data=test_data, latency=NO_LATENCY).run(folded).report.steps
+    assert steps[1].status == "unchanged" and steps[1].size_bytes == steps[0].size_bytes
+
+
+def test_missing_calibration_is_an_input_error():
+    from onnxcompress import InputError
+    with pytest.raises(InputError, match="needs calibration data"):
+        Context().require_calib("some-pass")

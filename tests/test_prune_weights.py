@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import apply_pass, make_model, rand, tensor
+from onnxcompress.passes import PruneWeights
+from onnxcompress.passes.prune_weights import magnitude_mask
+
+
+def two_layer_model():
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv"),
+             helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="fc", transB=1)]
+    inits = {"w1": rand(8, 3, 3, 3, scale=0.1), "b1": rand(8), "w2": rand(10, 8 * 4 * 4, seed=1), "b2": rand(10)}
+    return make_model(nodes, [tensor("x", ["N", 3, 6, 6])], [tensor("y", ["N", 10])], inits)
+
+
+def weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.97])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_reaches_exactly_the_sparsity_asked(sparsity, scope):
+    new, result = apply_pass(PruneWeights(sparsity=sparsity, scope=scope), two_layer_model())
+    w = weights(new)
+    total = w["w1"].size + w["w2"].size
+    zeros = int((w["w1"] == 0).sum() + (w["w2"] == 0).sum())
+    assert zeros == result.stats["zeros"]
+    if scope == "layer":
+        assert (w["w1"] == 0).sum() == round(sparsity * w["w1"].size)
+        assert (w["w2"] == 0).sum() == round(sparsity * w["w2"].size)
+    else:
+        assert zeros == round(sparsity * total)
+    assert np.count_nonzero(w["b1"]) == 8  # biases are never pruned
+
+
+def test_global_scope_prunes_the_small_layer_more():
+    new, _ = apply_pass(PruneWeights(sparsity=0.5, scope="global"), two_layer_model())
+    w = weights(new)
+    assert (w["w1"] == 0).mean() > 0.9 and (w["w2"] == 0).mean() < 0.5  # w1 was scaled by 0.1
+
+
+def test_kept_weights_are_the_largest_and_unchanged():
+    old = weights(two_layer_model())["w2"]
+    new = weights(apply_pass(PruneWeights(sparsity=0.5, scope="layer"), two_layer_model())[0])["w2"]
+    kept = new != 0
+    assert np.array_equal(new[kept], old[kept])
+    assert np.abs(old[kept]).min() >= np.abs(old[~kept]).max()
+
+
+def test_exclude_is_honoured():
+    new, _ = apply_pass(PruneWeights(sparsity=0.5, exclude=("conv",)), two_layer_model())
+    assert np.count_nonzero(weights(new)["w1"]) == 8 * 27
+
+
+def test_magnitude_mask_with_ties_is_exact():
+    mask = magnitude_mask(np.ones(10), 0.3)
+    assert mask.sum() == 7
+
+
+def test_non_constant_weight_is_left_and_reported():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    model = make_model(nodes, [tensor("x", [2, 3]), tensor("w", [3, 4])], [tensor("y", [2, 4])], {})
+    _, result = apply_pass(PruneWeights(sparsity=0.5), model)
+    assert not result.modified
+    assert any("MatMul 'mm'" in n for n in result.notes)
