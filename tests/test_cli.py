@@ -1,0 +1,104 @@
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import MODELS, tensor
+from onnxcompress.cli import main
+
+RESNET = str(MODELS / "resnet.onnx")
+TEST = str(MODELS / "mnist_test.npz")
+CALIB = str(MODELS / "mnist_calib.npz")
+
+
+def cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compress_writes_model_report_and_table(tmp_path, capsys):
+    out, report = tmp_path / "r.onnx", tmp_path / "r.json"
+    code, stdout, err = cli(capsys, "compress", RESNET, "-o", str(out), "--passes", "fold-bn,prune-weights(sparsity=0.5)",
+                            "--calib", CALIB, "--eval", TEST, "--report", str(report), "--runs", "3")
+    assert code == 0, err
+    assert "fold-bn" in stdout and "prune-weights" in stdout and "accuracy" in stdout
+    steps = json.loads(report.read_text())["steps"]
+    assert [s["pass"] for s in steps] == ["original", "fold-bn", "prune-weights"]
+    assert steps[2]["sparsity"] > 0.45 and steps[2]["accuracy"] > 90
+    onnx.checker.check_model(str(out))
+
+
+def test_recipe_and_budget_failure_exit_1(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('max_drop = 0.5\n[[pass]]\nname = "prune-weights"\nsparsity = 0.97\n')
+    code, stdout, err = cli(capsys, "compress", RESNET, "-o", str(tmp_path / "o.onnx"), "--recipe", str(recipe),
+                            "--eval", TEST, "--no-latency")
+    assert code == 1
+    assert "rolled back" in stdout and err.count("\n") == 1 and "budget" in err
+
+
+def bad_models(tmp_path):
+    data = (MODELS / "resnet.onnx").read_bytes()
+    (tmp_path / "text.onnx").write_bytes(b"this is not an onnx model at all\n" * 10)
+    (tmp_path / "truncated.onnx").write_bytes(data[: len(data) // 3])
+    node = helper.make_node("Relu", ["undefined"], ["y"])
+    bad = helper.make_model(helper.make_graph([node], "g", [tensor("x", [1])], [tensor("y", [1])]),
+                            opset_imports=[helper.make_opsetid("", 17)])
+    (tmp_path / "invalid.onnx").write_bytes(bad.SerializeToString())
+    return {
+        "missing": ([str(tmp_path / "nope.onnx")], "no such file"),
+        "not onnx": ([str(tmp_path / "text.onnx")], "not a readable ONNX model"),
+        "truncated": ([str(tmp_path / "truncated.onnx")], "not a readable ONNX model"),
+        "checker": ([str(tmp_path / "invalid.onnx")], "is not a valid model: ONNX checker"),
+        "provider": ([RESNET, "--providers", "NoSuchExecutionProvider"], "execution provider 'NoSuchExecutionProvider' is not available"),
+        "unknown pass": ([RESNET, "--passes", "shrink"], "unknown pass 'shrink'"),
+        "bad option": ([RESNET, "--passes", "prune-weights(sparsity='x')"], "must be float"),
+        "bad data": ([RESNET, "--passes", "fold-bn", "--eval", str(tmp_path / "text.onnx")], "not a readable numpy file"),
+        "same path": ([RESNET, "--passes", "fold-bn", "-o", RESNET], "never overwrites its input"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "not onnx", "truncated", "checker", "provider", "unknown pass",
+                                  "bad option", "bad data", "same path"])
+def test_bad_input_exit_2_one_line_no_output(tmp_path, capsys, case):
+    args, message = bad_models(tmp_path)[case]
+    out = tmp_path / "out.onnx"
+    if "-o" not in args:
+        args = [*args, "-o", str(out)]
+    if "--passes" not in args:
+        args = [*args, "--passes", "fold-bn"]
+    before = sorted(os.listdir(tmp_path))
+    code, stdout, err = cli(capsys, "compress", *args)
+    assert code == 2
+    assert message in err and err.startswith("onnxcompress: error:") and err.count("\n") == 1
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_inspect_lists_layers_and_applicable_passes(capsys):
+    code, out, _ = cli(capsys, "inspect", RESNET)
+    assert code == 0
+    assert "Conv x" in out and "BatchNormalization x15" in out
+    assert "fold-bn: " in out and "prune-weights: " in out and "MACs" in out
+
+
+def test_bench_shows_ratios(tmp_path, capsys):
+    code, out, _ = cli(capsys, "bench", RESNET, str(MODELS / "vgg.onnx"), "--eval", TEST, "--runs", "3")
+    assert code == 0 and "resnet.onnx" in out and "vgg.onnx" in out and "(1.00x)" in out
+
+
+def test_passes_lists_options(capsys):
+    code, out, _ = cli(capsys, "passes")
+    assert code == 0 and "prune-weights:" in out and "sparsity: float = 0.5" in out
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "onnxcompress.cli", "compress", str(tmp_path / "x.onnx"), "-o",
+                           str(tmp_path / "y.onnx"), "--passes", "fold-bn"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"onnxcompress: error: no such file: {tmp_path / 'x.onnx'}"

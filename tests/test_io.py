@@ -1,0 +1,99 @@
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import MODELS, run
+from onnxcompress import InputError, LatencyConfig, PassManager, io
+from onnxcompress.passes import FoldBatchNorm, PruneWeights
+
+
+def signature(model):
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return ([(i.name, i.type.tensor_type.elem_type, dims(i)) for i in model.graph.input],
+            [(o.name, o.type.tensor_type.elem_type, dims(o)) for o in model.graph.output])
+
+
+def test_compressed_model_keeps_names_metadata_and_dynamic_dims(tmp_path, resnet, mnist_test):
+    model = onnx.ModelProto()
+    model.CopyFrom(resnet)
+    helper.set_model_props(model, {"author": "tests", "license": "MIT"})
+    model.model_version = 7
+    result = PassManager([FoldBatchNorm(), PruneWeights(sparsity=0.3)], latency=LatencyConfig(enabled=False)).run(model)
+    out = io.save_model(result.model, tmp_path / "out.onnx")
+    back = io.load_model(out)
+    assert signature(back) == signature(resnet)
+    assert signature(back)[0][0][2][0] == "batch"
+    assert back.opset_import == resnet.opset_import and back.ir_version == resnet.ir_version
+    meta = {p.key: p.value for p in back.metadata_props}
+    assert meta["author"] == "tests" and meta["license"] == "MIT" and "onnxcompress" in meta
+    assert back.model_version == 7
+    assert run(back, {"input": mnist_test["input"][:5]})[0].shape == (5, 10)
+
+
+def test_external_data_round_trip(tmp_path, resnet, mnist_test):
+    out = io.save_model(resnet, tmp_path / "ext.onnx", external_data=True)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 600_000
+    assert out.stat().st_size < 50_000
+    back = io.load_model(out)
+    feeds = {"input": mnist_test["input"][:4]}
+    np.testing.assert_array_equal(run(back, feeds)[0], run(resnet, feeds)[0])
+    assert sorted(os.listdir(tmp_path)) == ["ext.onnx", "ext.onnx.data"]  # no temporary files left
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, resnet):
+    (tmp_path / "sub").mkdir()
+    io.save_model(resnet, tmp_path / "sub" / "m.onnx", external_data=True)
+    model = onnx.load(str(tmp_path / "sub" / "m.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../m.onnx.data"
+    (tmp_path / "m.onnx.data").write_bytes(b"\0" * 10)
+    (tmp_path / "sub" / "evil.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match="points outside the model's folder"):
+        io.load_model(tmp_path / "sub" / "evil.onnx")
+
+
+def test_missing_external_data_is_reported(tmp_path, resnet):
+    io.save_model(resnet, tmp_path / "m.onnx", external_data=True)
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(InputError, match="external data file 'm.onnx.data' is missing"):
+        io.load_model(tmp_path / "m.onnx")
+
+
+def test_large_models_switch_to_external_data(tmp_path, resnet, monkeypatch):
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    io.save_model(resnet, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+
+
+def test_save_into_missing_folder_fails_cleanly(tmp_path, resnet):
+    with pytest.raises(InputError, match="output folder does not exist"):
+        io.save_model(resnet, tmp_path / "nope" / "m.onnx")
+
+
+def test_read_arrays_from_folder(tmp_path):
+    np.savez(tmp_path / "a.npz", input=np.zeros((2, 3)), labels=np.array([1, 2]))
+    np.savez(tmp_path / "b.npz", input=np.ones((3, 3)), labels=np.array([3, 4, 5]))
+    arrays = io.read_arrays(tmp_path)
+    assert arrays["input"].shape == (5, 3) and arrays["labels"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_read_arrays_refuses_pickles(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match="not a readable numpy file"):
+        io.read_arrays(tmp_path / "obj.npy")
+
+
+def test_write_text_is_atomic_and_leaves_nothing_behind(tmp_path):
+    io.write_text(tmp_path / "r.txt", "hello")
+    assert os.listdir(tmp_path) == ["r.txt"] and (tmp_path / "r.txt").read_text() == "hello"
+
+
+def test_reference_files_exist():
+    for name in ("resnet", "vgg", "mobilenet", "mlp"):
+        assert (MODELS / f"{name}.onnx").exists()
