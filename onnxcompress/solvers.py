@@ -1,0 +1,236 @@
+"""Numerical kernels for recovery: ridge least squares (streamed, constrained) and soft-target fitting.
+
+Pure functions on numpy arrays, no graph in sight. A layer is a linear map y = W x + b with W of
+shape [out, in]; every solver works from the normal equations of the inputs X (rows are samples)
+and the targets Y, accumulated batch by batch so memory stays bounded however much data is used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "NormalEquations", "ridge_fit", "solve_free", "solve_support", "solve_columns", "solve_codebook",
+    "solve_scales", "softmax", "soft_targets", "fit_soft_head", "im2col",
+]
+
+
+@dataclass
+class NormalEquations:
+    """Running sums for min ||[X 1] theta - Y||^2: G = [X 1]^T [X 1], C = [X 1]^T Y (float64)."""
+    n_in: int
+    n_out: int
+    G: np.ndarray = field(init=False)
+    C: np.ndarray = field(init=False)
+    rows: int = 0
+    y_sq: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.G = np.zeros((self.n_in + 1, self.n_in + 1))
+        self.C = np.zeros((self.n_in + 1, self.n_out))
+        self.y_sq = np.zeros(self.n_out)
+
+    def add(self, X: np.ndarray, Y: np.ndarray) -> None:
+        Xa = np.hstack([X.astype(np.float64, copy=False), np.ones((len(X), 1))])
+        Y = Y.astype(np.float64, copy=False)
+        self.G += Xa.T @ Xa
+        self.C += Xa.T @ Y
+        self.y_sq += np.einsum("ij,ij->j", Y, Y)
+        self.rows += len(X)
+
+    def ridge(self, ridge: float) -> float:
+        """Absolute ridge strength: `ridge` times the mean diagonal of X^T X (scale-free)."""
+        d = np.diag(self.G)[:-1]
+        return ridge * float(d.mean()) if d.size and d.mean() > 0 else ridge
+
+    def residual(self, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Mean squared error per output of (W, b) on the accumulated data."""
+        theta = np.vstack([W.T, b[None, :]])
+        err = self.y_sq - 2 * np.einsum("io,io->o", theta, self.C) + np.einsum("io,ij,jo->o", theta, self.G, theta)
+        return np.maximum(err, 0) / max(self.rows, 1)
+
+
+def _solve(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(A, B)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(A, B, rcond=None)[0]
+
+
+def _reg(n: int, lam: float, bias: bool) -> np.ndarray:
+    """Ridge on the weights only: the bias (last unknown) is not shrunk."""
+    r = np.full(n, lam)
+    if bias:
+        r[-1] = 0.0
+    return np.diag(r)
+
+
+def solve_free(ne: NormalEquations, ridge: float = 1e-4, bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Unconstrained ridge fit: returns W [out, in] and b [out] (zeros when `bias` is False)."""
+    k = ne.n_in + (1 if bias else 0)
+    G, C = ne.G[:k, :k], ne.C[:k]
+    theta = _solve(G + _reg(k, ne.ridge(ridge), bias), C)
+    W = theta[:ne.n_in].T
+    b = theta[ne.n_in] if bias else np.zeros(ne.n_out)
+    return W, b
+
+
+def ridge_fit(X: np.ndarray, Y: np.ndarray, ridge: float = 1e-4, bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge least squares of Y on X in one call (see `solve_free`)."""
+    ne = NormalEquations(X.shape[1], Y.shape[1])
+    ne.add(X, Y)
+    return solve_free(ne, ridge, bias)
+
+
+def solve_support(ne: NormalEquations, mask: np.ndarray, ridge: float = 1e-4,
+                  bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Refit with a fixed support: W[o, i] is free where mask[o, i], and exactly zero elsewhere."""
+    lam = ne.ridge(ridge)
+    W, b = np.zeros((ne.n_out, ne.n_in)), np.zeros(ne.n_out)
+    for o in range(ne.n_out):
+        idx = np.flatnonzero(mask[o])
+        if bias:
+            idx = np.append(idx, ne.n_in)
+        if idx.size == 0:
+            continue
+        theta = _solve(ne.G[np.ix_(idx, idx)] + _reg(idx.size, lam, bias), ne.C[idx, o])
+        if bias:
+            W[o, idx[:-1]], b[o] = theta[:-1], theta[-1]
+        else:
+            W[o, idx] = theta
+    return W, b
+
+
+def solve_columns(ne: NormalEquations, keep: np.ndarray, ridge: float = 1e-4,
+                  bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Refit using only the kept input columns `keep` (indices or a boolean mask); others stay zero."""
+    mask = np.zeros((ne.n_out, ne.n_in), dtype=bool)
+    mask[:, keep] = True
+    return solve_support(ne, mask, ridge, bias)
+
+
+def solve_codebook(ne: NormalEquations, index: np.ndarray, k: int, ridge: float = 1e-4,
+                   bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Refit shared codebook values: W[o, i] = c[index[o, i]]; solves the k centroids (and biases).
+
+    The layer is linear in c: y_o = sum_k c_k (sum_{i: index[o,i]=k} x_i) + b_o, so the normal
+    equations in (c, b) follow from G by summing rows and columns per code."""
+    n_out, n_in = index.shape
+    Gxx, gx1, n = ne.G[:n_in, :n_in], ne.G[:n_in, n_in], ne.G[n_in, n_in]
+    H = np.zeros((k + n_out, k + n_out))
+    r = np.zeros(k + n_out)
+    for o in range(n_out):
+        A = np.zeros((n_in, k))
+        A[np.arange(n_in), index[o]] = 1.0
+        H[:k, :k] += A.T @ Gxx @ A
+        r[:k] += A.T @ ne.C[:n_in, o]
+        if bias:
+            H[:k, k + o] = H[k + o, :k] = A.T @ gx1
+            H[k + o, k + o] = n
+            r[k + o] = ne.C[n_in, o]
+    size = k + (n_out if bias else 0)
+    lam = ne.ridge(ridge) * 1e-3  # a few shared values: barely any shrinkage needed
+    theta = _solve(H[:size, :size] + np.diag(np.r_[np.full(k, lam), np.zeros(size - k)]), r[:size])
+    c = theta[:k]
+    b = theta[k:] if bias else np.zeros(n_out)
+    return c, b
+
+
+def solve_scales(ne: NormalEquations, B: np.ndarray, bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel scales over fixed weights B (binary or integer): W[o] = s[o] * B[o]."""
+    n_in = ne.n_in
+    s, b = np.zeros(ne.n_out), np.zeros(ne.n_out)
+    for o in range(ne.n_out):
+        u = np.append(B[o].astype(np.float64), 0.0)  # z = x . B[o]
+        e = np.zeros(n_in + 1)
+        e[-1] = 1.0
+        basis = np.stack([u, e], 1) if bias else u[:, None]
+        theta = _solve(basis.T @ ne.G @ basis + 1e-12 * np.eye(basis.shape[1]), basis.T @ ne.C[:, o])
+        s[o] = theta[0]
+        b[o] = theta[1] if bias else 0.0
+    return s, b
+
+
+# -- soft targets -------------------------------------------------------------------------------
+
+def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = z.astype(np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def soft_targets(teacher_logits: list[np.ndarray], temperature: float) -> np.ndarray:
+    """An ensemble's target: the average of the members' temperature-softened probabilities."""
+    return np.mean([softmax(z, temperature) for z in teacher_logits], axis=0)
+
+
+def fit_soft_head(H: np.ndarray, targets: np.ndarray, temperature: float = 4.0, alpha: float = 0.0,
+                  labels: np.ndarray | None = None, W0: np.ndarray | None = None, b0: np.ndarray | None = None,
+                  mask: np.ndarray | None = None, l2: float = 1e-4, max_iter: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Fit a linear head z = H W^T + b (W [classes, features]) to softened teacher probabilities.
+
+    Loss (Hinton et al.): alpha * CE(labels, softmax(z)) + (1 - alpha) * T^2 * CE(targets, softmax(z / T)),
+    plus l2 * ||W||^2 / 2, averaged over samples. Convex in (W, b); solved by L-BFGS. Entries where
+    `mask` is False are held at zero."""
+    from scipy.optimize import minimize
+
+    n, d = H.shape
+    k = targets.shape[1]
+    H = H.astype(np.float64)
+    W0 = np.zeros((k, d)) if W0 is None else W0.astype(np.float64)
+    b0 = np.zeros(k) if b0 is None else b0.astype(np.float64)
+    m = np.ones((k, d)) if mask is None else mask.astype(np.float64)
+    onehot = None
+    if alpha > 0:
+        if labels is None:
+            raise ValueError("alpha > 0 needs labels")
+        onehot = np.eye(k)[labels.reshape(-1)]
+    scale = 1.0 / max(float(np.abs(H).mean()), 1e-12)  # condition the problem: work on scaled features
+    Hs = H * scale
+
+    def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        W = theta[:k * d].reshape(k, d) * m
+        b = theta[k * d:]
+        z = Hs @ W.T + b
+        p_t = softmax(z, temperature)
+        loss = -(1 - alpha) * temperature ** 2 * np.sum(targets * np.log(p_t + 1e-300)) / n
+        dz = (1 - alpha) * temperature * (p_t - targets) / n
+        if onehot is not None:
+            p = softmax(z)
+            loss += -alpha * np.sum(onehot * np.log(p + 1e-300)) / n
+            dz += alpha * (p - onehot) / n
+        loss += 0.5 * l2 * np.sum(W * W)
+        gW = (dz.T @ Hs + l2 * W) * m
+        return loss, np.concatenate([gW.ravel(), dz.sum(0)])
+
+    theta0 = np.concatenate([(W0 / scale * m).ravel(), b0])
+    res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
+    W = res.x[:k * d].reshape(k, d) * m * scale
+    return W, res.x[k * d:]
+
+
+# -- convolution as rows ------------------------------------------------------------------------
+
+def im2col(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+           dilations: tuple[int, ...], positions: np.ndarray | None = None) -> np.ndarray:
+    """Patches of a 2-D conv input x [N, C, H, W] -> rows [N * P, C * kh * kw] (channel-major, as
+    in ONNX Conv weights). `positions` optionally selects output positions (flat indices into the
+    output's H_out * W_out) per image: an array [N, P]."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    ho = (h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+    if positions is None:
+        positions = np.broadcast_to(np.arange(ho * wo), (n, ho * wo))
+    oy, ox = np.divmod(positions, wo)  # [N, P]
+    ky, kx = np.meshgrid(np.arange(kh) * dh, np.arange(kw) * dw, indexing="ij")
+    rows = oy[:, :, None] * sh + ky.ravel()[None, None, :]   # [N, P, K]
+    cols = ox[:, :, None] * sw + kx.ravel()[None, None, :]
+    patches = xp[np.arange(n)[:, None, None, None], np.arange(c)[None, None, :, None],
+                 rows[:, :, None, :], cols[:, :, None, :]]   # [N, P, C, K]
+    return patches.reshape(n * positions.shape[1], c * kh * kw)
