@@ -12,7 +12,7 @@ import onnx
 
 from . import __version__, graph as G
 from .data import Dataset
-from .errors import CompressError, PassError
+from .errors import CompressError, InputError, PassError
 from .metrics import (LatencyConfig, accuracy, count_params, fidelity, gzip_bytes, latency_ms, size_bytes,
                       sparsity, total_macs)
 from .pass_api import Context, Pass
@@ -107,9 +107,13 @@ class PassManager:
         self.temperature, self.alpha, self.batch_size = temperature, alpha, batch_size
 
     def run(self, model: onnx.ModelProto, name: str = "model") -> CompressResult:
+        for i, teacher in enumerate(self.teachers):
+            if _signature(teacher) != _signature(model):
+                raise InputError(f"teacher {i + 1} has graph inputs/outputs {_signature(teacher)}, "
+                                 f"the student {_signature(model)}: they must match")
         data = self.eval_data or self.calib or random_dataset(model)
         evaluator = Evaluator(model, data, self.providers, self.latency, self.batch_size)
-        ctx = Context(calib=self.calib, teachers=self.teachers or [model], providers=self.providers,
+        ctx = Context(calib=self.calib, original=model, teachers=self.teachers or [model], providers=self.providers,
                       temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size)
         report = Report(name, budget={"max_drop": self.max_drop, "metric": "accuracy" if data.labels is not None else "agreement"})
         t0 = time.perf_counter()
@@ -160,6 +164,11 @@ class PassManager:
         evaluator.measure(new, step)
         step.seconds = time.perf_counter() - t0
         return step, new
+
+
+def _signature(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def gzip_bytes(model: onnx.ModelProto) -> int:
     return len(zlib.compress(model.SerializeToString(), 6))
 
 
-def _static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
     """Infer every tensor's shape with the graph inputs pinned (symbolic dims become 1 unless given)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -109,7 +109,7 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, list[int]]) -> int | N
 
 def node_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[tuple[str, str, int | None]]:
     """(node name, op type, MACs) for every top-level node, at batch 1."""
-    shapes = _static_shapes(model, input_shapes)
+    shapes = static_shapes(model, input_shapes)
     return [(n.name or n.output[0], n.op_type, _node_macs(n, shapes)) for n in model.graph.node]
 
 

@@ -34,13 +34,17 @@ class PassResult:
 class Context:
     """Shared by every pass of a run: data, teachers, providers and per-run caches."""
     calib: Dataset | None = None
-    teachers: list[onnx.ModelProto] = field(default_factory=list)  # the original model unless given
+    original: onnx.ModelProto | None = None   # the model the run started from (layer-wise targets)
+    teachers: list[onnx.ModelProto] = field(default_factory=list)  # output-level teachers; default: original
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     temperature: float = 4.0
     alpha: float = 0.0
     batch_size: int = 64
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxcompress"))
     cache: dict[Any, Any] = field(default_factory=dict)  # activation captures and teacher outputs
+    # Layers earlier passes changed, by node name, with how recovery must constrain them
+    # (a `solvers`-level constraint such as a support mask or kept input columns).
+    marks: dict[str, Any] = field(default_factory=dict)
 
     def require_calib(self, pass_name: str) -> Dataset:
         if self.calib is None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -15,7 +15,8 @@ from .progress import progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_providers", "make_session", "run_model", "fixed_batch", "capture"]
+__all__ = ["check_providers", "make_session", "run_model", "iter_outputs", "fixed_batch", "capture",
+           "capture_session"]
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -57,17 +58,61 @@ def fixed_batch(session: ort.InferenceSession) -> int | None:
     return fixed[0] if fixed else None
 
 
-def run_model(session: ort.InferenceSession, data: Dataset, batch_size: int = 64,
-              outputs: Sequence[str] | None = None, desc: str = "") -> dict[str, np.ndarray]:
-    """Run the whole dataset through a session in batches; outputs are concatenated along axis 0."""
+def iter_outputs(session: ort.InferenceSession, data: Dataset, batch_size: int = 64,
+                 outputs: Sequence[str] | None = None, desc: str = "") -> Iterator[dict[str, np.ndarray]]:
+    """Run the dataset through a session batch by batch, yielding each batch's outputs (bounded memory)."""
     names = list(outputs) if outputs else [o.name for o in session.get_outputs()]
     batch_size = fixed_batch(session) or batch_size
     n_batches = -(-len(data) // batch_size)
-    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed in progress(data.batches(batch_size), total=n_batches, desc=desc):
-        for name, value in zip(names, session.run(names, feed)):
-            chunks[name].append(value)
+        yield dict(zip(names, session.run(names, feed)))
+
+
+def run_model(session: ort.InferenceSession, data: Dataset, batch_size: int = 64,
+              outputs: Sequence[str] | None = None, desc: str = "") -> dict[str, np.ndarray]:
+    """Run the whole dataset through a session in batches; outputs are concatenated along axis 0."""
+    chunks: dict[str, list[np.ndarray]] = {}
+    for out in iter_outputs(session, data, batch_size, outputs, desc):
+        for name, value in out.items():
+            chunks.setdefault(name, []).append(value)
     return {n: np.concatenate(v) if v and v[0].ndim else np.asarray(v) for n, v in chunks.items()}
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names a node's If/Loop/Scan bodies read (conservatively: every input they name)."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                names.update(n.input)
+                names |= _subgraph_inputs(n)
+    return names
+
+
+def _prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of the model that returns exactly `names`, keeping only the nodes they depend on."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    needed, keep = set(names), []
+    for node in reversed(m.graph.node):
+        if needed.intersection(node.output):
+            keep.append(node)
+            needed.update(node.input)
+            needed |= _subgraph_inputs(node)
+    kept_ids = {id(n) for n in keep}
+    nodes = [onnx.NodeProto() for n in m.graph.node if id(n) in kept_ids]
+    for dst, src in zip(nodes, [n for n in m.graph.node if id(n) in kept_ids]):
+        dst.CopyFrom(src)
+    inits = [t for t in m.graph.initializer if t.name in needed]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    kept_inits = [onnx.TensorProto() for _ in inits]
+    for dst, src in zip(kept_inits, inits):
+        dst.CopyFrom(src)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept_inits)
+    del m.graph.output[:]
+    return _with_outputs(m, names)
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -89,11 +134,16 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return m
 
 
+def capture_session(model: onnx.ModelProto, names: Sequence[str],
+                    providers: Sequence[str] = DEFAULT_PROVIDERS) -> ort.InferenceSession:
+    """A session that computes only the tensors `names` (the part of the model they depend on)."""
+    return make_session(_prefix(model, names), providers)
+
+
 def capture(model: onnx.ModelProto, data: Dataset, names: Sequence[str],
             providers: Sequence[str] = DEFAULT_PROVIDERS, batch_size: int = 64,
             max_samples: int | None = None) -> dict[str, np.ndarray]:
     """Intermediate activations `names` for (up to `max_samples` of) the dataset, via extra graph outputs."""
     if max_samples is not None:
         data = data.take(max_samples)
-    session = make_session(_with_outputs(model, names), providers)
-    return run_model(session, data, batch_size, outputs=names, desc="capture")
+    return run_model(capture_session(model, names, providers), data, batch_size, outputs=names, desc="capture")

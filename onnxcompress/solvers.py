@@ -32,11 +32,14 @@ class NormalEquations:
         self.y_sq = np.zeros(self.n_out)
 
     def add(self, X: np.ndarray, Y: np.ndarray) -> None:
-        Xa = np.hstack([X.astype(np.float64, copy=False), np.ones((len(X), 1))])
-        Y = Y.astype(np.float64, copy=False)
+        """Accumulate a batch. Products run in the inputs' precision (float32 activations stay fast);
+        the sums are kept in float64."""
+        dtype = np.result_type(X.dtype, Y.dtype, np.float32)
+        Xa = np.hstack([X.astype(dtype, copy=False), np.ones((len(X), 1), dtype)])
+        Y = Y.astype(dtype, copy=False)
         self.G += Xa.T @ Xa
         self.C += Xa.T @ Y
-        self.y_sq += np.einsum("ij,ij->j", Y, Y)
+        self.y_sq += np.einsum("ij,ij->j", Y, Y, dtype=np.float64)
         self.rows += len(X)
 
     def ridge(self, ridge: float) -> float:

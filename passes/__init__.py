@@ -1,9 +1,10 @@
 """The built-in passes, one module each. `BUILTIN` is the explicit list the default registry uses."""
 from __future__ import annotations
 
+from .distill import Distill
 from .fold_bn import FoldBatchNorm
 from .prune_weights import PruneWeights
 
-BUILTIN = (FoldBatchNorm, PruneWeights)
+BUILTIN = (Distill, FoldBatchNorm, PruneWeights)
 
-__all__ = ["BUILTIN", "FoldBatchNorm", "PruneWeights"]
+__all__ = ["BUILTIN", "Distill", "FoldBatchNorm", "PruneWeights"]
