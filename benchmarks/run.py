@@ -33,7 +33,13 @@ VARIANTS = [
     ("prune-weights 50%", "prune-weights(sparsity=0.5)"),
     ("prune-weights 90%", "prune-weights(sparsity=0.9)"),
     ("fold-bn + prune-weights 50%", "fold-bn,prune-weights(sparsity=0.5)"),
+    ("prune-weights 90% + distill", "prune-weights(sparsity=0.9),distill"),
 ]
+
+# Distillation experiments: (student, damage, level). Levels are chosen to cost at least 5 points.
+DISTILL_CASES = [("resnet", "prune-weights", 0.85), ("resnet", "noise", 0.3),
+                 ("vgg", "prune-weights", 0.9), ("vgg", "noise", 1.2)]
+ENSEMBLE_PARTNER = {"resnet": "vgg", "vgg": "resnet"}
 
 
 @dataclass
@@ -92,6 +98,71 @@ def table(rows: list[Row], batches: tuple[int, ...]) -> str:
     return "\n".join(md)
 
 
+def _accuracy(model: onnx.ModelProto, test) -> float:
+    return Evaluator(model, test, latency=LatencyConfig(enabled=False)).measure(model, Step("", "")).accuracy
+
+
+def distill_section(calib, test) -> str:
+    """Accuracy before/after distill for damaged students, with a single and an ensemble teacher."""
+    from onnxcompress.experiments import add_weight_noise, ensemble_accuracy
+    from onnxcompress.passes import Distill, PruneWeights
+    from onnxcompress.recovery import teacher_logits
+    from onnxcompress.pass_api import Context
+
+    header = ["student", "damage", "original", "damaged", "distill: single teacher", "recovered",
+              "time", "ensemble teachers (their accuracy)", "distill: ensemble", "recovered", "time", "zeros kept"]
+    out = []
+    for name, damage, level in DISTILL_CASES:
+        clean = io.load_model(ROOT / "models" / f"{name}.onnx")
+        partner = io.load_model(ROOT / "models" / f"{ENSEMBLE_PARTNER[name]}.onnx")
+        if damage == "noise":
+            student, label = add_weight_noise(clean, level), f"noise {level} x std"
+        else:
+            student = PassManager([PruneWeights(sparsity=level)], latency=LatencyConfig(enabled=False)).run(clean).model
+            label = f"prune-weights {level:.0%}"
+        orig, damaged = _accuracy(clean, test), _accuracy(student, test)
+        cells = [name, label, f"{orig:.2f}%", f"{damaged:.2f}%"]
+        zeros_before = _zeros(student)
+        kept = True
+        for teachers in ([clean], [clean, partner]):
+            t0 = time.perf_counter()
+            result = PassManager([Distill()], calib=calib, eval_data=test, teachers=teachers,
+                                 latency=LatencyConfig(enabled=False)).run(student)
+            seconds = time.perf_counter() - t0
+            acc = result.report.steps[-1].accuracy
+            kept &= all(_zeros(result.model)[k] >= v for k, v in zeros_before.items())
+            if len(teachers) == 2:
+                logits = teacher_logits(Context(teachers=teachers), test)
+                cells.append(f"{name} + {ENSEMBLE_PARTNER[name]} ({ensemble_accuracy(logits, test.labels):.2f}%)")
+            cells += [f"{acc:.2f}%", f"{(acc - damaged) / (orig - damaged) * 100:.1f}%", f"{seconds:.1f}s"]
+        cells.append("yes" if kept else "NO")
+        out.append(cells)
+        print(f"  distill {name} {label}: done", flush=True)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(c) + " |" for c in out]
+    return DISTILL_TEXT + "\n".join(md) + "\n"
+
+
+def _zeros(model: onnx.ModelProto) -> dict[str, int]:
+    from onnx import numpy_helper
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.name: int((inits[n.input[1]] == 0).sum()) for n in model.graph.node
+            if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1] in inits}
+
+
+DISTILL_TEXT = """## Distillation: recovering damaged students
+
+`distill` with default options (temperature 4, alpha 0, all 1,000 calibration digits, no labels used)
+on students damaged by `prune-weights` and by Gaussian noise on every weight (scale x each
+tensor's std). "recovered" is the share of the lost accuracy won back:
+(distilled - damaged) / (original - damaged). Single teacher: the clean original. Ensemble: the
+clean original plus the other reference model; its soft targets are the average of both models'
+softened probabilities (layer-wise targets come from the teacher that shares the student's tensors).
+"zeros kept": every weight that was zero before distillation is still exactly zero.
+
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS))
@@ -100,6 +171,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for latency")
     ap.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--skip-distill", action="store_true", help="skip the distillation experiments")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
     batches = tuple(int(b) for b in args.batch_sizes.split(","))
@@ -116,6 +188,9 @@ def main() -> None:
         lat = ", ".join(f"b{b} {base.latency_ms[b]:.3f} ms" for b in batches)
         sections.append(f"### {name}\n\nOriginal latency this run (for scale only; compare ratios): {lat}.\n\n"
                         + table(rows, batches))
+    if not args.skip_distill:
+        print("distillation experiments ...", flush=True)
+        sections.append(distill_section(calib, test))
     text = HEADER.format(version=onnxcompress.__version__, ort=ort.__version__, py=platform.python_version(),
                          runs=args.runs, rounds=args.rounds, threads=args.threads, date=time.strftime("%Y-%m-%d"))
     io.write_text(args.output, text + "\n\n".join(sections) + "\n" + FOOTER)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -195,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompressError as e:
         print(f"onnxcompress: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("onnxcompress: interrupted", file=sys.stderr)
         return 130

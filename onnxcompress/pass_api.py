@@ -103,6 +103,8 @@ def type_name(tp: Any) -> str:
         return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         return f"list of {type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "None"
     return getattr(tp, "__name__", str(tp))
 
 

@@ -1,0 +1,116 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import MODELS, apply_pass, make_model, rand, run, tensor, zero_counts
+from onnxcompress import Context, Dataset, InputError, LatencyConfig, OptionError, PassManager
+from onnxcompress.experiments import add_weight_noise
+from onnxcompress.passes import Distill, PruneWeights
+
+NO_LATENCY = LatencyConfig(enabled=False)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    with np.load(MODELS / "mnist_calib.npz") as z:
+        return Dataset({"input": z["input"][:300]}, z["labels"][:300])
+
+
+@pytest.fixture(scope="module")
+def test_set(mnist_test):
+    return Dataset({"input": mnist_test["input"][:500]}, mnist_test["labels"][:500])
+
+
+def small_cnn():
+    """Conv -> Relu -> Conv -> GlobalAveragePool -> Flatten -> Gemm, random weights."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1)]
+    inits = {"w1": rand(8, 2, 3, 3, seed=1), "b1": rand(8, seed=2), "w2": rand(6, 8, 3, 3, seed=3),
+             "b2": rand(6, seed=4), "w3": rand(4, 6, seed=5), "b3": rand(4, seed=6)}
+    return make_model(nodes, [tensor("x", ["N", 2, 8, 8])], [tensor("y", ["N", 4])], inits)
+
+
+def test_refit_keeps_zeros_and_brings_the_student_back_to_the_teacher():
+    teacher = small_cnn()
+    student, _ = apply_pass(PruneWeights(sparsity=0.6, scope="layer"), teacher)
+    data = Dataset({"x": rand(200, 2, 8, 8, seed=9)})
+    ctx = Context(calib=data, original=teacher, teachers=[teacher])
+    recovered, result = apply_pass(Distill(head=False), student, ctx)
+    assert zero_counts(recovered) == zero_counts(student)
+    assert result.stats["layers_refit"] == 3
+    assert result.stats["layer_mse_after"] < 0.5 * result.stats["layer_mse_before"]
+    feeds = {"x": rand(50, 2, 8, 8, seed=10)}
+    err = lambda m: float(np.abs(run(m, feeds)[0] - run(teacher, feeds)[0]).mean())
+    assert err(recovered) < 0.5 * err(student)
+
+
+def test_unchanged_model_is_left_alone():
+    teacher = small_cnn()
+    ctx = Context(calib=Dataset({"x": rand(50, 2, 8, 8)}), original=teacher, teachers=[teacher])
+    _, result = apply_pass(Distill(head=False), teacher, ctx)
+    assert result.stats["layers_refit"] == 0 and not result.modified
+
+
+def accuracy_after(passes, model, calib, test_set, teachers=()):
+    steps = PassManager(passes, calib=calib, eval_data=test_set, teachers=teachers, latency=NO_LATENCY).run(model).report.steps
+    return [s.accuracy for s in steps], steps
+
+
+def test_resnet_pruned_student_recovers_70_percent_keeping_sparsity(resnet, calib, test_set):
+    (orig, damaged, recovered), steps = accuracy_after([PruneWeights(sparsity=0.85), Distill()], resnet, calib, test_set)
+    assert orig - damaged >= 5
+    assert recovered - damaged >= 0.7 * (orig - damaged)
+
+
+def test_sparsity_is_kept_exactly(resnet, calib):
+    pruned = PassManager([PruneWeights(sparsity=0.85)], latency=NO_LATENCY).run(resnet).model
+    result = PassManager([Distill(samples=100)], calib=calib, teachers=[resnet], latency=NO_LATENCY).run(pruned)
+    assert result.report.steps[1].status == "applied"
+    assert zero_counts(result.model) == zero_counts(pruned)
+
+
+def test_vgg_noisy_student_recovers_from_a_clean_teacher(calib, test_set):
+    vgg = onnx.load(str(MODELS / "vgg.onnx"))
+    damaged = add_weight_noise(vgg, 1.2)
+    (before, after), _ = accuracy_after([Distill()], damaged, calib, test_set, teachers=[vgg])
+    (orig,), _ = accuracy_after([], vgg, calib, test_set)
+    assert orig - before >= 5
+    assert after - before >= 0.7 * (orig - before)
+
+
+def test_ensemble_teacher_averages_soft_targets(resnet, calib, test_set):
+    vgg = onnx.load(str(MODELS / "vgg.onnx"))
+    pruned = PassManager([PruneWeights(sparsity=0.85)], latency=NO_LATENCY).run(resnet).model
+    (before, after), steps = accuracy_after([Distill()], pruned, calib, test_set, teachers=[resnet, vgg])
+    assert after > before + 20
+    assert steps[1].stats["layers_refit"] > 10  # layer targets from the teacher sharing the student's tensors
+    assert "head_agreement_after" in steps[1].stats
+
+
+def test_alpha_needs_labels(resnet):
+    data = Dataset({"input": np.zeros((4, 1, 28, 28), np.float32)})
+    with pytest.raises(OptionError, match="alpha > 0 needs labels"):
+        PassManager([Distill(alpha=0.5)], calib=data, latency=NO_LATENCY).run(resnet)
+
+
+def test_teacher_with_other_inputs_is_refused(resnet):
+    with pytest.raises(InputError, match="must match"):
+        PassManager([Distill()], teachers=[small_cnn()], latency=NO_LATENCY).run(resnet)
+
+
+def test_distill_without_calibration_data_is_an_input_error(resnet):
+    with pytest.raises(InputError, match="'distill' needs calibration data"):
+        PassManager([Distill()], latency=NO_LATENCY).run(resnet)
+
+
+@pytest.mark.parametrize("options, message", [({"temperature": 0}, "temperature must be positive"),
+                                               ({"alpha": 2}, r"alpha must be in \[0, 1\]")])
+def test_bad_options(options, message):
+    from onnxcompress import default_registry
+    with pytest.raises(OptionError, match=message):
+        default_registry().create("distill", options)
