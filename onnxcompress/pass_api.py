@@ -45,6 +45,8 @@ class Context:
     # Layers earlier passes changed, by node name, with how recovery must constrain them
     # (a `solvers`-level constraint such as a support mask or kept input columns).
     marks: dict[str, Any] = field(default_factory=dict)
+    # Channels an earlier pass kept, per tensor name, as indices into the original's channels.
+    channel_maps: dict[str, Any] = field(default_factory=dict)
 
     def require_calib(self, pass_name: str) -> Dataset:
         if self.calib is None:

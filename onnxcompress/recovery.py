@@ -11,7 +11,7 @@ input channels stay dropped.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -20,7 +20,9 @@ import onnx_graphsurgeon as gs
 
 from . import graph as G
 from .data import Dataset
+from .errors import OptionError
 from .layers import from_out_rows, gemm_rows, out_rows
+from .metrics import static_shapes
 from .pass_api import Context
 from .runtime import capture, capture_session, iter_outputs, make_session, run_model
 from .solvers import NormalEquations, fit_soft_head, im2col, soft_targets, solve_columns, solve_free, solve_support
@@ -28,7 +30,8 @@ from .solvers import NormalEquations, fit_soft_head, im2col, soft_targets, solve
 log = logging.getLogger(__name__)
 
 __all__ = ["Constraint", "teacher_logits", "reference_model", "paired_batches", "student_activations", "changed_layers",
-           "refit_layer", "refit_batchnorm", "find_head", "refit_head", "RECOVERABLE_OPS"]
+           "refit_layer", "refit_batchnorm", "find_head", "refit_head", "recover", "RecoverySettings",
+           "RecoveryResult", "RECOVERABLE_OPS"]
 
 RECOVERABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
@@ -305,3 +308,121 @@ def refit_head(graph: gs.Graph, head: gs.Node, features: np.ndarray, targets: np
 
 def ensemble_targets(ctx: Context, data: Dataset, temperature: float) -> np.ndarray:
     return soft_targets(teacher_logits(ctx, data), temperature)
+
+
+# -- the whole recovery walk -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    temperature: float = 4.0
+    alpha: float = 0.0
+    layers: str = "changed"        # "changed": layers that differ from the teacher; "all"
+    head: bool = True
+    bn: bool = True
+    ridge: float = 1e-3
+    max_rows: int = 20000
+    seed: int = 0
+
+
+@dataclass
+class RecoveryResult:
+    modified: bool
+    stats: dict[str, float]
+    notes: list[str]
+
+
+def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySettings) -> RecoveryResult:
+    """Front to back: refit changed weighted layers and the BatchNormalizations after them on the
+    teacher's features, then the head on soft targets. Channels an earlier pass removed are mapped
+    through `ctx.channel_maps`, so a pruned layer is fit to the teacher's kept channels."""
+    if settings.alpha > 0 and data.labels is None:
+        raise OptionError("distillation with alpha > 0 needs labels in the calibration data")
+    reference = reference_model(ctx, graph)
+    walk = _Walk(graph, ctx, data, reference, static_shapes(reference), settings)
+    targets = {id(n) for n in changed_layers(graph, ctx, reference)} if settings.layers == "changed" else None
+    dirty = False  # once a layer changed, everything after it sees different inputs
+    for node in list(graph.toposort().nodes):
+        if node.op in RECOVERABLE_OPS and G.weight_of(node) is not None and (targets is None or id(node) in targets):
+            dirty = True
+            walk.layer(node)
+        elif node.op == "BatchNormalization" and dirty and settings.bn:
+            walk.batchnorm(node)
+    stats = _summary(walk.fits, "layer") | _summary(walk.bn_fits, "bn")
+    head = find_head(graph) if settings.head else None
+    if settings.head and head is None:
+        walk.notes.append("no Gemm produces the first output directly: head refit skipped")
+    if head is not None:
+        probs = ensemble_targets(ctx, data, settings.temperature)
+        feats = student_activations(graph, ctx, data, [head.inputs[0].name])[head.inputs[0].name]
+        result = refit_head(graph, head, feats, probs, settings.temperature, settings.alpha, data.labels,
+                            _constraint(ctx, head))
+        stats.update({f"head_{k}": v for k, v in result.items()})
+    return RecoveryResult(bool(walk.fits or walk.bn_fits or head is not None), stats, walk.notes)
+
+
+@dataclass
+class _Walk:
+    graph: gs.Graph
+    ctx: Context
+    data: Dataset
+    reference: onnx.ModelProto
+    shapes: dict[str, list[int]]
+    settings: RecoverySettings
+    fits: list[dict] = field(default_factory=list)
+    bn_fits: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def _targets(self, node: gs.Node, axis: int, n_out: int) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
+        """(student input, teacher output) batches for a node, mapped to its kept channels; None
+        (with a note) when the teacher has no matching tensor."""
+        y_name = node.outputs[0].name
+        shape = self.shapes.get(y_name)
+        if shape is None:
+            self.notes.append(f"{node.op} '{node.name}': the teacher has no tensor '{y_name}' to match; left as is")
+            return None
+        channels = shape[axis]
+        keep = self.ctx.channel_maps.get(y_name)
+        if channels > 0 and channels != n_out and (keep is None or len(keep) != n_out):
+            self.notes.append(f"{node.op} '{node.name}': {n_out} outputs vs {channels} in the teacher; left as is")
+            return None
+        batches = paired_batches(self.graph, self.ctx, self.reference, self.data, node.inputs[0].name, y_name)
+        if channels == n_out or keep is None:
+            return batches
+        return ((x, np.take(y, keep, axis=axis)) for x, y in batches)
+
+    def layer(self, node: gs.Node) -> None:
+        n_out = out_rows(node, G.weight_of(node)).shape[0]
+        batches = self._targets(node, 1 if node.op == "Conv" else -1, n_out)
+        if batches is None:
+            return
+        s = self.settings
+        result = refit_layer(self.graph, node, batches, len(self.data), _constraint(self.ctx, node), s.ridge,
+                             s.max_rows, s.seed)
+        if result is None:
+            self.notes.append(f"{node.op} '{node.name}': layout not supported by the refit; left as is")
+        else:
+            self.fits.append(result)
+
+    def batchnorm(self, node: gs.Node) -> None:
+        scale = G.constant_value(node.inputs[1])
+        batches = None if scale is None else self._targets(node, 1, len(scale))
+        if batches is None:
+            return
+        result = refit_batchnorm(self.graph, node, batches)
+        if result is None:
+            self.notes.append(f"BatchNormalization '{node.name}': parameters are not constants; left as is")
+        else:
+            self.bn_fits.append(result)
+
+
+def _summary(fits: list[dict], prefix: str) -> dict[str, float]:
+    if not fits:
+        return {f"{prefix}s_refit": 0}
+    return {f"{prefix}s_refit": len(fits),
+            f"{prefix}_mse_before": float(np.mean([f["before"] for f in fits])),
+            f"{prefix}_mse_after": float(np.mean([f["after"] for f in fits]))}
+
+
+def _constraint(ctx: Context, node: gs.Node) -> Constraint | None:
+    mark = ctx.marks.get(node.name)
+    return mark if isinstance(mark, Constraint) else None

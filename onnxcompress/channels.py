@@ -1,0 +1,589 @@
+"""Channel-dependency analysis: which channels of which tensors must be removed together.
+
+Every channel of every tensor gets an id; ops couple ids (a residual Add ties its two inputs
+channel by channel, a depthwise Conv ties input channel c to output channel c, Flatten ties channel
+c to its H*W features, Concat places its inputs' ids side by side). Union-find turns the couplings
+into *units*: sets of (tensor, channel) that are removed as one. Units that reach an op the table
+does not know, a graph input or a graph output are frozen, with the op and node that froze them.
+
+Per-op knowledge lives in one table, `RULES`: each entry couples channels (`couple`) and, after a
+removal, cuts the node's parameters and attributes to the kept channels (`cut`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import graph as G
+from .metrics import static_shapes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["analyze", "Analysis", "Group", "apply_removal", "RULES"]
+
+
+class UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n)
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        return np.array([self.find(i) for i in ids.tolist()], dtype=np.int64)
+
+
+@dataclass
+class Group:
+    """Tensors whose channels are coupled, with the layers that produce and consume them."""
+    name: str                                  # the first producer's node name
+    tensors: list[str]
+    producers: list[str] = field(default_factory=list)   # nodes whose output channels live here
+    consumers: list[str] = field(default_factory=list)   # nodes whose input channels live here
+    units: list[int] = field(default_factory=list)        # unit roots, in channel order of the first tensor
+    frozen: str | None = None                              # why the group cannot be pruned
+
+
+@dataclass
+class Analysis:
+    graph: gs.Graph
+    shapes: dict[str, list[int]]
+    uf: UnionFind = field(default_factory=UnionFind)
+    ids: dict[str, np.ndarray] = field(default_factory=dict)     # tensor -> channel ids
+    axis: dict[str, int] = field(default_factory=dict)           # tensor -> channel axis
+    freezes: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    producers: dict[str, str] = field(default_factory=dict)      # node -> its output tensor
+    consumers: dict[str, str] = field(default_factory=dict)      # node -> its weighted input tensor
+    groups: list[Group] = field(default_factory=list)
+    frozen: dict[int, str] = field(default_factory=dict)         # unit root -> reason
+
+    # -- building ------------------------------------------------------------------------------
+    def channels(self, name: str, axis: int = 1) -> int | None:
+        shape = self.shapes.get(name)
+        if not shape or len(shape) <= axis or shape[axis] <= 0:
+            return None
+        return shape[axis]
+
+    def fresh(self, tensor: gs.Tensor, axis: int = 1) -> np.ndarray | None:
+        c = self.channels(tensor.name, axis if axis >= 0 else len(self.shapes.get(tensor.name, [])) + axis)
+        if c is None:
+            return None
+        self.ids[tensor.name] = self.uf.new(c)
+        self.axis[tensor.name] = axis if axis >= 0 else len(self.shapes[tensor.name]) + axis
+        return self.ids[tensor.name]
+
+    def same(self, dst: gs.Tensor, src: gs.Tensor, axis: int | None = None) -> None:
+        if src.name in self.ids:
+            self.ids[dst.name] = self.ids[src.name]
+            self.axis[dst.name] = self.axis[src.name] if axis is None else axis
+
+    def freeze(self, tensor: gs.Tensor, reason: str) -> None:
+        if tensor.name in self.ids:
+            self.freezes.append((self.ids[tensor.name], reason))
+
+    def keep(self, name: str, removed: set[int]) -> np.ndarray | None:
+        """Boolean keep-mask of a tensor's channels after removing the units `removed`."""
+        if name not in self.ids:
+            return None
+        return ~np.isin(self.uf.roots(self.ids[name]), list(removed))
+
+
+# -- per-op rules ---------------------------------------------------------------------------------
+
+Couple = Callable[[gs.Node, Analysis], "str | None"]
+Cut = Callable[[gs.Graph, gs.Node, Analysis, set], None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    couple: Couple                 # links channels; returns a reason to freeze, or None
+    cut: Cut | None = None         # slices parameters to the kept channels
+
+
+def _passthrough(node: gs.Node, an: Analysis) -> str | None:
+    an.same(node.outputs[0], node.inputs[0])
+    return None
+
+
+def _cut_nothing(graph, node, an, removed) -> None:
+    return None
+
+
+def _weighted_out(node: gs.Node, an: Analysis, axis: int = 1) -> str | None:
+    an.fresh(node.outputs[0], axis)
+    an.producers[node.name] = node.outputs[0].name
+    if node.inputs[0].name in an.ids:
+        an.consumers[node.name] = node.inputs[0].name
+    return None
+
+
+def _conv_couple(node: gs.Node, an: Analysis) -> str | None:
+    w = G.weight_of(node)
+    if w is None or (len(node.inputs) > 2 and G.weight_of(node, 2) is None and node.inputs[2].name):
+        return "weights are not constants"
+    _weighted_out(node, an)
+    g = int(node.attrs.get("group", 1))
+    x, y = node.inputs[0].name, node.outputs[0].name
+    if g > 1 and x in an.ids and y in an.ids:
+        # A grouped conv ties each group's input block to its output block: whole groups go together.
+        cin, cout = len(an.ids[x]), len(an.ids[y])
+        for gi in range(g):
+            block = np.concatenate([an.ids[x][gi * cin // g:(gi + 1) * cin // g], an.ids[y][gi * cout // g:(gi + 1) * cout // g]])
+            an.uf.union(np.full(len(block) - 1, block[0]), block[1:])
+    return None
+
+
+def _conv_cut(graph, node, an, removed) -> None:
+    w = G.weight_of(node)
+    out_keep = an.keep(node.outputs[0].name, removed)
+    in_keep = an.keep(node.inputs[0].name, removed)
+    g = int(node.attrs.get("group", 1))
+    if node.op == "ConvTranspose":  # [C_in, C_out/g, k...]
+        if g > 1:
+            groups_kept = _groups_kept(in_keep, g)
+            w = w[in_keep][:, _in_block(out_keep, g)]
+            node.attrs["group"] = groups_kept
+        else:
+            w = w[in_keep if in_keep is not None else slice(None)][:, out_keep if out_keep is not None else slice(None)]
+    else:  # Conv [C_out, C_in/g, k...]
+        if g > 1:
+            node.attrs["group"] = _groups_kept(out_keep, g)
+            w = w[out_keep] if out_keep is not None else w
+        else:
+            w = w[out_keep if out_keep is not None else slice(None)][:, in_keep if in_keep is not None else slice(None)]
+    G.set_constant(graph, node, 1, w, "_pruned")
+    b = G.weight_of(node, 2) if len(node.inputs) > 2 else None
+    if b is not None and out_keep is not None:
+        G.set_constant(graph, node, 2, b[out_keep], "_pruned")
+
+
+def _groups_kept(keep: np.ndarray | None, g: int) -> int:
+    if keep is None:
+        return g
+    return int(keep.reshape(g, -1).all(1).sum())
+
+
+def _in_block(keep: np.ndarray | None, g: int):
+    """For a grouped ConvTranspose: the kept columns of one group's block (whole groups are removed)."""
+    if keep is None:
+        return slice(None)
+    blocks = keep.reshape(g, -1)
+    return blocks[blocks.all(1)][0] if blocks.all(1).any() else slice(None)
+
+
+def _gemm_couple(node: gs.Node, an: Analysis) -> str | None:
+    if G.weight_of(node) is None or node.attrs.get("transA", 0):
+        return "weight is not a constant, or transA is set"
+    c = G.weight_of(node, 2) if len(node.inputs) > 2 else None
+    if c is not None and c.ndim == 2 and c.shape[0] != 1:
+        return "bias varies per row"
+    return _weighted_out(node, an)
+
+
+def _gemm_cut(graph, node, an, removed) -> None:
+    w = G.weight_of(node)
+    out_keep = an.keep(node.outputs[0].name, removed)
+    in_keep = an.keep(node.inputs[0].name, removed)
+    rows = w if node.attrs.get("transB", 0) else w.T   # [N, K]
+    if out_keep is not None:
+        rows = rows[out_keep]
+    if in_keep is not None:
+        rows = rows[:, in_keep]
+    G.set_constant(graph, node, 1, rows if node.attrs.get("transB", 0) else rows.T, "_pruned")
+    c = G.weight_of(node, 2) if len(node.inputs) > 2 else None
+    if c is not None and out_keep is not None and c.shape[-1] == len(out_keep):
+        G.set_constant(graph, node, 2, c[..., out_keep], "_pruned")
+
+
+def _matmul_couple(node: gs.Node, an: Analysis) -> str | None:
+    if G.weight_of(node) is None or G.weight_of(node).ndim != 2:
+        return "MatMul between two activations"
+    return _weighted_out(node, an, axis=-1)
+
+
+def _matmul_cut(graph, node, an, removed) -> None:
+    w = G.weight_of(node)
+    out_keep = an.keep(node.outputs[0].name, removed)
+    in_keep = an.keep(node.inputs[0].name, removed)
+    w = w[in_keep] if in_keep is not None else w
+    w = w[:, out_keep] if out_keep is not None else w
+    G.set_constant(graph, node, 1, w, "_pruned")
+
+
+def _norm_couple(node: gs.Node, an: Analysis) -> str | None:
+    if any(G.constant_value(t) is None for t in node.inputs[1:]):
+        return "parameters are not constants"
+    return _passthrough(node, an)
+
+
+def _cut_params(graph, node, an, removed) -> None:
+    """Slice every constant input that holds one value per channel (BN/IN/PRelu parameters,
+    per-channel constants of elementwise ops)."""
+    keep = an.keep(node.outputs[0].name, removed)
+    if keep is None:
+        return
+    rank = len(an.shapes.get(node.outputs[0].name, [])) or 4
+    axis = an.axis.get(node.outputs[0].name, 1)
+    for i, t in enumerate(node.inputs):
+        v = G.constant_value(t)
+        if v is None or v.ndim == 0:
+            continue
+        if node.op in ("BatchNormalization", "InstanceNormalization") and i > 0:
+            G.set_constant(graph, node, i, v[keep], "_pruned")
+            continue
+        ax = axis - (rank - v.ndim)
+        if 0 <= ax < v.ndim and v.shape[ax] == len(keep):
+            G.set_constant(graph, node, i, np.compress(keep, v, axis=ax), "_pruned")
+
+
+def _elementwise_couple(node: gs.Node, an: Analysis) -> str | None:
+    """Add/Sub/Mul/Div/Max/Min/Sum/Pow/PRelu: inputs with all channels are tied channel by channel;
+    any other input (a constant or an activation) must hold one value per channel or broadcast."""
+    out = node.outputs[0]
+    rank = len(an.shapes.get(out.name, []))
+    known = [t for t in node.inputs if t.name in an.ids]
+    if not known or not rank:
+        return "no input with known channels"
+    axis = an.axis[known[0].name]
+    c = an.channels(out.name, axis)
+    full = [t for t in known if len(an.ids[t.name]) == c]
+    if not full:
+        return "channel counts differ"
+    for t in node.inputs:
+        if t in full:
+            an.uf.union(an.ids[full[0].name], an.ids[t.name])
+            continue
+        v = G.constant_value(t)
+        shape = list(v.shape) if v is not None else an.shapes.get(t.name)
+        if shape is None:
+            return f"input '{t.name}' has an unknown shape"
+        ax = axis - (rank - len(shape))
+        if 0 <= ax < len(shape) and shape[ax] != 1 and (shape[ax] != c or v is None):
+            return f"input '{t.name}' does not broadcast over channels"
+    an.ids[out.name], an.axis[out.name] = an.ids[full[0].name], axis
+    return None
+
+
+def _concat_couple(node: gs.Node, an: Analysis) -> str | None:
+    out = node.outputs[0]
+    if any(t.name not in an.ids for t in node.inputs):
+        return "an input has no known channels"
+    axis = an.axis[node.inputs[0].name]
+    rank = len(an.shapes.get(out.name, [])) or 4
+    if int(node.attrs.get("axis", 0)) % rank == axis:
+        an.ids[out.name] = np.concatenate([an.ids[t.name] for t in node.inputs])
+    else:
+        for t in node.inputs[1:]:
+            an.uf.union(an.ids[node.inputs[0].name], an.ids[t.name])
+        an.ids[out.name] = an.ids[node.inputs[0].name]
+    an.axis[out.name] = axis
+    return None
+
+
+def _split_couple(node: gs.Node, an: Analysis) -> str | None:
+    x = node.inputs[0]
+    if x.name not in an.ids:
+        return "input has no known channels"
+    axis = an.axis[x.name]
+    rank = len(an.shapes.get(x.name, [])) or 4
+    if int(node.attrs.get("axis", 0)) % rank != axis:
+        for y in node.outputs:
+            an.same(y, x)
+        return None
+    start = 0
+    for y in node.outputs:
+        c = an.channels(y.name, axis)
+        if c is None:
+            return "output shapes unknown"
+        an.ids[y.name], an.axis[y.name] = an.ids[x.name][start:start + c], axis
+        start += c
+    return None
+
+
+def _split_cut(graph, node, an, removed) -> None:
+    sizes = [int(an.keep(y.name, removed).sum()) for y in node.outputs if y.name in an.ids]
+    if len(sizes) != len(node.outputs) or int(node.attrs.get("axis", 0)) % 4 != an.axis.get(node.inputs[0].name, 1):
+        return
+    if len(node.inputs) > 1 and G.constant_value(node.inputs[1]) is not None:
+        G.set_constant(graph, node, 1, np.array(sizes, dtype=np.int64), "_pruned")
+    elif "split" in node.attrs:
+        node.attrs["split"] = sizes
+
+
+def _slice_params(node: gs.Node) -> tuple | None:
+    vals = [G.constant_value(t) if len(node.inputs) > i else None for i, t in
+            zip(range(1, 5), node.inputs[1:5])]
+    if len(node.inputs) < 3 or any(v is None for v in vals[:2]):
+        return None
+    starts, ends = vals[0], vals[1]
+    axes = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(starts))
+    steps = vals[3] if len(vals) > 3 and vals[3] is not None else np.ones(len(starts), np.int64)
+    return starts, ends, axes, steps
+
+
+def _slice_couple(node: gs.Node, an: Analysis) -> str | None:
+    x, y = node.inputs[0], node.outputs[0]
+    if x.name not in an.ids:
+        return "input has no known channels"
+    params = _slice_params(node)
+    if params is None:
+        return "slice bounds are not constants"
+    starts, ends, axes, steps = params
+    axis, rank, c = an.axis[x.name], len(an.shapes.get(x.name, [])) or 4, len(an.ids[x.name])
+    hit = [i for i, a in enumerate(axes) if int(a) % rank == axis]
+    if not hit:
+        an.same(y, x)
+        return None
+    i = hit[0]
+    if int(steps[i]) != 1:
+        return "strided slice on the channel axis"
+    lo, hi = (int(np.clip(v + c if v < 0 else v, 0, c)) for v in (starts[i], ends[i]))
+    an.ids[y.name], an.axis[y.name] = an.ids[x.name][lo:hi], axis
+    return None
+
+
+def _slice_cut(graph, node, an, removed) -> None:
+    params = _slice_params(node)
+    x = node.inputs[0].name
+    if params is None or x not in an.ids:
+        return
+    starts, ends, axes, _ = params
+    axis, rank, c = an.axis[x], len(an.shapes.get(x, [])) or 4, len(an.ids[x])
+    hit = [i for i, a in enumerate(axes) if int(a) % rank == axis]
+    if not hit:
+        return
+    i, keep = hit[0], an.keep(x, removed)
+    lo, hi = (int(np.clip(v + c if v < 0 else v, 0, c)) for v in (starts[i], ends[i]))
+    new_starts, new_ends = starts.copy(), ends.copy()
+    new_starts[i], new_ends[i] = int(keep[:lo].sum()), int(keep[:hi].sum())
+    G.set_constant(graph, node, 1, new_starts, "_pruned")
+    G.set_constant(graph, node, 2, new_ends, "_pruned")
+
+
+def _flatten_couple(node: gs.Node, an: Analysis) -> str | None:
+    """Flatten (or Reshape to [N, -1]) of [N, C, H, W]: channel c owns features c*H*W .. (c+1)*H*W - 1."""
+    x, y = node.inputs[0], node.outputs[0]
+    shape = an.shapes.get(x.name)
+    if x.name not in an.ids or an.axis[x.name] != 1 or not shape or min(shape[1:]) <= 0:
+        return "input channels or spatial size unknown"
+    if node.op == "Flatten" and int(node.attrs.get("axis", 1)) != 1:
+        return "Flatten axis is not 1"
+    if node.op == "Reshape":
+        target = G.constant_value(node.inputs[1])
+        if target is None or len(target) != 2 or int(target[1]) not in (-1, int(np.prod(shape[1:]))):
+            return "Reshape is not a flatten to [N, C*H*W]"
+    hw = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    an.ids[y.name], an.axis[y.name] = np.repeat(an.ids[x.name], hw), 1
+    return None
+
+
+def _reshape_cut(graph, node, an, removed) -> None:
+    if node.op != "Reshape":
+        return
+    target = G.constant_value(node.inputs[1])
+    keep = an.keep(node.outputs[0].name, removed)
+    if target is not None and keep is not None and int(target[1]) != -1:
+        new = target.copy()
+        new[1] = int(keep.sum())
+        G.set_constant(graph, node, 1, new, "_pruned")
+
+
+def _squeeze_couple(node: gs.Node, an: Analysis) -> str | None:
+    x, y = node.inputs[0], node.outputs[0]
+    if x.name not in an.ids:
+        return "input has no known channels"
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        v = G.constant_value(node.inputs[1])
+        axes = None if v is None else v.tolist()
+    rank = len(an.shapes.get(x.name, []))
+    if axes is None or not rank:
+        return "axes unknown"
+    axis = an.axis[x.name]
+    if node.op == "Squeeze":
+        axes = [a % rank for a in axes]
+        if axis in axes:
+            return "squeezes the channel axis"
+        new_axis = axis - sum(a < axis for a in axes)
+    else:
+        out_rank = rank + len(axes)
+        new_axis = axis
+        for a in sorted(a % out_rank for a in axes):
+            if a <= new_axis:
+                new_axis += 1
+    an.same(y, x, new_axis)
+    return None
+
+
+def _pad_couple(node: gs.Node, an: Analysis) -> str | None:
+    pads = node.attrs.get("pads")
+    if pads is None and len(node.inputs) > 1:
+        v = G.constant_value(node.inputs[1])
+        pads = None if v is None else v.tolist()
+    if pads is None:
+        return "pads are not constant"
+    axis, rank = an.axis.get(node.inputs[0].name, 1), len(pads) // 2
+    if pads[axis] or pads[axis + rank]:
+        return "pads the channel axis"
+    return _passthrough(node, an)
+
+
+def _softmax_couple(node: gs.Node, an: Analysis) -> str | None:
+    x = node.inputs[0].name
+    rank = len(an.shapes.get(x, []))
+    if x in an.ids and rank and int(node.attrs.get("axis", -1)) % rank == an.axis[x]:
+        return "normalizes over the channel axis"
+    return _passthrough(node, an)
+
+
+PASSTHROUGH = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Softplus",
+               "Softsign", "Gelu", "Erf", "Identity", "Dropout", "Cast", "Clip", "Neg", "Abs", "Exp", "Log", "Sqrt",
+               "Reciprocal", "Floor", "Ceil", "Round", "Mish", "ThresholdedRelu", "Celu",
+               "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
+               "Resize", "Upsample")
+
+RULES: dict[str, Rule] = {
+    **{op: Rule(_passthrough) for op in PASSTHROUGH},
+    "Conv": Rule(_conv_couple, _conv_cut),
+    "ConvTranspose": Rule(_conv_couple, _conv_cut),
+    "Gemm": Rule(_gemm_couple, _gemm_cut),
+    "MatMul": Rule(_matmul_couple, _matmul_cut),
+    "BatchNormalization": Rule(_norm_couple, _cut_params),
+    "InstanceNormalization": Rule(_norm_couple, _cut_params),
+    "PRelu": Rule(_elementwise_couple, _cut_params),
+    **{op: Rule(_elementwise_couple, _cut_params) for op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Pow")},
+    "Concat": Rule(_concat_couple),
+    "Split": Rule(_split_couple, _split_cut),
+    "Slice": Rule(_slice_couple, _slice_cut),
+    "Flatten": Rule(_flatten_couple),
+    "Reshape": Rule(_flatten_couple, _reshape_cut),
+    "Squeeze": Rule(_squeeze_couple),
+    "Unsqueeze": Rule(_squeeze_couple),
+    "Pad": Rule(_pad_couple),
+    "Softmax": Rule(_softmax_couple),
+    "LogSoftmax": Rule(_softmax_couple),
+}
+
+
+# -- analysis -------------------------------------------------------------------------------------
+
+def _outer_names(node: gs.Node) -> set[str]:
+    names = set()
+    for sub in node.subgraphs():
+        for n in G.iter_nodes(sub):
+            names.update(t.name for t in n.inputs)
+    return names
+
+
+def analyze(graph: gs.Graph, model: onnx.ModelProto | None = None) -> Analysis:
+    """Find the channel units and groups of a graph (a `model` of it gives the tensor shapes)."""
+    model = model if model is not None else G.to_model(graph)
+    an = Analysis(graph, static_shapes(model))
+    for t in graph.inputs:
+        an.fresh(t)
+        an.freeze(t, "graph input")
+    for node in graph.toposort().nodes:
+        rule = RULES.get(node.op)
+        if list(node.subgraphs()) or rule is None:
+            reason = f"{node.op} '{node.name}' is not in the channel table"
+            for t in node.inputs:
+                an.freeze(t, reason)
+            for name in _outer_names(node):
+                if name in an.ids:
+                    an.freezes.append((an.ids[name], reason))
+            continue
+        why = rule.couple(node, an)
+        if why:
+            for t in list(node.inputs) + list(node.outputs):
+                an.freeze(t, f"{node.op} '{node.name}': {why}")
+            an.producers.pop(node.name, None)
+            an.consumers.pop(node.name, None)
+    for t in graph.outputs:
+        an.freeze(t, "graph output")
+    for ids, reason in an.freezes:
+        for r in an.uf.roots(ids).tolist():
+            an.frozen.setdefault(r, reason)
+    an.groups = _groups(an)
+    return an
+
+
+def _groups(an: Analysis) -> list[Group]:
+    """Tensors connected through shared units form a group; its units are the roots it holds."""
+    owner: dict[int, int] = {}
+    groups: list[Group] = []
+    producers_of = {}
+    for node, tensor in an.producers.items():
+        producers_of.setdefault(tensor, []).append(node)
+    for name, ids in an.ids.items():
+        roots = an.uf.roots(ids)
+        hits = {owner[r] for r in roots.tolist() if r in owner}
+        if hits:
+            gi = min(hits)
+            for other in sorted(hits - {gi}, reverse=True):  # merge
+                g = groups[other]
+                groups[gi].tensors += g.tensors
+                for r, o in owner.items():
+                    if o == other:
+                        owner[r] = gi
+                groups[other] = Group("", [])
+        else:
+            gi = len(groups)
+            groups.append(Group("", []))
+        groups[gi].tensors.append(name)
+        for r in roots.tolist():
+            owner[r] = gi
+    result = []
+    for gi, g in enumerate(groups):
+        if not g.tensors:
+            continue
+        g.producers = [n for t in g.tensors for n in producers_of.get(t, [])]
+        g.consumers = [n for n, t in an.consumers.items() if t in g.tensors]
+        units: list[int] = []
+        for t in g.tensors:
+            for r in an.uf.roots(an.ids[t]).tolist():
+                if owner[r] == gi and r not in units:
+                    units.append(r)
+        g.units = units
+        g.name = g.producers[0] if g.producers else g.tensors[0]
+        reasons = [an.frozen[r] for r in units if r in an.frozen]
+        if not g.producers:
+            g.frozen = "no layer produces these channels"
+        elif reasons:
+            g.frozen = reasons[0]
+        result.append(g)
+    return result
+
+
+def apply_removal(graph: gs.Graph, an: Analysis, removed: set[int]) -> None:
+    """Cut every node's parameters to the channels that remain after removing the units `removed`."""
+    if not removed:
+        return
+    for node in list(graph.nodes):
+        rule = RULES.get(node.op)
+        touched = any(t.name in an.ids for t in list(node.inputs) + list(node.outputs))
+        if rule is not None and rule.cut is not None and touched:
+            rule.cut(graph, node, an, removed)
+    for t in graph.tensors().values():  # shapes change: let shape inference recompute them
+        if isinstance(t, gs.Variable) and t not in graph.inputs and t not in graph.outputs:
+            t.shape = None
