@@ -105,6 +105,9 @@ def type_name(tp: Any) -> str:
         return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         return f"list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"dict of {type_name(k)} to {type_name(v)}"
     if tp is type(None):
         return "None"
     return getattr(tp, "__name__", str(tp))
@@ -135,6 +138,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         item = typing.get_args(tp)[0]
         try:
             return tuple(_coerce(v, item, where) for v in value)
+        except OptionError:
+            raise bad from None
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        k_tp, v_tp = typing.get_args(tp)
+        try:
+            return {_coerce(k, k_tp, where): _coerce(v, v_tp, where) for k, v in value.items()}
         except OptionError:
             raise bad from None
     if tp is float:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from .distill import Distill
 from .fold_bn import FoldBatchNorm
+from .prune_channels import PruneChannels
 from .prune_weights import PruneWeights
 
-BUILTIN = (Distill, FoldBatchNorm, PruneWeights)
+BUILTIN = (Distill, FoldBatchNorm, PruneChannels, PruneWeights)
 
-__all__ = ["BUILTIN", "Distill", "FoldBatchNorm", "PruneWeights"]
+__all__ = ["BUILTIN", "Distill", "FoldBatchNorm", "PruneChannels", "PruneWeights"]

@@ -1,0 +1,226 @@
+"""Channel importance: one score per unit of a channel group (higher = more important).
+
+Criteria:
+- `l1`, `l2`: norms of the weights a unit owns, aggregated over the group: the producers' output
+  rows and the consumers' input columns, each layer's norms divided by their mean first.
+- `bn-scale`: |gamma| of the BatchNormalizations in the group (network slimming); l1 without any.
+- `mean-act`, `apoz`: from calibration data, the mean |activation| of the unit's channels, or one
+  minus the average percentage of zeros (after the group's activations).
+- `thinet`, `lasso`: reconstruction-based (ThiNet; He et al. 2017): how much the next layers'
+  outputs change without the unit. `thinet` removes greedily the units whose joint contribution
+  to the consumers' outputs is smallest; `lasso` ranks units by when they enter the LASSO (LARS)
+  path of the consumers' output on the units' contributions. Both rank units within a group only.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import graph as G
+from .channels import Analysis, Group
+from .data import Dataset
+from .layers import out_rows
+from .pass_api import Context
+from .runtime import capture_session, iter_outputs
+from .solvers import im2col
+
+__all__ = ["CRITERIA", "RANK_ONLY", "group_scores"]
+
+CRITERIA = ("l1", "l2", "bn-scale", "mean-act", "apoz", "thinet", "lasso")
+RANK_ONLY = frozenset({"thinet", "lasso"})   # scores comparable inside one group only
+DATA_CRITERIA = frozenset({"mean-act", "apoz", "thinet", "lasso"})
+ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "PRelu", "Elu",
+                         "Selu", "Gelu", "Mish", "Tanh"})
+
+
+def _nodes(graph: gs.Graph) -> dict[str, gs.Node]:
+    return {n.name: n for n in graph.nodes}
+
+
+def _add(scores: np.ndarray, an: Analysis, group: Group, tensor: str, values: np.ndarray) -> None:
+    """Add a layer's per-channel values (divided by their mean) to the units those channels belong to."""
+    index = {r: i for i, r in enumerate(group.units)}
+    mean = float(np.mean(values)) or 1.0
+    for root, v in zip(an.uf.roots(an.ids[tensor]).tolist(), values):
+        if root in index:
+            scores[index[root]] += v / mean
+
+
+def _norm(a: np.ndarray, axis, p: int) -> np.ndarray:
+    a = np.abs(a.astype(np.float64))
+    return a.sum(axis=axis) if p == 1 else np.sqrt((a * a).sum(axis=axis))
+
+
+def _consumer_columns(node: gs.Node) -> np.ndarray | None:
+    """A consumer's weights as [fan_out, in_features, k] (None for grouped convs)."""
+    w = G.weight_of(node)
+    if node.op == "Conv":
+        if int(node.attrs.get("group", 1)) != 1:
+            return None
+        return w.reshape(w.shape[0], w.shape[1], -1)
+    if node.op == "ConvTranspose":
+        return None if int(node.attrs.get("group", 1)) != 1 else np.moveaxis(w.reshape(w.shape[0], w.shape[1], -1), 1, 0)
+    return out_rows(node, w)[:, :, None]
+
+
+def norm_scores(graph: gs.Graph, an: Analysis, group: Group, p: int) -> np.ndarray:
+    nodes, scores = _nodes(graph), np.zeros(len(group.units))
+    for name in group.producers:
+        node = nodes[name]
+        _add(scores, an, group, node.outputs[0].name, _norm(out_rows(node, G.weight_of(node)), 1, p))
+    for name in group.consumers:
+        cols = _consumer_columns(nodes[name])
+        if cols is not None:
+            _add(scores, an, group, nodes[name].inputs[0].name, _norm(cols, (0, 2), p))
+    return scores
+
+
+def bn_scores(graph: gs.Graph, an: Analysis, group: Group) -> np.ndarray:
+    scores = np.zeros(len(group.units))
+    bns = [n for n in graph.nodes if n.op == "BatchNormalization" and n.outputs[0].name in group.tensors]
+    for bn in bns:
+        _add(scores, an, group, bn.outputs[0].name, np.abs(G.constant_value(bn.inputs[1]).astype(np.float64)))
+    return scores if bns else norm_scores(graph, an, group, 1)
+
+
+def _activation_tensors(graph: gs.Graph, group: Group) -> list[str]:
+    acts = [n.outputs[0].name for n in graph.nodes if n.op in ACTIVATIONS and n.outputs[0].name in group.tensors]
+    return acts or [graph_node.outputs[0].name for graph_node in graph.nodes if graph_node.name in group.producers]
+
+
+def activation_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ctx: Context, data: Dataset,
+                      criterion: str) -> dict[str, np.ndarray]:
+    """mean |a| or 1 - APoZ per unit, from one streamed run over the calibration data."""
+    wanted = {g.name: _activation_tensors(graph, g) for g in groups}
+    names = sorted({t for ts in wanted.values() for t in ts})
+    model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
+    sums = {t: 0.0 for t in names}
+    count = 0
+    for out in iter_outputs(capture_session(model, names, ctx.providers), data, ctx.batch_size, names):
+        count += len(next(iter(out.values())))
+        for t, a in out.items():
+            axis = an.axis[t]
+            red = tuple(i for i in range(a.ndim) if i != axis)
+            per = np.abs(a).mean(axis=red) if criterion == "mean-act" else (a != 0).mean(axis=red)
+            sums[t] = sums[t] + per * len(a)
+    result = {}
+    for g in groups:
+        scores = np.zeros(len(g.units))
+        for t in wanted[g.name]:
+            _add(scores, an, g, t, sums[t] / max(count, 1) + 1e-12)
+        result[g.name] = scores
+    return result
+
+
+# -- reconstruction-based -----------------------------------------------------------------------
+
+def _contributions(node: gs.Node, an: Analysis, group: Group, batches: Iterator[np.ndarray],
+                   budget: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Z [rows, units, outputs]: each unit's contribution to the consumer's output, on sampled rows."""
+    cols = _consumer_columns(node)
+    if cols is None:
+        return None
+    x_name = node.inputs[0].name
+    roots = an.uf.roots(an.ids[x_name])
+    index = {r: i for i, r in enumerate(group.units)}
+    feats = [np.flatnonzero(roots == r) for r in group.units]
+    fan_out = cols.shape[0]
+    rows_wanted = int(np.clip(budget // max(len(group.units) * fan_out, 1), 32, 2048))
+    parts, have = [], 0
+    for x in batches:
+        if node.op == "Conv":
+            k = tuple(G.weight_of(node).shape[2:])
+            hw_out = None
+            geo = dict(strides=tuple(node.attrs.get("strides", [1, 1])), pads=tuple(node.attrs.get("pads", [0, 0, 0, 0])),
+                       dilations=tuple(node.attrs.get("dilations", [1, 1])))
+            h = (x.shape[2] + geo["pads"][0] + geo["pads"][2] - geo["dilations"][0] * (k[0] - 1) - 1) // geo["strides"][0] + 1
+            w = (x.shape[3] + geo["pads"][1] + geo["pads"][3] - geo["dilations"][1] * (k[1] - 1) - 1) // geo["strides"][1] + 1
+            hw_out = h * w
+            per = max(1, min(hw_out, rows_wanted // max(len(x), 1) + 1))
+            pos = rng.random((len(x), hw_out)).argsort(1)[:, :per]
+            a = im2col(x, k, geo["strides"], geo["pads"], geo["dilations"], pos).reshape(-1, x.shape[1], int(np.prod(k)))
+        else:
+            a = x.reshape(-1, x.shape[-1])[:, :, None]
+        parts.append(a.astype(np.float64))
+        have += len(a)
+        if have >= rows_wanted:
+            break
+    a = np.concatenate(parts)[:rows_wanted]                     # [R, F, k]
+    z = np.zeros((len(a), len(group.units), fan_out))
+    for u, f in enumerate(feats):
+        if f.size and group.units[u] in index:
+            z[:, u, :] = np.einsum("rfk,ofk->ro", a[:, f, :], cols[:, f, :])
+    return z
+
+
+def reconstruction_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ctx: Context, data: Dataset,
+                          criterion: str, budget: int = 4_000_000, seed: int = 0) -> dict[str, np.ndarray]:
+    nodes = _nodes(graph)
+    model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
+    rng = np.random.default_rng(seed)
+    result = {}
+    for g in groups:
+        zs = []
+        for name in g.consumers:
+            node = nodes[name]
+            x_name = node.inputs[0].name
+            if x_name in data.feeds:
+                batches = (b[x_name] for b in data.batches(ctx.batch_size))
+            else:
+                sess = capture_session(model, [x_name], ctx.providers)
+                batches = (o[x_name] for o in iter_outputs(sess, data, ctx.batch_size, [x_name]))
+            z = _contributions(node, an, g, batches, budget, rng)
+            if z is not None:
+                zs.append(z / max(np.sqrt((z.sum(1) ** 2).mean()), 1e-12))  # consumers weigh alike
+        if not zs:
+            result[g.name] = norm_scores(graph, an, g, 1)
+            continue
+        result[g.name] = _thinet_rank(zs) if criterion == "thinet" else _lasso_rank(zs)
+    return result
+
+
+def _thinet_rank(zs: list[np.ndarray]) -> np.ndarray:
+    """Greedy (ThiNet): repeatedly remove the unit that adds least to ||sum of removed contributions||^2."""
+    M = sum(np.einsum("ruo,rvo->uv", z, z) for z in zs)
+    n = len(M)
+    removed: list[int] = []
+    acc = np.zeros(n)  # sum over removed s of M[s, u]
+    scores = np.zeros(n)
+    for step in range(n):
+        cost = np.diag(M) + 2 * acc
+        cost[removed] = np.inf
+        u = int(np.argmin(cost))
+        removed.append(u)
+        acc += M[u]
+        scores[u] = step
+    return scores
+
+
+def _lasso_rank(zs: list[np.ndarray]) -> np.ndarray:
+    """LASSO (He et al.): units that enter the LARS path first matter most for the consumers' output."""
+    from sklearn.linear_model import lars_path
+
+    X = np.concatenate([z.transpose(0, 2, 1).reshape(-1, z.shape[1]) for z in zs])   # [(R*O), U]
+    y = X.sum(1)
+    _, active, _ = lars_path(X, y, method="lasso", max_iter=4 * X.shape[1])
+    n = X.shape[1]
+    scores = np.zeros(n)
+    for rank, u in enumerate(active):
+        scores[u] = n - rank
+    return scores
+
+
+def group_scores(graph: gs.Graph, an: Analysis, groups: list[Group], criterion: str, ctx: Context,
+                 data: Dataset | None) -> dict[str, np.ndarray]:
+    """Scores per unit (in `group.units` order) for each group, by `criterion`."""
+    if criterion in ("l1", "l2"):
+        return {g.name: norm_scores(graph, an, g, 1 if criterion == "l1" else 2) for g in groups}
+    if criterion == "bn-scale":
+        return {g.name: bn_scores(graph, an, g) for g in groups}
+    if data is None:
+        raise ValueError(f"criterion '{criterion}' needs calibration data")
+    if criterion in ("mean-act", "apoz"):
+        return activation_scores(graph, an, groups, ctx, data, criterion)
+    return reconstruction_scores(graph, an, groups, ctx, data, criterion)

@@ -1,0 +1,151 @@
+"""prune-channels: structured pruning. Whole channels (and every channel coupled to them) are
+removed, so tensors, files and latency really shrink; accuracy is recovered between steps by the
+shared distillation engine (a least-squares refit of the changed layers, then the head)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress import graph as G
+from onnxcompress.channels import RULES, Analysis, Group, analyze, apply_removal
+from onnxcompress.errors import OptionError
+from onnxcompress.importance import CRITERIA, DATA_CRITERIA, RANK_ONLY, group_scores
+from onnxcompress.pass_api import Context, Pass, PassResult
+from onnxcompress.recovery import RecoverySettings, recover
+
+__all__ = ["PruneChannels", "kept_count"]
+
+Criterion = Literal["l1", "l2", "bn-scale", "mean-act", "apoz", "thinet", "lasso"]
+assert set(CRITERIA) == set(Criterion.__args__)  # noqa: S101 - the two lists must agree
+
+
+def kept_count(channels: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
+    """Channels a group keeps when `ratio` of them go: rounded to a multiple of `round_to`, at least
+    `min_channels` (and never more than it has)."""
+    keep = channels * (1.0 - ratio)
+    if round_to > 1:
+        keep = max(round_to, round(keep / round_to) * round_to)
+    return int(min(channels, max(min_channels, round(keep))))
+
+
+@dataclass
+class PruneChannels(Pass):
+    """Remove the least important channels of every prunable channel group, in steps, recovering between."""
+
+    name = "prune-channels"
+    handles = frozenset(RULES)
+    ratio: float = 0.3                       # share of each group's channels removed (scope="layer")
+    criterion: Criterion = "l1"
+    steps: int = 1                           # reach the target in this many cuts
+    recover: bool = True                     # least-squares refit + head refit after each cut
+    round_to: int = 1                        # kept channel counts are multiples of this
+    min_channels: int = 1
+    exclude: tuple[str, ...] = ()            # node or group names whose groups stay whole
+    scope: Literal["layer", "global"] = "layer"
+    ratios: dict[str, float] = field(default_factory=dict)   # per-group ratios (from `sensitivity`)
+    samples: int | None = None               # calibration samples for data criteria and recovery
+
+    def __post_init__(self) -> None:
+        for r in [self.ratio, *self.ratios.values()]:
+            if not 0.0 <= r < 1.0:
+                raise ValueError(f"ratios must be in [0, 1), got {r}")
+        if self.steps < 1 or self.round_to < 1 or self.min_channels < 1:
+            raise ValueError("steps, round_to and min_channels must be at least 1")
+        if self.scope == "global" and self.criterion in RANK_ONLY:
+            raise ValueError(f"criterion '{self.criterion}' ranks channels within a group only: use scope='layer'")
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        needs_data = self.recover or self.criterion in DATA_CRITERIA
+        data = ctx.require_calib(self.name) if needs_data else ctx.calib
+        if data is not None and self.samples:
+            data = data.take(self.samples)
+        an = analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original))
+        notes = _frozen_notes(an, self.exclude)
+        targets = {g.name: kept_count(len(g.units), self.ratios.get(g.name, self.ratio), self.round_to,
+                                      self.min_channels)
+                   for g in self._prunable(an)}
+        start = {g.name: len(g.units) for g in self._prunable(an)}
+        stats: dict[str, float] = {"groups": len(an.groups), "groups_prunable": len(targets),
+                                   "channels_before": sum(start.values())}
+        removed_total = 0
+        for step in range(1, self.steps + 1):
+            if step > 1:
+                an = analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original))
+            goal = {n: c - round((c - targets[n]) * step / self.steps) for n, c in start.items()}
+            removed = self._choose(graph, an, goal, ctx, data)
+            removed_total += len(removed)
+            _update_channel_maps(ctx, an, removed)
+            apply_removal(graph, an, removed)
+            G.tidy(graph)
+            if self.recover and removed:
+                result = recover(graph, ctx, data, RecoverySettings(temperature=ctx.temperature, alpha=ctx.alpha))
+                stats.update({f"step{step}_{k}": v for k, v in result.stats.items() if k.startswith("head_agreement")})
+                notes += [n for n in result.notes if n not in notes]
+        stats["channels_after"] = stats["channels_before"] - removed_total
+        return PassResult(graph, removed_total > 0, stats, notes)
+
+    def _prunable(self, an: Analysis) -> list[Group]:
+        return [g for g in an.groups if not g.frozen and not _excluded(g, self.exclude)]
+
+    def _choose(self, graph: gs.Graph, an: Analysis, goal: dict[str, int], ctx: Context, data) -> set[int]:
+        """The units to remove this step: per group, the lowest-scored down to its goal; with
+        scope="global", the lowest normalized scores across groups decide how many each loses."""
+        groups = [g for g in self._prunable(an) if g.name in goal and len(g.units) > goal[g.name]]
+        if not groups:
+            return set()
+        try:
+            scores = group_scores(graph, an, groups, self.criterion, ctx, data)
+        except ValueError as e:
+            raise OptionError(f"{self.name}: {e}") from None
+        counts = {g.name: len(g.units) - goal[g.name] for g in groups}
+        if self.scope == "global":
+            counts = self._global_counts(groups, scores, counts)
+        removed: set[int] = set()
+        for g in groups:
+            order = np.argsort(scores[g.name], kind="stable")
+            removed.update(g.units[i] for i in order[:counts[g.name]])
+        return removed
+
+    def _global_counts(self, groups: list[Group], scores: dict[str, np.ndarray], counts: dict[str, int]) -> dict[str, int]:
+        """Spend the same total removal on the globally least important units (scores / group mean)."""
+        total = sum(counts.values())
+        pool = sorted((s / (scores[g.name].mean() or 1.0), g.name) for g in groups for s in scores[g.name])
+        limit = {g.name: len(g.units) - kept_count(len(g.units), 0.999, self.round_to, self.min_channels) for g in groups}
+        out = {g.name: 0 for g in groups}
+        for _, name in pool:
+            if total == 0:
+                break
+            if out[name] < limit[name]:
+                out[name] += 1
+                total -= 1
+        if self.round_to > 1:
+            sizes = {g.name: len(g.units) for g in groups}
+            out = {n: sizes[n] - kept_count(sizes[n], c / sizes[n], self.round_to, self.min_channels) for n, c in out.items()}
+        return out
+
+
+def _excluded(group: Group, exclude: tuple[str, ...]) -> bool:
+    return bool(set(exclude) & ({group.name} | set(group.producers) | set(group.consumers)))
+
+
+def _frozen_notes(an: Analysis, exclude: tuple[str, ...]) -> list[str]:
+    notes = []
+    for g in an.groups:
+        if g.producers and g.frozen:
+            notes.append(f"group '{g.name}' ({len(g.units)} channels) left as is: {g.frozen}")
+        elif g.producers and _excluded(g, exclude):
+            notes.append(f"group '{g.name}' ({len(g.units)} channels) left as is: excluded")
+    return notes
+
+
+def _update_channel_maps(ctx: Context, an: Analysis, removed: set[int]) -> None:
+    """Record, per tensor, which of the original's channels remain (recovery maps teacher targets)."""
+    for name, ids in an.ids.items():
+        keep = an.keep(name, removed)
+        if keep is None or keep.all():
+            continue
+        current = ctx.channel_maps.get(name, np.arange(len(ids)))
+        ctx.channel_maps[name] = np.asarray(current)[keep]
