@@ -496,10 +496,13 @@ def _outer_names(node: gs.Node) -> set[str]:
     return names
 
 
-def analyze(graph: gs.Graph, model: onnx.ModelProto | None = None) -> Analysis:
-    """Find the channel units and groups of a graph (a `model` of it gives the tensor shapes)."""
+def analyze(graph: gs.Graph, model: onnx.ModelProto | None = None,
+            input_shapes: dict[str, list[int]] | None = None) -> Analysis:
+    """Find the channel units and groups of a graph. Tensor shapes come from shape inference on
+    `model` (the graph exported, by default) with the graph inputs pinned to `input_shapes`
+    (symbolic dimensions become 1 otherwise)."""
     model = model if model is not None else G.to_model(graph)
-    an = Analysis(graph, static_shapes(model))
+    an = Analysis(graph, static_shapes(model, input_shapes))
     for t in graph.inputs:
         an.fresh(t)
         an.freeze(t, "graph input")

@@ -26,3 +26,20 @@ def ensemble_accuracy(logits: list[np.ndarray], labels: np.ndarray) -> float:
     from .solvers import soft_targets
 
     return float(np.mean(soft_targets(logits, 1.0).argmax(1) == labels) * 100)
+
+
+def digit_strips(digits: np.ndarray, shape: tuple[int, int, int], n: int, seed: int = 0) -> np.ndarray:
+    """Text-like images [n, C, H, W] made of real handwritten digits: rows of 28x28 digits pasted
+    at random heights on a white page, scaled to [-1, 1] as PP-OCR expects. `digits` are
+    [N, 28, 28] grey images in [0, 1] (ink = 1)."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    out = np.ones((n, h, w), np.float32)
+    for i in range(n):
+        for top in range(rng.integers(0, max(1, h - 28 + 1)) % max(1, h - 27), h - 27, 40):
+            x = int(rng.integers(0, 12))
+            while x + 28 <= w:
+                d = digits[rng.integers(len(digits))]
+                out[i, top:top + 28, x:x + 28] = np.minimum(out[i, top:top + 28, x:x + 28], 1.0 - d)
+                x += 28 + int(rng.integers(0, 6))
+    return np.repeat(((out - 0.5) / 0.5)[:, None], c, axis=1)

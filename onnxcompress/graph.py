@@ -64,18 +64,61 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
 
 
 def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a constant tensor (initializer, `Constant` node output, or an Identity of one), else None."""
+    """The value of a constant tensor, else None: an initializer, a `Constant` node's output, or
+    Identity/Cast/Reshape/Squeeze/Unsqueeze of constants (exporters often emit those for biases)."""
     if tensor is None:
         return None
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
     node = producer(tensor)
-    if node is not None and node.op == "Identity":
-        return constant_value(node.inputs[0])
-    if node is not None and node.op == "Constant" and "value" in node.attrs:
+    if node is None:
+        return None
+    if node.op == "Constant" and "value" in node.attrs:
         v = node.attrs["value"]
         return np.asarray(v.values if isinstance(v, gs.Constant) else v)
+    if node.op not in _FOLDABLE or not node.inputs:
+        return None
+    x = constant_value(node.inputs[0])
+    if x is None:
+        return None
+    return _FOLDABLE[node.op](node, x)
+
+
+def _axes(node: gs.Node) -> list[int] | None:
+    if "axes" in node.attrs:
+        return list(node.attrs["axes"])
+    if len(node.inputs) > 1:
+        v = constant_value(node.inputs[1])
+        return None if v is None else [int(a) for a in v]
     return None
+
+
+def _reshape(node: gs.Node, x: np.ndarray) -> np.ndarray | None:
+    shape = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if shape is None:
+        return None
+    shape = [x.shape[i] if d == 0 and not node.attrs.get("allowzero", 0) else int(d) for i, d in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _unsqueeze(node: gs.Node, x: np.ndarray) -> np.ndarray | None:
+    axes = _axes(node)
+    return None if axes is None else np.expand_dims(x, [a % (x.ndim + len(axes)) for a in axes])
+
+
+def _squeeze(node: gs.Node, x: np.ndarray) -> np.ndarray | None:
+    axes = _axes(node)
+    return np.squeeze(x) if axes is None else np.squeeze(x, tuple(a % x.ndim for a in axes))
+
+
+def _cast(node: gs.Node, x: np.ndarray) -> np.ndarray | None:
+    import onnx
+
+    return x.astype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+
+
+_FOLDABLE = {"Identity": lambda node, x: x, "Reshape": _reshape, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
+             "Cast": _cast}
 
 
 def weight_of(node: gs.Node, index: int = 1) -> np.ndarray | None:

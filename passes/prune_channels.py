@@ -62,7 +62,9 @@ class PruneChannels(Pass):
         data = ctx.require_calib(self.name) if needs_data else ctx.calib
         if data is not None and self.samples:
             data = data.take(self.samples)
-        an = analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original))
+        shapes = None if data is None else {k: [1, *v.shape[1:]] for k, v in data.feeds.items()}
+        analyze_now = lambda: analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original), shapes)
+        an = analyze_now()
         notes = _frozen_notes(an, self.exclude)
         targets = {g.name: kept_count(len(g.units), self.ratios.get(g.name, self.ratio), self.round_to,
                                       self.min_channels)
@@ -73,7 +75,7 @@ class PruneChannels(Pass):
         removed_total = 0
         for step in range(1, self.steps + 1):
             if step > 1:
-                an = analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original))
+                an = analyze_now()
             goal = {n: c - round((c - targets[n]) * step / self.steps) for n, c in start.items()}
             removed = self._choose(graph, an, goal, ctx, data)
             removed_total += len(removed)
