@@ -126,8 +126,10 @@ def _passthrough(node: gs.Node, an: Analysis) -> str | None:
     return None
 
 
-def _cut_nothing(graph, node, an, removed) -> None:
-    return None
+def _masks(node: gs.Node, an: Analysis, removed: set) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Keep-masks of a node's first input and first output; None where nothing is removed."""
+    masks = [an.keep(t.name, removed) for t in (node.inputs[0], node.outputs[0])]
+    return tuple(None if m is None or m.all() else m for m in masks)
 
 
 def _weighted_out(node: gs.Node, an: Analysis, axis: int = 1) -> str | None:
@@ -156,8 +158,9 @@ def _conv_couple(node: gs.Node, an: Analysis) -> str | None:
 
 def _conv_cut(graph, node, an, removed) -> None:
     w = G.weight_of(node)
-    out_keep = an.keep(node.outputs[0].name, removed)
-    in_keep = an.keep(node.inputs[0].name, removed)
+    in_keep, out_keep = _masks(node, an, removed)
+    if in_keep is None and out_keep is None:
+        return
     g = int(node.attrs.get("group", 1))
     if node.op == "ConvTranspose":  # [C_in, C_out/g, k...]
         if g > 1:
@@ -203,8 +206,9 @@ def _gemm_couple(node: gs.Node, an: Analysis) -> str | None:
 
 def _gemm_cut(graph, node, an, removed) -> None:
     w = G.weight_of(node)
-    out_keep = an.keep(node.outputs[0].name, removed)
-    in_keep = an.keep(node.inputs[0].name, removed)
+    in_keep, out_keep = _masks(node, an, removed)
+    if in_keep is None and out_keep is None:
+        return
     rows = w if node.attrs.get("transB", 0) else w.T   # [N, K]
     if out_keep is not None:
         rows = rows[out_keep]
@@ -224,8 +228,9 @@ def _matmul_couple(node: gs.Node, an: Analysis) -> str | None:
 
 def _matmul_cut(graph, node, an, removed) -> None:
     w = G.weight_of(node)
-    out_keep = an.keep(node.outputs[0].name, removed)
-    in_keep = an.keep(node.inputs[0].name, removed)
+    in_keep, out_keep = _masks(node, an, removed)
+    if in_keep is None and out_keep is None:
+        return
     w = w[in_keep] if in_keep is not None else w
     w = w[:, out_keep] if out_keep is not None else w
     G.set_constant(graph, node, 1, w, "_pruned")
@@ -240,7 +245,7 @@ def _norm_couple(node: gs.Node, an: Analysis) -> str | None:
 def _cut_params(graph, node, an, removed) -> None:
     """Slice every constant input that holds one value per channel (BN/IN/PRelu parameters,
     per-channel constants of elementwise ops)."""
-    keep = an.keep(node.outputs[0].name, removed)
+    keep = _masks(node, an, removed)[1]
     if keep is None:
         return
     rank = len(an.shapes.get(node.outputs[0].name, [])) or 4
@@ -322,6 +327,8 @@ def _split_couple(node: gs.Node, an: Analysis) -> str | None:
 
 
 def _split_cut(graph, node, an, removed) -> None:
+    if _masks(node, an, removed)[0] is None:
+        return
     sizes = [int(an.keep(y.name, removed).sum()) for y in node.outputs if y.name in an.ids]
     if len(sizes) != len(node.outputs) or int(node.attrs.get("axis", 0)) % 4 != an.axis.get(node.inputs[0].name, 1):
         return
@@ -374,6 +381,8 @@ def _slice_cut(graph, node, an, removed) -> None:
     if not hit:
         return
     i, keep = hit[0], an.keep(x, removed)
+    if keep.all():
+        return
     lo, hi = (int(np.clip(v + c if v < 0 else v, 0, c)) for v in (starts[i], ends[i]))
     new_starts, new_ends = starts.copy(), ends.copy()
     new_starts[i], new_ends[i] = int(keep[:lo].sum()), int(keep[:hi].sum())
@@ -402,7 +411,7 @@ def _reshape_cut(graph, node, an, removed) -> None:
     if node.op != "Reshape":
         return
     target = G.constant_value(node.inputs[1])
-    keep = an.keep(node.outputs[0].name, removed)
+    keep = _masks(node, an, removed)[1]
     if target is not None and keep is not None and int(target[1]) != -1:
         new = target.copy()
         new[1] = int(keep.sum())
