@@ -34,6 +34,16 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"ratios must be between 0 and 1, got '{text}'")
+    return values
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(t) for t in _csv(text))
@@ -74,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("models", nargs="+")
     b.add_argument("--eval", help="evaluation data (.npz with optional 'labels')")
     _runtime_args(b)
+
+    s = sub.add_parser("sensitivity", help="accuracy of each channel group pruned alone; ratio allocation")
+    s.add_argument("input")
+    s.add_argument("--calib", required=True, help="calibration data (shapes, data criteria)")
+    s.add_argument("--eval", help="evaluation data (default: the calibration data)")
+    s.add_argument("--ratios", type=_floats, default=(0.25, 0.5, 0.75), help="ratios to try (default 0.25,0.5,0.75)")
+    s.add_argument("--criterion", default="l1", help="importance criterion (see `onnxcompress passes`)")
+    s.add_argument("--round-to", type=int, default=1, help="kept channel counts are multiples of this")
+    target = s.add_mutually_exclusive_group()
+    target.add_argument("--target-macs", type=float, help="allocate ratios to reach this fraction of the MACs")
+    target.add_argument("--target-latency", type=float, help="allocate ratios to reach this fraction of the latency")
+    s.add_argument("--samples", type=int, help="evaluate on the first N samples only (faster)")
+    s.add_argument("--recover", action="store_true", help="measure each setting after recovery (slower, closer to the result)")
+    s.add_argument("--plot", help="write a PNG plot (needs matplotlib: pip install onnxcompress[plot])")
+    s.add_argument("--report", help="write the table and allocation as JSON")
+    _runtime_args(s)
 
     sub.add_parser("passes", help="list every pass with its options")
     return ap
@@ -176,6 +202,68 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
+    from .pass_api import Context
+    from .passes.prune_channels import pruner
+    from .sensitivity import allocate, sensitivity
+
+    registry.create("prune-channels", {"criterion": args.criterion, "round_to": args.round_to})  # checks both
+    providers = check_providers(args.providers)
+    model = _load_checked(args.input, providers)
+    names = _inputs(model)
+    calib = load_dataset(args.calib, names)
+    evaluation = load_dataset(args.eval, names) if args.eval else calib
+    if args.samples:
+        evaluation = evaluation.take(args.samples)
+    latency = _latency(args) if args.target_latency else None
+    ctx = Context(calib=calib, original=model, teachers=[model], providers=providers)
+    prune = pruner(ctx, args.criterion, args.round_to, args.recover)
+    sens = sensitivity(model, prune, calib, evaluation, args.ratios, latency, providers)
+    header = ["group", "channels"] + [f"{sens.metric} @{r:g}" for r in sens.ratios] + [f"MACs @{r:g}" for r in sens.ratios]
+    rows = [[g, str(sens.channels[g])] + [f"{s:.2f} ({s - sens.base_score:+.2f})" for s in sens.score[g]]
+            + [f"{m / sens.base_macs:.2f}x" for m in sens.macs[g]] for g in sens.groups]
+    print(f"{args.input}: {sens.metric} {sens.base_score:.2f} unpruned; each group pruned alone, "
+          f"{'with' if args.recover else 'no'} recovery")
+    print(format_table(rows, header))
+    report = {"sensitivity": sens.to_dict()}
+    if args.target_macs or args.target_latency:
+        by = "latency" if args.target_latency else "macs"
+        target = args.target_latency or args.target_macs
+        ratios, measured = allocate(model, prune, sens, calib, target, by, latency, providers)
+        spec = f"prune-channels(ratios={ {k: v for k, v in ratios.items()} }, criterion='{args.criterion}', round_to={args.round_to})"
+        print(f"\nallocation for {by} <= {target:g}x: {'met' if measured['target_met'] else 'NOT met'}; "
+              f"MACs {measured['macs'] / sens.base_macs:.2f}x" +
+              (f", latency {measured['latency_ms'] / sens.base_latency:.2f}x" if by == "latency" else ""))
+        print(f"pipeline: {spec}")
+        report["allocation"] = {"ratios": ratios, "measured": measured, "pipeline": spec}
+    if args.report:
+        io.write_json(args.report, report)
+    if args.plot:
+        io.write_bytes(args.plot, _plot(sens))
+    return 0
+
+
+def _plot(sens) -> bytes:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib (pip install onnxcompress[plot])") from None
+    import io as _bytes_io
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for g in sens.groups:
+        ax.plot((0,) + sens.ratios, [sens.base_score] + sens.score[g], marker="o", label=g[-28:])
+    ax.set_xlabel("share of the group's channels removed")
+    ax.set_ylabel(sens.metric)
+    ax.set_title("Sensitivity of each channel group (pruned alone, no recovery)")
+    ax.legend(fontsize=6, ncol=2)
+    buf = _bytes_io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def cmd_passes(args: argparse.Namespace, registry: Registry) -> int:
     for cls in registry:
         print(f"{cls.name}: {cls.summary()}")
@@ -185,7 +273,8 @@ def cmd_passes(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "bench": cmd_bench, "passes": cmd_passes}
+COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "bench": cmd_bench, "sensitivity": cmd_sensitivity,
+            "passes": cmd_passes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

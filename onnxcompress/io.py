@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 __all__ = [
-    "load_model", "save_model", "read_arrays", "read_text", "write_text", "write_json",
+    "load_model", "save_model", "read_arrays", "read_text", "write_text", "write_bytes", "write_json",
     "scratch_dir", "model_bytes", "EXTERNAL_DATA_THRESHOLD",
 ]
 
@@ -147,13 +147,18 @@ def read_text(path: str | os.PathLike) -> str:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically (temporary file in the same folder, then rename)."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file atomically (temporary file in the same folder, then rename)."""
     out = Path(path)
     if not out.parent.exists():
         raise InputError(f"output folder does not exist: {out.parent}")
     fd, tmp = tempfile.mkstemp(prefix=".onnxcompress-", dir=out.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):
