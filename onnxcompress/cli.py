@@ -181,6 +181,18 @@ def cmd_inspect(args: argparse.Namespace, registry: Registry) -> int:
         if macs or params:
             rows.append([name, op, human_count(params), "?" if macs is None else human_count(macs)])
     print("\nper layer (MACs at batch 1):\n" + format_table(rows, ["node", "op", "params", "MACs"]))
+    from . import graph as G
+    from .channels import analyze
+    try:
+        an = analyze(G.to_graph(model), model)
+    except Exception as e:  # analysis is informative only; never fail inspect on it
+        print(f"\nchannel groups: analysis failed ({type(e).__name__}: {e})")
+    else:
+        groups = [g for g in an.groups if g.producers]
+        rows = [[g.name, str(len(g.units)), str(len(g.producers)), str(len(g.consumers)),
+                 "prunable" if not g.frozen else f"frozen: {g.frozen}"] for g in groups]
+        print(f"\nchannel groups ({sum(not g.frozen for g in groups)} of {len(groups)} prunable by prune-channels):\n"
+              + format_table(rows, ["group", "channels", "producers", "consumers", "status"]))
     print("\npasses that apply:")
     for cls in registry:
         nodes = [n.name or n.output[0] for n in model.graph.node if n.op_type in cls.handles]

@@ -85,6 +85,7 @@ def test_inspect_lists_layers_and_applicable_passes(capsys):
     assert code == 0
     assert "Conv x" in out and "BatchNormalization x15" in out
     assert "fold-bn: " in out and "prune-weights: " in out and "MACs" in out
+    assert "channel groups (9 of 10 prunable by prune-channels)" in out and "frozen: graph output" in out
 
 
 def test_bench_shows_ratios(tmp_path, capsys):
@@ -102,3 +103,20 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                            str(tmp_path / "y.onnx"), "--passes", "fold-bn"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"onnxcompress: error: no such file: {tmp_path / 'x.onnx'}"
+
+
+def test_sensitivity_table_allocation_and_report(tmp_path, capsys):
+    report = tmp_path / "s.json"
+    code, out, err = cli(capsys, "sensitivity", RESNET, "--calib", CALIB, "--eval", TEST, "--samples", "100",
+                         "--ratios", "0.5", "--round-to", "8", "--target-macs", "0.7", "--report", str(report))
+    assert code == 0, err
+    assert "/blocks/blocks.4/a/a.0/Conv" in out and "accuracy @0.5" in out
+    assert "allocation for macs <= 0.7x: met" in out and "pipeline: prune-channels(ratios=" in out
+    data = json.loads(report.read_text())
+    assert data["allocation"]["measured"]["target_met"] is True
+    assert len(data["sensitivity"]["groups"]) == 9
+
+
+def test_sensitivity_rejects_a_bad_criterion(capsys):
+    code, _, err = cli(capsys, "sensitivity", RESNET, "--calib", CALIB, "--criterion", "magic")
+    assert code == 2 and "option 'criterion' must be" in err
