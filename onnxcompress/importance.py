@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from . import graph as G
 from .channels import Analysis, Group
 from .data import Dataset
-from .layers import out_rows
+from .layers import conv_geometry, conv_output_hw, out_rows
 from .pass_api import Context
 from .runtime import capture_session, iter_outputs
 from .solvers import im2col
@@ -131,16 +131,14 @@ def _contributions(node: gs.Node, an: Analysis, group: Group, batches: Iterator[
     parts, have = [], 0
     for x in batches:
         if node.op == "Conv":
-            k = tuple(G.weight_of(node).shape[2:])
-            hw_out = None
-            geo = dict(strides=tuple(node.attrs.get("strides", [1, 1])), pads=tuple(node.attrs.get("pads", [0, 0, 0, 0])),
-                       dilations=tuple(node.attrs.get("dilations", [1, 1])))
-            h = (x.shape[2] + geo["pads"][0] + geo["pads"][2] - geo["dilations"][0] * (k[0] - 1) - 1) // geo["strides"][0] + 1
-            w = (x.shape[3] + geo["pads"][1] + geo["pads"][3] - geo["dilations"][1] * (k[1] - 1) - 1) // geo["strides"][1] + 1
-            hw_out = h * w
-            per = max(1, min(hw_out, rows_wanted // max(len(x), 1) + 1))
-            pos = rng.random((len(x), hw_out)).argsort(1)[:, :per]
-            a = im2col(x, k, geo["strides"], geo["pads"], geo["dilations"], pos).reshape(-1, x.shape[1], int(np.prod(k)))
+            geo = conv_geometry(node, G.weight_of(node))
+            if geo is None:
+                return None
+            h, w = conv_output_hw(x.shape[2], x.shape[3], geo)
+            per = max(1, min(h * w, rows_wanted // max(len(x), 1) + 1))
+            pos = rng.random((len(x), h * w)).argsort(1)[:, :per]
+            a = im2col(x, geo["kernel"], geo["strides"], geo["pads"], geo["dilations"], pos)
+            a = a.reshape(-1, x.shape[1], int(np.prod(geo["kernel"])))
         else:
             a = x.reshape(-1, x.shape[-1])[:, :, None]
         parts.append(a.astype(np.float64))

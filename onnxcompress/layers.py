@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["WEIGHTED_OPS", "out_rows", "from_out_rows", "bias_input", "gemm_rows"]
+__all__ = ["WEIGHTED_OPS", "out_rows", "from_out_rows", "bias_input", "gemm_rows", "conv_geometry", "conv_output_hw"]
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -61,3 +61,18 @@ def gemm_rows(node: gs.Node, w: np.ndarray, bias: np.ndarray | None, n_out: int)
     if c.ndim == 2 and c.shape[0] != 1:
         return None
     return rows, beta * np.broadcast_to(c.reshape(-1), (n_out,)).copy()
+
+
+def conv_geometry(node: gs.Node, w: np.ndarray) -> dict | None:
+    """Kernel, strides, pads, dilations and group of a 2-D Conv with explicit padding, else None."""
+    if w.ndim != 4 or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    return dict(kernel=tuple(w.shape[2:]), strides=tuple(node.attrs.get("strides", [1, 1])),
+                pads=tuple(node.attrs.get("pads", [0, 0, 0, 0])), dilations=tuple(node.attrs.get("dilations", [1, 1])),
+                group=int(node.attrs.get("group", 1)))
+
+
+def conv_output_hw(h: int, w: int, geo: dict) -> tuple[int, int]:
+    """Output height and width of a 2-D conv with geometry `geo` on an h x w input."""
+    (kh, kw), (sh, sw), (dh, dw), p = geo["kernel"], geo["strides"], geo["dilations"], geo["pads"]
+    return (h + p[0] + p[2] - dh * (kh - 1) - 1) // sh + 1, (w + p[1] + p[3] - dw * (kw - 1) - 1) // sw + 1

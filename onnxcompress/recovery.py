@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from . import graph as G
 from .data import Dataset
 from .errors import OptionError
-from .layers import from_out_rows, gemm_rows, out_rows
+from .layers import conv_geometry, from_out_rows, gemm_rows, out_rows
 from .metrics import static_shapes
 from .pass_api import Context
 from .runtime import capture, capture_session, iter_outputs, make_session, run_model
@@ -138,15 +138,6 @@ def _same_params(a: gs.Node, b: gs.Node) -> bool:
 
 # -- layer-wise reconstruction ------------------------------------------------------------------
 
-def _conv_geometry(node: gs.Node, w: np.ndarray) -> dict[str, Any] | None:
-    """Kernel, strides, pads, dilations and groups of a 2-D Conv, or None if unsupported."""
-    if w.ndim != 4 or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        return None
-    return dict(kernel=tuple(w.shape[2:]), strides=tuple(node.attrs.get("strides", [1, 1])),
-                pads=tuple(node.attrs.get("pads", [0, 0, 0, 0])), dilations=tuple(node.attrs.get("dilations", [1, 1])),
-                group=int(node.attrs.get("group", 1)))
-
-
 def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], n_total: int,
                      max_rows: int, rng: np.random.Generator) -> list[NormalEquations] | None:
     """Normal equations per group (one for Gemm/MatMul), streamed over (student input, target) batches.
@@ -154,7 +145,7 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
     At most `max_rows` rows in all: conv layers sample output positions per image, Gemm/MatMul rows."""
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return None
-    geo = _conv_geometry(node, w) if node.op == "Conv" else None
+    geo = conv_geometry(node, w) if node.op == "Conv" else None
     if node.op == "Conv" and geo is None:
         return None
     eqs: list[NormalEquations] | None = None

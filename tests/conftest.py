@@ -55,6 +55,23 @@ def mnist_test() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def calib():
+    """300 labeled calibration digits (a Dataset)."""
+    from onnxcompress import Dataset
+
+    with np.load(MODELS / "mnist_calib.npz") as z:
+        return Dataset({"input": z["input"][:300]}, z["labels"][:300])
+
+
+@pytest.fixture(scope="session")
+def test_set(mnist_test):
+    """500 labeled held-out digits (a Dataset)."""
+    from onnxcompress import Dataset
+
+    return Dataset({"input": mnist_test["input"][:500]}, mnist_test["labels"][:500])
+
+
+@pytest.fixture(scope="session")
 def resnet() -> onnx.ModelProto:
     return onnx.load(str(MODELS / "resnet.onnx"))
 

@@ -7,7 +7,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import make_model, max_abs_diff, rand, tensor
-from onnxcompress import Context, Dataset, LatencyConfig, PassManager, graph as G
+from onnxcompress import Dataset, LatencyConfig, PassManager, graph as G
 from onnxcompress.channels import analyze, apply_removal
 from onnxcompress.passes import PruneChannels
 

@@ -11,17 +11,6 @@ from onnxcompress.passes import Distill, PruneWeights
 NO_LATENCY = LatencyConfig(enabled=False)
 
 
-@pytest.fixture(scope="module")
-def calib():
-    with np.load(MODELS / "mnist_calib.npz") as z:
-        return Dataset({"input": z["input"][:300]}, z["labels"][:300])
-
-
-@pytest.fixture(scope="module")
-def test_set(mnist_test):
-    return Dataset({"input": mnist_test["input"][:500]}, mnist_test["labels"][:500])
-
-
 def small_cnn():
     """Conv -> Relu -> Conv -> GlobalAveragePool -> Flatten -> Gemm, random weights."""
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),

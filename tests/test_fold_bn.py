@@ -1,4 +1,3 @@
-import numpy as np
 from onnx import helper
 
 from conftest import apply_pass, bn_params, make_model, max_abs_diff, rand, tensor

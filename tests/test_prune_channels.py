@@ -1,26 +1,14 @@
-import numpy as np
 import onnx
 import pytest
 
 from conftest import MODELS, run
-from onnxcompress import Context, Dataset, InputError, LatencyConfig, OptionError, PassManager, default_registry
+from onnxcompress import Context, InputError, LatencyConfig, OptionError, PassManager, default_registry
 from onnxcompress.metrics import total_macs
 from onnxcompress.passes import PruneChannels
 from onnxcompress.passes.prune_channels import pruner
 from onnxcompress.sensitivity import allocate, sensitivity
 
 NO_LATENCY = LatencyConfig(enabled=False)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    with np.load(MODELS / "mnist_calib.npz") as z:
-        return Dataset({"input": z["input"][:200]}, z["labels"][:200])
-
-
-@pytest.fixture(scope="module")
-def test_set(mnist_test):
-    return Dataset({"input": mnist_test["input"][:400]}, mnist_test["labels"][:400])
 
 
 def conv_channels(model):
