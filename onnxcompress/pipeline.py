@@ -47,7 +47,7 @@ def _split_items(spec: str) -> list[str]:
 def _parse_args(name: str, text: str) -> dict[str, Any]:
     try:
         call = ast.parse(f"f({text})", mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
         raise OptionError(f"cannot parse options of '{name}': ({text})") from None
     if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
         raise OptionError(f"options of '{name}' must be key=value pairs, got ({text})")
@@ -55,7 +55,7 @@ def _parse_args(name: str, text: str) -> dict[str, Any]:
     for kw in call.keywords:
         try:
             options[kw.arg] = ast.literal_eval(kw.value)
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise OptionError(f"option '{kw.arg}' of '{name}' must be a literal (number, string, bool, list)") from None
     return options
 

@@ -235,3 +235,61 @@ def test_round_to_and_min_channels():
     assert kept_count(64, 0.3) == 45 and kept_count(64, 0.3, round_to=8) == 48 and kept_count(64, 0.3, round_to=16) == 48
     assert kept_count(16, 0.9, round_to=8) == 8 and kept_count(10, 0.95, min_channels=2) == 2
     assert kept_count(4, 0.5, round_to=8) == 4
+
+
+def _op_cases():
+    """(node builder, extra initializers, expected pruned shapes) for ops between two convs."""
+    n = lambda op, ins, **a: helper.make_node(op, ["a", *ins], ["b"], name="op", **a)
+    return {
+        "Relu": (n("Relu", []), {}, {}),
+        "Clip": (n("Clip", ["lo", "hi"]), {"lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}, {}),
+        "LeakyRelu": (n("LeakyRelu", [], alpha=0.1), {}, {}),
+        "Sigmoid": (n("Sigmoid", []), {}, {}),
+        "HardSigmoid": (n("HardSigmoid", []), {}, {}),
+        "HardSwish": (n("HardSwish", []), {}, {}),
+        "Tanh": (n("Tanh", []), {}, {}),
+        "MaxPool": (n("MaxPool", [], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), {}, {}),
+        "AveragePool": (n("AveragePool", [], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), {}, {}),
+        "Resize": (n("Resize", ["", "scales"], mode="nearest"), {"scales": np.array([1, 1, 1, 1], np.float32)}, {}),
+        "Pad": (n("Pad", ["pads"]), {"pads": np.array([0, 0, 0, 0, 0, 0, 0, 0], np.int64)}, {}),
+        "InstanceNormalization": (n("InstanceNormalization", ["s", "bb"]), {"s": rand(4, seed=5), "bb": rand(4, seed=6)},
+                                  {"s_pruned": [3], "bb_pruned": [3]}),
+        "Sub": (n("Sub", ["k"]), {"k": rand(4, 1, 1, seed=8)}, {"k_pruned": [3, 1, 1]}),
+        "Div": (n("Div", ["k"]), {"k": np.full((1, 4, 1, 1), 2.0, np.float32)}, {"k_pruned": [1, 3, 1, 1]}),
+        "Softmax": (n("Softmax", [], axis=-1), {}, {}),
+        "Identity": (n("Identity", []), {}, {}),
+    }
+
+
+@pytest.mark.parametrize("op", list(_op_cases()))
+def test_channels_pass_through_each_op(op):
+    node, extra, expected = _op_cases()[op]
+    nodes = [conv("c1", "x", "a", "w1", pads=[0, 0, 0, 0]), node, conv("c2", "b", "y", "w2")]
+    inits = {"w1": rand(4, 2, 1, 1), "w2": dead(rand(3, 4, 1, 1), [1], axis=1), **extra}
+    model = make_model(nodes, [tensor("x", ["N", 2, 6, 6])], [tensor("y", ["N", 3, 6, 6])], inits)
+    new, an = remove(model, "a", [1])
+    s = shapes(new)
+    assert s["w1_pruned"] == [3, 2, 1, 1] and s["w2_pruned"] == [3, 3, 1, 1]
+    for name, shape in expected.items():
+        assert s[name] == shape
+    check(model, new)
+
+
+def test_squeeze_unsqueeze_keep_track_of_the_channel_axis():
+    nodes = [conv("c1", "x", "a", "w1"), helper.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"),
+             helper.make_node("Squeeze", ["g", "axes"], ["sq"], name="sq"),
+             helper.make_node("Unsqueeze", ["sq", "axes"], ["us"], name="us"), conv("c2", "us", "y", "w2")]
+    inits = {"w1": rand(4, 2, 1, 1), "axes": np.array([2, 3], np.int64), "w2": dead(rand(3, 4, 1, 1), [0, 2], axis=1)}
+    model = make_model(nodes, [tensor("x", ["N", 2, 6, 6])], [tensor("y", ["N", 3, 1, 1])], inits)
+    new, an = remove(model, "a", [0, 2])
+    assert an.axis["sq"] == 1 and shapes(new)["w2_pruned"] == [3, 2, 1, 1]
+    check(model, new)
+
+
+def test_padding_the_channel_axis_freezes():
+    nodes = [conv("c1", "x", "a", "w1"), helper.make_node("Pad", ["a", "pads"], ["b"], name="chanpad"),
+             conv("c2", "b", "y", "w2")]
+    inits = {"w1": rand(4, 2, 1, 1), "pads": np.array([0, 1, 0, 0, 0, 0, 0, 0], np.int64), "w2": rand(3, 5, 1, 1)}
+    model = make_model(nodes, [tensor("x", ["N", 2, 6, 6])], [tensor("y", ["N", 3, 6, 6])], inits)
+    an = analyze(G.to_graph(model), model)
+    assert [g.frozen for g in an.groups if g.producers == ["c1"]] == ["Pad 'chanpad': pads the channel axis"]

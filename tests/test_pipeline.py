@@ -23,6 +23,7 @@ def test_format_round_trips():
     ("fold-bn extra", "unexpected text"),
     ("(sparsity=1)", "expected a pass name"),
     ("prune-weights(**{'a': 1})", "key=value"),
+    ("prune-weights(x={[1]: 2})", "must be a literal"),
 ])
 def test_bad_pipelines(spec, message):
     with pytest.raises(OptionError, match=message.replace("(", r"\(")):
@@ -72,3 +73,31 @@ def test_recipe_pipeline_string():
 def test_bad_recipes(text, message):
     with pytest.raises(OptionError, match=message):
         parse_recipe(text)
+
+
+import keyword  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_names = st.from_regex(r"[a-z][a-z0-9-]{0,12}", fullmatch=True)
+_values = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                    st.text(max_size=12), st.lists(st.text(max_size=6), max_size=3))
+_keys = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True).filter(lambda k: not keyword.iskeyword(k))
+_steps = st.lists(st.tuples(_names, st.dictionaries(_keys, _values,
+                                                    max_size=3)), min_size=1, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_steps)
+def test_any_formatted_pipeline_parses_back(steps):
+    parsed = parse_pipeline(format_pipeline(steps))
+    assert parsed == [(n, {k: list(v) if isinstance(v, tuple) else v for k, v in o.items()}) for n, o in steps]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_arbitrary_text_never_crashes_the_parser(text):
+    try:
+        parse_pipeline(text)
+    except OptionError:
+        pass
