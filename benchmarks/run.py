@@ -23,7 +23,7 @@ from onnxcompress.manager import Evaluator
 from onnxcompress.metrics import latency_ms
 from onnxcompress.passes import Distill
 from onnxcompress.peers import ort_quantize_static
-from onnxcompress.report import Step, human_bytes, human_count
+from onnxcompress.report import Step, human_bytes, human_count, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("resnet", "vgg", "mobilenet", "mlp")
@@ -95,9 +95,7 @@ def table(rows: list[Row], batches: tuple[int, ...]) -> str:
         cells += [f"{s.latency_ms[b] / base.latency_ms[b]:.2f}x" for b in batches]
         cells.append(f"{row.seconds:.1f}s")
         out.append(cells)
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(c) + " |" for c in out]
-    return "\n".join(md)
+    return markdown_table(header, out)
 
 
 def _accuracy(model: onnx.ModelProto, test) -> float:
@@ -106,7 +104,7 @@ def _accuracy(model: onnx.ModelProto, test) -> float:
 
 def distill_section(calib, test) -> str:
     """Accuracy before/after distill for damaged students, with a single and an ensemble teacher."""
-    from onnxcompress.experiments import add_weight_noise, ensemble_accuracy
+    from onnxcompress.experiments import add_weight_noise, ensemble_accuracy, zero_counts
     from onnxcompress.passes import PruneWeights
     from onnxcompress.recovery import teacher_logits
     from onnxcompress.pass_api import Context
@@ -124,7 +122,7 @@ def distill_section(calib, test) -> str:
             label = f"prune-weights {level:.0%}"
         orig, damaged = _accuracy(clean, test), _accuracy(student, test)
         cells = [name, label, f"{orig:.2f}%", f"{damaged:.2f}%"]
-        zeros_before = _zeros(student)
+        zeros_before = zero_counts(student)
         kept = True
         for teachers in ([clean], [clean, partner]):
             t0 = time.perf_counter()
@@ -132,7 +130,7 @@ def distill_section(calib, test) -> str:
                                  latency=LatencyConfig(enabled=False)).run(student)
             seconds = time.perf_counter() - t0
             acc = result.report.steps[-1].accuracy
-            kept &= all(_zeros(result.model)[k] >= v for k, v in zeros_before.items())
+            kept &= all(zero_counts(result.model)[k] >= v for k, v in zeros_before.items())
             if len(teachers) == 2:
                 logits = teacher_logits(Context(teachers=teachers), test)
                 cells.append(f"{name} + {ENSEMBLE_PARTNER[name]} ({ensemble_accuracy(logits, test.labels):.2f}%)")
@@ -140,16 +138,7 @@ def distill_section(calib, test) -> str:
         cells.append("yes" if kept else "NO")
         out.append(cells)
         print(f"  distill {name} {label}: done", flush=True)
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(c) + " |" for c in out]
-    return DISTILL_TEXT + "\n".join(md) + "\n"
-
-
-def _zeros(model: onnx.ModelProto) -> dict[str, int]:
-    from onnx import numpy_helper
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return {n.name: int((inits[n.input[1]] == 0).sum()) for n in model.graph.node
-            if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1] in inits}
+    return DISTILL_TEXT + markdown_table(header, out) + "\n"
 
 
 DISTILL_TEXT = """## Distillation: recovering damaged students
@@ -232,8 +221,7 @@ def structured_table(rows: list[Row], batches: tuple[int, ...]) -> str:
         speed = [base.latency_ms[b] / s.latency_ms[b] for b in batches]
         cells += [f"{x:.2f}x" for x in speed] + [f"{x / mac_red:.2f}" for x in speed] + [f"{row.seconds:.1f}s"]
         out.append(cells)
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(md + ["| " + " | ".join(c) + " |" for c in out])
+    return markdown_table(header, out)
 
 
 STRUCTURED_TEXT = """## Structured pruning (prune-channels)
@@ -297,8 +285,7 @@ def ocr_section(cfg: LatencyConfig, rounds: int) -> str:
                     f"{s.macs / base.macs:.2f}x", f"{s.params / base.params:.2f}x", f"{s.size_bytes / base.size_bytes:.2f}x",
                     f"{s.latency_ms[1] / base.latency_ms[1]:.2f}x", fid_text, valid, "yes" if io_same else "NO",
                     f"{seconds:.0f}s", "; ".join(sorted({g.frozen for g in frozen})) or "-"])
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return OCR_TEXT + "\n".join(md + ["| " + " | ".join(c) + " |" for c in out]) + "\n"
+    return OCR_TEXT + markdown_table(header, out) + "\n"
 
 
 OCR_MODELS = [("ch_ppocr_mobile_v2.0_cls_infer.onnx", (3, 48, 192)), ("ch_PP-OCRv4_rec_infer.onnx", (3, 48, 320)),

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from . import __version__, io
+from . import __version__, graph as G, io
 from .data import load_dataset
 from .errors import BudgetError, CompressError, InputError
 from .manager import Evaluator, PassManager, random_dataset
@@ -129,11 +129,6 @@ def _load_checked(path: str, providers: Sequence[str]) -> onnx.ModelProto:
     return model
 
 
-def _inputs(model: onnx.ModelProto) -> list[str]:
-    inits = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]
-
-
 def cmd_compress(args: argparse.Namespace, registry: Registry) -> int:
     if args.recipe:
         recipe = parse_recipe(io.read_text(args.recipe), args.recipe)
@@ -149,7 +144,7 @@ def cmd_compress(args: argparse.Namespace, registry: Registry) -> int:
     if not dst.parent.exists():
         raise InputError(f"output folder does not exist: {dst.parent}")
     model = _load_checked(args.input, providers)
-    names = _inputs(model)
+    names = G.input_names(model)
     calib = load_dataset(args.calib, names) if args.calib else None
     evaluation = load_dataset(args.eval, names) if args.eval else None
     teachers = [_load_checked(t, providers) for t in _csv(args.teacher)] if args.teacher else []
@@ -181,7 +176,6 @@ def cmd_inspect(args: argparse.Namespace, registry: Registry) -> int:
         if macs or params:
             rows.append([name, op, human_count(params), "?" if macs is None else human_count(macs)])
     print("\nper layer (MACs at batch 1):\n" + format_table(rows, ["node", "op", "params", "MACs"]))
-    from . import graph as G
     from .channels import analyze
     try:
         an = analyze(G.to_graph(model), model)
@@ -204,7 +198,7 @@ def cmd_inspect(args: argparse.Namespace, registry: Registry) -> int:
 def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     providers = check_providers(args.providers)
     models = [_load_checked(m, providers) for m in args.models]
-    data = load_dataset(args.eval, _inputs(models[0])) if args.eval else random_dataset(models[0])
+    data = load_dataset(args.eval, G.input_names(models[0])) if args.eval else random_dataset(models[0])
     evaluator = Evaluator(models[0], data, providers, _latency(args))
 
     report = Report(args.models[0])
@@ -222,7 +216,7 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     registry.create("prune-channels", {"criterion": args.criterion, "round_to": args.round_to})  # checks both
     providers = check_providers(args.providers)
     model = _load_checked(args.input, providers)
-    names = _inputs(model)
+    names = G.input_names(model)
     calib = load_dataset(args.calib, names)
     evaluation = load_dataset(args.eval, names) if args.eval else calib
     if args.samples:

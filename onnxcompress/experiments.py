@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["add_weight_noise", "ensemble_accuracy"]
+__all__ = ["add_weight_noise", "ensemble_accuracy", "zero_counts", "digit_strips"]
 
 
 def add_weight_noise(model: onnx.ModelProto, scale: float, seed: int = 0) -> onnx.ModelProto:
@@ -43,3 +43,10 @@ def digit_strips(digits: np.ndarray, shape: tuple[int, int, int], n: int, seed: 
                 out[i, top:top + 28, x:x + 28] = np.minimum(out[i, top:top + 28, x:x + 28], 1.0 - d)
                 x += 28 + int(rng.integers(0, 6))
     return np.repeat(((out - 0.5) / 0.5)[:, None], c, axis=1)
+
+
+def zero_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Exact zeros in each Conv/Gemm/MatMul weight initializer, keyed by the consuming node's name."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.name: int((inits[n.input[1]] == 0).sum()) for n in model.graph.node
+            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits}

@@ -16,8 +16,18 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "to_graph", "to_model", "iter_nodes", "constant_value", "producer", "consumers",
-    "set_constant", "weight_of", "unique_name", "tidy", "attr",
+    "set_constant", "weight_of", "unique_name", "tidy", "attr", "input_names", "output_names",
 ]
+
+
+def input_names(model: onnx.ModelProto) -> list[str]:
+    """The graph inputs a caller feeds (initializers some exporters also list as inputs excluded)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -167,8 +167,7 @@ class PassManager:
 
 
 def _signature(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    inits = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
+    return G.input_names(model), G.output_names(model)
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from . import __version__
 
-__all__ = ["Step", "Report", "format_table", "human_bytes", "human_count"]
+__all__ = ["Step", "Report", "format_table", "markdown_table", "human_bytes", "human_count"]
 
 
 @dataclass
@@ -76,6 +76,12 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
+    return "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in rows])
 
 
 def render(report: Report) -> str:

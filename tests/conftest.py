@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 
@@ -95,10 +96,3 @@ def apply_pass(p, model: onnx.ModelProto, ctx=None):
     new = G.to_model(G.tidy(result.graph), like=model)
     onnx.checker.check_model(new, full_check=True)
     return new, result
-
-
-def zero_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Exact zeros per weight tensor (4-D kernels and 2-D matrices), keyed by the consuming node."""
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return {n.name: int((inits[n.input[1]] == 0).sum()) for n in model.graph.node
-            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits}

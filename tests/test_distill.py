@@ -3,9 +3,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from conftest import MODELS, apply_pass, make_model, rand, run, tensor, zero_counts
+from conftest import MODELS, apply_pass, make_model, rand, run, tensor
 from onnxcompress import Context, Dataset, InputError, LatencyConfig, OptionError, PassManager
-from onnxcompress.experiments import add_weight_noise
+from onnxcompress.experiments import add_weight_noise, zero_counts
 from onnxcompress.passes import Distill, PruneWeights
 
 NO_LATENCY = LatencyConfig(enabled=False)
