@@ -85,23 +85,21 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render(report: Report) -> str:
-    """A readable console table of the steps, then the notes."""
+    """A readable console table of the steps (latency per measured batch size), then the notes."""
     base = report.steps[0]
-    header = ["step", "status", "accuracy", "size", "gzip", "params", "sparsity", "MACs", "latency b1", "fidelity", "time"]
+    batches = sorted({b for s in report.steps for b in s.latency_ms})
+    header = ["step", "status", "accuracy", "size", "gzip", "params", "sparsity", "MACs"]
+    header += [f"latency b{b}" for b in batches] + ["fidelity", "time"]
     rows = []
     for s in report.steps:
-        lat = s.latency_ms.get(1) or (next(iter(s.latency_ms.values())) if s.latency_ms else None)
-        base_lat = base.latency_ms.get(1) or (next(iter(base.latency_ms.values())) if base.latency_ms else None)
-        rows.append([
-            s.pass_, s.status,
-            "-" if s.accuracy is None else f"{s.accuracy:.2f}%",
-            f"{human_bytes(s.size_bytes)} ({s.size_bytes / base.size_bytes:.2f}x)",
-            human_bytes(s.gzip_bytes),
-            human_count(s.params), f"{s.sparsity * 100:.1f}%",
-            f"{human_count(s.macs)} ({s.macs / base.macs:.2f}x)" if base.macs else human_count(s.macs),
-            "-" if lat is None else f"{lat:.3f} ms ({lat / base_lat:.2f}x)",
-            _fid(s), f"{s.seconds:.1f}s",
-        ])
+        row = [s.pass_, s.status, "-" if s.accuracy is None else f"{s.accuracy:.2f}%",
+               f"{human_bytes(s.size_bytes)} ({s.size_bytes / base.size_bytes:.2f}x)", human_bytes(s.gzip_bytes),
+               human_count(s.params), f"{s.sparsity * 100:.1f}%",
+               f"{human_count(s.macs)} ({s.macs / base.macs:.2f}x)" if base.macs else human_count(s.macs)]
+        for b in batches:
+            lat, ref = s.latency_ms.get(b), base.latency_ms.get(b)
+            row.append("-" if lat is None else f"{lat:.3f} ms" + (f" ({lat / ref:.2f}x)" if ref else ""))
+        rows.append(row + [_fid(s), f"{s.seconds:.1f}s"])
     out = [f"onnxcompress {__version__}: {report.model}", format_table(rows, header)]
     for s in report.steps:
         for note in s.notes:
