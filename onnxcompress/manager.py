@@ -119,6 +119,8 @@ class PassManager:
         t0 = time.perf_counter()
         report.steps.append(evaluator.measure(model, Step("original", "original")))
         report.steps[0].seconds = time.perf_counter() - t0
+        if self.eval_data is None and self.calib is None:
+            report.steps[0].notes += _symbolic_dims_note(model)
         baseline, current, budget_met, done = score(report.steps[0]), model, True, []
         for p in self.passes:
             step, candidate = self._apply(p, current, report.final(), ctx, evaluator, tuple(done))
@@ -164,6 +166,17 @@ class PassManager:
         evaluator.measure(new, step)
         step.seconds = time.perf_counter() - t0
         return step, new
+
+
+def _symbolic_dims_note(model: onnx.ModelProto) -> list[str]:
+    """Without data, symbolic dimensions other than the batch become 1: say so."""
+    inits = {t.name for t in model.graph.initializer}
+    odd = [i.name for i in model.graph.input if i.name not in inits
+           and any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim[1:])]
+    if not odd:
+        return []
+    return [f"input(s) {', '.join(odd)} have symbolic dimensions besides the batch; with no --calib/--eval "
+            "data they were set to 1, so MACs, latency and fidelity reflect 1-pixel inputs: pass data"]
 
 
 def _signature(model: onnx.ModelProto) -> tuple[list[str], list[str]]:

@@ -42,37 +42,54 @@ class PruneWeights(Pass):
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
 
-    def weights(self, graph: gs.Graph) -> tuple[list[gs.Constant], list[str]]:
-        """The distinct constant weights of the ops this pass handles, and notes on those skipped."""
-        found: dict[str, gs.Constant] = {}
+    def weights(self, graph: gs.Graph) -> tuple[dict[str, list[gs.Node]], dict[str, np.ndarray], list[str]]:
+        """The distinct constant float weights of the ops this pass handles (initializers, Constant
+        nodes or folds of them): the nodes using each, their values, and notes on those skipped."""
+        users: dict[str, list[gs.Node]] = {}
+        values: dict[str, np.ndarray] = {}
         notes = []
         for node in graph.nodes:
             if node.op not in self.handles or node.name in self.exclude or len(node.inputs) < 2:
                 continue
             w = node.inputs[1]
-            if isinstance(w, gs.Constant) and w.values.dtype.kind == "f":
-                found.setdefault(w.name, w)
+            value = G.constant_value(w)
+            if value is not None and value.dtype.kind == "f":
+                users.setdefault(w.name, []).append(node)
+                values[w.name] = value
             else:
                 src = G.producer(w)
-                notes.append(f"{node.op} '{node.name}': weight is not a float initializer"
+                notes.append(f"{node.op} '{node.name}': weight is not a float constant"
                              f"{f' (made by {src.op})' if src else ''}; left as is")
-        return list(found.values()), notes
+        return users, values, notes
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
-        weights, notes = self.weights(graph)
-        if not weights:
+        users, values, notes = self.weights(graph)
+        if not values:
             return PassResult(graph, False, {"sparsity": 0.0}, notes + ["no prunable weights found"])
+        names = list(values)
         if self.scope == "global":
-            mags = np.concatenate([np.abs(w.values).ravel() for w in weights])
+            mags = np.concatenate([np.abs(values[n]).ravel() for n in names])
             keep = magnitude_mask(mags, self.sparsity)
-            offsets = np.cumsum([0] + [w.values.size for w in weights])
-            masks = [keep[a:b].reshape(w.values.shape) for w, a, b in zip(weights, offsets, offsets[1:])]
+            offsets = np.cumsum([0] + [values[n].size for n in names])
+            masks = [keep[a:b].reshape(values[n].shape) for n, a, b in zip(names, offsets, offsets[1:])]
         else:
-            masks = [magnitude_mask(np.abs(w.values), self.sparsity) for w in weights]
+            masks = [magnitude_mask(np.abs(values[n]), self.sparsity) for n in names]
         total = zeros = 0
-        for w, mask in zip(weights, masks):
-            w.values = np.where(mask, w.values, 0).astype(w.values.dtype)
-            total += w.values.size
-            zeros += int(w.values.size - np.count_nonzero(w.values))
-        stats = {"tensors": len(weights), "weights": total, "zeros": zeros, "weight_sparsity": zeros / total}
+        for name, mask in zip(names, masks):
+            pruned = np.where(mask, values[name], 0).astype(values[name].dtype)
+            _store(graph, users[name], name, pruned)
+            total += pruned.size
+            zeros += int(pruned.size - np.count_nonzero(pruned))
+        stats = {"tensors": len(names), "weights": total, "zeros": zeros, "weight_sparsity": zeros / total}
         return PassResult(graph, True, stats, notes)
+
+
+def _store(graph: gs.Graph, nodes: list[gs.Node], name: str, value: np.ndarray) -> None:
+    """Give every node that reads weight `name` the pruned value (one shared initializer)."""
+    tensor = nodes[0].inputs[1]
+    if isinstance(tensor, gs.Constant):
+        tensor.values = value
+        return
+    const = gs.Constant(G.unique_name(graph, f"{name}_pruned"), value)  # it was a Constant node or a fold
+    for node in nodes:
+        node.inputs[1] = const

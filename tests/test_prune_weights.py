@@ -65,3 +65,17 @@ def test_non_constant_weight_is_left_and_reported():
     _, result = apply_pass(PruneWeights(sparsity=0.5), model)
     assert not result.modified
     assert any("MatMul 'mm'" in n for n in result.notes)
+
+
+def test_weights_held_by_constant_nodes_are_pruned_and_shared():
+    w = rand(4, 3, seed=4)
+    nodes = [helper.make_node("Constant", [], ["w"], name="const", value=numpy_helper.from_array(w, "wv")),
+             helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
+             helper.make_node("MatMul", ["x", "w"], ["b"], name="mm2"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    model = make_model(nodes, [tensor("x", [2, 4])], [tensor("y", [2, 3])], {})
+    new, result = apply_pass(PruneWeights(sparsity=0.5), model)
+    assert result.stats["zeros"] == 6 and not any(n.op_type == "Constant" for n in new.graph.node)
+    inits = weights(new)
+    assert len(inits) == 1 and (next(iter(inits.values())) == 0).sum() == 6
+    assert [n.input[1] for n in new.graph.node if n.op_type == "MatMul"] == [next(iter(inits))] * 2
