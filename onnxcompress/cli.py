@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from . import __version__, graph as G, io
-from .data import load_dataset
+from .data import conform, load_dataset
 from .errors import BudgetError, CompressError, InputError
 from .manager import Evaluator, PassManager, random_dataset
 from .metrics import LatencyConfig, count_params, node_macs
@@ -198,7 +198,7 @@ def cmd_inspect(args: argparse.Namespace, registry: Registry) -> int:
 def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     providers = check_providers(args.providers)
     models = [_load_checked(m, providers) for m in args.models]
-    data = load_dataset(args.eval, G.input_names(models[0])) if args.eval else random_dataset(models[0])
+    data = conform(load_dataset(args.eval, G.input_names(models[0])), models[0]) if args.eval else random_dataset(models[0])
     evaluator = Evaluator(models[0], data, providers, _latency(args))
 
     report = Report(args.models[0])
@@ -217,8 +217,8 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     providers = check_providers(args.providers)
     model = _load_checked(args.input, providers)
     names = G.input_names(model)
-    calib = load_dataset(args.calib, names)
-    evaluation = load_dataset(args.eval, names) if args.eval else calib
+    calib = conform(load_dataset(args.calib, names), model)
+    evaluation = conform(load_dataset(args.eval, names), model) if args.eval else calib
     if args.samples:
         evaluation = evaluation.take(args.samples)
     latency = _latency(args) if args.target_latency else None

@@ -14,7 +14,7 @@ import numpy as np
 from . import io
 from .errors import InputError
 
-__all__ = ["Dataset", "load_dataset", "as_dataset"]
+__all__ = ["Dataset", "load_dataset", "as_dataset", "conform"]
 
 LABELS = "labels"
 
@@ -85,3 +85,33 @@ def as_dataset(data: Any, input_names: list[str]) -> Dataset:
                 feeds.setdefault(k, []).append(np.asarray(v))
         return Dataset({k: np.concatenate(v) for k, v in feeds.items()})
     raise InputError(f"cannot use {type(data).__name__} as data")
+
+
+def conform(data: Dataset, model) -> Dataset:
+    """Check the dataset against the model's graph inputs: same names, same rank, matching static
+    dimensions (after the batch); floating-point arrays are cast to the input's float type.
+    Raises InputError naming the input and the mismatch."""
+    import onnx
+
+    inits = {t.name for t in model.graph.initializer}
+    specs = {i.name: i.type.tensor_type for i in model.graph.input if i.name not in inits}
+    data.check_inputs(specs)
+    feeds = {}
+    for name, tt in specs.items():
+        arr = data.feeds[name]
+        want = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if tt.HasField("shape") and arr.ndim != len(dims):
+            raise InputError(f"data for input '{name}' has shape {list(arr.shape)}; the model expects rank {len(dims)} "
+                             f"({['?' if d is None else d for d in dims]})")
+        for axis, (have, need) in enumerate(zip(arr.shape, dims)):
+            if axis > 0 and need is not None and have != need:
+                raise InputError(f"data for input '{name}' has shape {list(arr.shape)}; the model expects "
+                                 f"{['?' if d is None else d for d in dims]}")
+        if arr.dtype != want:
+            if arr.dtype.kind == want.kind == "f" or (arr.dtype.kind in "iu" and want.kind in "iu"):
+                arr = arr.astype(want)
+            else:
+                raise InputError(f"data for input '{name}' is {arr.dtype}; the model expects {want}")
+        feeds[name] = arr
+    return Dataset(feeds, data.labels)

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from . import __version__, graph as G
-from .data import Dataset
+from .data import Dataset, conform
 from .errors import CompressError, InputError, PassError
 from .metrics import (LatencyConfig, accuracy, count_params, fidelity, gzip_bytes, latency_ms, size_bytes,
                       sparsity, total_macs)
@@ -111,6 +111,8 @@ class PassManager:
             if _signature(teacher) != _signature(model):
                 raise InputError(f"teacher {i + 1} has graph inputs/outputs {_signature(teacher)}, "
                                  f"the student {_signature(model)}: they must match")
+        self.calib = conform(self.calib, model) if self.calib is not None else None
+        self.eval_data = conform(self.eval_data, model) if self.eval_data is not None else None
         data = self.eval_data or self.calib or random_dataset(model)
         evaluator = Evaluator(model, data, self.providers, self.latency, self.batch_size)
         ctx = Context(calib=self.calib, original=model, teachers=self.teachers or [model], providers=self.providers,

@@ -50,6 +50,10 @@ def bad_models(tmp_path):
     bad = helper.make_model(helper.make_graph([node], "g", [tensor("x", [1])], [tensor("y", [1])]),
                             opset_imports=[helper.make_opsetid("", 17)])
     (tmp_path / "invalid.onnx").write_bytes(bad.SerializeToString())
+    import numpy as np
+    with np.load(TEST) as z:
+        np.savez(tmp_path / "flat.npz", input=z["input"].reshape(len(z["input"]), -1))
+        np.savez(tmp_path / "ints.npz", input=z["input"].astype(np.int32))
     return {
         "missing": ([str(tmp_path / "nope.onnx")], "no such file"),
         "not onnx": ([str(tmp_path / "text.onnx")], "not a readable ONNX model"),
@@ -60,11 +64,13 @@ def bad_models(tmp_path):
         "bad option": ([RESNET, "--passes", "prune-weights(sparsity='x')"], "must be float"),
         "bad data": ([RESNET, "--passes", "fold-bn", "--eval", str(tmp_path / "text.onnx")], "not a readable numpy file"),
         "same path": ([RESNET, "--passes", "fold-bn", "-o", RESNET], "never overwrites its input"),
+        "data shape": ([RESNET, "--eval", str(tmp_path / "flat.npz")], "the model expects rank 4"),
+        "data dtype": ([RESNET, "--calib", str(tmp_path / "ints.npz")], "is int32; the model expects float32"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "not onnx", "truncated", "checker", "provider", "unknown pass",
-                                  "bad option", "bad data", "same path"])
+                                  "bad option", "bad data", "same path", "data shape", "data dtype"])
 def test_bad_input_exit_2_one_line_no_output(tmp_path, capsys, case):
     args, message = bad_models(tmp_path)[case]
     out = tmp_path / "out.onnx"

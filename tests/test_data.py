@@ -42,3 +42,11 @@ def test_iterable_of_feeds_and_calibration_reader():
 
     ds = as_dataset(Reader(), ["x"])
     assert ds.feeds["x"][:, 0].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_conform_casts_floats_and_checks_static_dims(resnet):
+    from onnxcompress.data import conform
+    ds = conform(Dataset({"input": np.zeros((2, 1, 28, 28), np.float64)}), resnet)
+    assert ds.feeds["input"].dtype == np.float32
+    with pytest.raises(InputError, match=r"has shape \[2, 3, 28, 28\]; the model expects \['\?', 1, 28, 28\]"):
+        conform(Dataset({"input": np.zeros((2, 3, 28, 28), np.float32)}), resnet)
