@@ -224,7 +224,7 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     latency = _latency(args) if args.target_latency else None
     ctx = Context(calib=calib, original=model, teachers=[model], providers=providers)
     prune = pruner(ctx, args.criterion, args.round_to, args.recover)
-    sens = sensitivity(model, prune, calib, evaluation, args.ratios, latency, providers)
+    sens = sensitivity(model, prune, calib, evaluation, args.ratios, latency, providers, recovered=args.recover)
     header = ["group", "channels"] + [f"{sens.metric} @{r:g}" for r in sens.ratios] + [f"MACs @{r:g}" for r in sens.ratios]
     rows = [[g, str(sens.channels[g])] + [f"{s:.2f} ({s - sens.base_score:+.2f})" for s in sens.score[g]]
             + [f"{m / sens.base_macs:.2f}x" for m in sens.macs[g]] for g in sens.groups]
@@ -262,7 +262,7 @@ def _plot(sens) -> bytes:
         ax.plot((0,) + sens.ratios, [sens.base_score] + sens.score[g], marker="o", label=g[-28:])
     ax.set_xlabel("share of the group's channels removed")
     ax.set_ylabel(sens.metric)
-    ax.set_title("Sensitivity of each channel group (pruned alone, no recovery)")
+    ax.set_title(f"Sensitivity of each channel group (pruned alone, {'with' if sens.recovered else 'no'} recovery)")
     ax.legend(fontsize=6, ncol=2)
     buf = _bytes_io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

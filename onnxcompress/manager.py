@@ -111,30 +111,41 @@ class PassManager:
             if _signature(teacher) != _signature(model):
                 raise InputError(f"teacher {i + 1} has graph inputs/outputs {_signature(teacher)}, "
                                  f"the student {_signature(model)}: they must match")
-        self.calib = conform(self.calib, model) if self.calib is not None else None
-        self.eval_data = conform(self.eval_data, model) if self.eval_data is not None else None
-        data = self.eval_data or self.calib or random_dataset(model)
+        calib = conform(self.calib, model) if self.calib is not None else None
+        evaluation = conform(self.eval_data, model) if self.eval_data is not None else None
+        data = evaluation or calib or random_dataset(model)
         evaluator = Evaluator(model, data, self.providers, self.latency, self.batch_size)
-        ctx = Context(calib=self.calib, original=model, teachers=self.teachers or [model], providers=self.providers,
+        ctx = Context(calib=calib, original=model, teachers=self.teachers or [model], providers=self.providers,
                       temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size)
         report = Report(name, budget={"max_drop": self.max_drop, "metric": "accuracy" if data.labels is not None else "agreement"})
         t0 = time.perf_counter()
         report.steps.append(evaluator.measure(model, Step("original", "original")))
         report.steps[0].seconds = time.perf_counter() - t0
-        if self.eval_data is None and self.calib is None:
+        if evaluation is None and calib is None:
             report.steps[0].notes += _symbolic_dims_note(model)
         baseline, current, budget_met, done = score(report.steps[0]), model, True, []
-        for p in self.passes:
-            step, candidate = self._apply(p, current, report.final(), ctx, evaluator, tuple(done))
-            if candidate is not None and self.max_drop is not None and baseline - score(step) > self.max_drop + 1e-9:
-                step.status = "rolled back"
-                step.notes.append(f"rolled back: score {score(step):.2f} is {baseline - score(step):.2f} points "
-                                  f"below the original's {baseline:.2f} (budget {self.max_drop})")
-                budget_met, candidate = False, None
-            report.steps.append(step)
-            if candidate is not None:
+        for unit in _units(self.passes):
+            saved = (dict(ctx.channel_maps), dict(ctx.marks))
+            candidate, steps = current, []
+            for p in unit:
+                step, new = self._apply(p, candidate, steps[-1] if steps else report.final(), ctx, evaluator,
+                                        tuple(done + [s.pass_ for s in steps if s.status == "applied"]))
+                steps.append(step)
+                candidate = new if new is not None else candidate
+            last = steps[-1]
+            changed = any(s.status == "applied" for s in steps)
+            if changed and self.max_drop is not None and baseline - score(last) > self.max_drop + 1e-9:
+                what = " + ".join(p.name for p in unit)
+                for s in steps:
+                    s.status = "rolled back"
+                last.notes.append(f"rolled back ({what}): score {score(last):.2f} is {baseline - score(last):.2f} "
+                                  f"points below the original's {baseline:.2f} (budget {self.max_drop})")
+                ctx.channel_maps, ctx.marks = saved
+                budget_met = False
+            elif changed:
                 current = candidate
-                done.append(p.name)
+                done += [s.pass_ for s in steps if s.status == "applied"]
+            report.steps.extend(steps)
         if done:
             current = _with_metadata(current, self.passes_applied(report))
         return CompressResult(current, report, budget_met)
@@ -168,6 +179,18 @@ class PassManager:
         evaluator.measure(new, step)
         step.seconds = time.perf_counter() - t0
         return step, new
+
+
+def _units(passes: Sequence[Pass]) -> list[list[Pass]]:
+    """Budget units: a pass together with the recovering passes (distill) right after it, so that
+    "prune, then recover" is judged after the recovery."""
+    units: list[list[Pass]] = []
+    for p in passes:
+        if units and p.recovers:
+            units[-1].append(p)
+        else:
+            units.append([p])
+    return units
 
 
 def _symbolic_dims_note(model: onnx.ModelProto) -> list[str]:

@@ -59,6 +59,8 @@ class Pass:
 
     name: ClassVar[str] = ""
     handles: ClassVar[frozenset[str]] = frozenset()
+    # A recovering pass (distill) is judged against the budget together with the pass before it.
+    recovers: ClassVar[bool] = False
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError

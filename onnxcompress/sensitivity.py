@@ -41,6 +41,7 @@ class Sensitivity:
     latency: dict[str, list[float]] = field(default_factory=dict)    # group -> ms at each ratio (optional)
     base_latency: float | None = None
     metric: str = "accuracy"
+    recovered: bool = False       # measured after recovery (or one shot without)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -67,16 +68,16 @@ class _Scorer:
 
 def sensitivity(model: onnx.ModelProto, prune: Prune, calib: Dataset, evaluation: Dataset,
                 ratios: Sequence[float] = (0.25, 0.5, 0.75), latency: LatencyConfig | None = None,
-                providers: Sequence[str] = DEFAULT_PROVIDERS) -> Sensitivity:
+                providers: Sequence[str] = DEFAULT_PROVIDERS, recovered: bool = False) -> Sensitivity:
     """Score, MACs (and latency) of the model with each prunable group pruned alone at each ratio.
 
-    `prune(model, {group: ratio})` returns the model pruned (one shot, no recovery)."""
+    `prune(model, {group: ratio})` returns the model pruned (`recovered` says whether it recovers)."""
     shapes = {k: [1, *v.shape[1:]] for k, v in calib.feeds.items()}
     an = analyze(G.to_graph(model), model, shapes)
     groups = [g for g in an.groups if not g.frozen]
     scorer = _Scorer(model, evaluation, providers)
     result = Sensitivity(scorer(model), total_macs(model, shapes), tuple(ratios), [g.name for g in groups],
-                         {g.name: len(g.units) for g in groups}, metric=scorer.metric)
+                         {g.name: len(g.units) for g in groups}, metric=scorer.metric, recovered=recovered)
     if latency is not None:
         result.base_latency = _latency(model, latency, evaluation, providers)
     for g in progress(groups, desc="sensitivity"):

@@ -23,6 +23,7 @@ class Distill(Pass):
 
     name = "distill"
     handles = RECOVERABLE_OPS | {"BatchNormalization"}
+    recovers = True
     temperature: float | None = None        # default: the run's --temperature (4)
     alpha: float | None = None              # weight of hard labels; default: the run's --alpha (0)
     layers: Literal["changed", "all"] = "changed"

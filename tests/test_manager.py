@@ -101,3 +101,23 @@ def test_missing_calibration_is_an_input_error():
     from onnxcompress import InputError
     with pytest.raises(InputError, match="needs calibration data"):
         Context().require_calib("some-pass")
+
+
+def test_prune_then_distill_is_judged_after_the_recovery(resnet, test_data, calib):
+    from onnxcompress.passes import Distill
+    result = PassManager([PruneWeights(sparsity=0.85), Distill(samples=200)], calib=calib, eval_data=test_data,
+                         max_drop=2.0, latency=NO_LATENCY).run(resnet)
+    steps = result.report.steps
+    assert [s.status for s in steps[1:]] == ["applied", "applied"]
+    assert steps[1].accuracy < 50 and steps[2].accuracy > steps[0].accuracy - 2.0
+    assert result.budget_met
+
+
+def test_a_rolled_back_unit_restores_the_channel_maps(resnet, test_data, calib):
+    from onnxcompress.passes import Distill, PruneChannels
+    result = PassManager([PruneChannels(ratio=0.9, recover=False), Distill(samples=50), FoldBatchNorm()],
+                         calib=calib, eval_data=test_data, max_drop=0.1, latency=NO_LATENCY).run(resnet)
+    assert [s.status for s in result.report.steps[1:]] == ["rolled back", "rolled back", "applied"]
+    assert "rolled back (prune-channels + distill)" in result.report.steps[2].notes[-1]
+    convs = [t for t in result.model.graph.initializer if len(t.dims) == 4]
+    assert sorted({t.dims[0] for t in convs}) == [16, 32, 64]  # nothing pruned survived

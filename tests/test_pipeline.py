@@ -101,3 +101,11 @@ def test_arbitrary_text_never_crashes_the_parser(text):
         parse_pipeline(text)
     except OptionError:
         pass
+
+
+def test_bundled_recipes_parse_and_build():
+    from conftest import ROOT
+    for path in sorted((ROOT / "recipes").glob("*.toml")):
+        recipe = parse_recipe(path.read_text(), str(path))
+        passes = [default_registry().create(n, o) for n, o in recipe.steps]
+        assert passes and recipe.settings["max_drop"] == 1.0
