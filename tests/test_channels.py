@@ -293,3 +293,20 @@ def test_padding_the_channel_axis_freezes():
     model = make_model(nodes, [tensor("x", ["N", 2, 6, 6])], [tensor("y", ["N", 3, 6, 6])], inits)
     an = analyze(G.to_graph(model), model)
     assert [g.frozen for g in an.groups if g.producers == ["c1"]] == ["Pad 'chanpad': pads the channel axis"]
+
+
+def test_tensors_read_inside_if_branches_are_frozen():
+    then_g = helper.make_graph([helper.make_node("Relu", ["c"], ["t"])], "then", [], [tensor("t", ["N", 4, 6, 6])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["c"], ["e"])], "else", [], [tensor("e", ["N", 4, 6, 6])])
+    nodes = [conv("c1", "x", "c", "w1"),
+             helper.make_node("If", ["cond"], ["i"], name="branch", then_branch=then_g, else_branch=else_g),
+             conv("c2", "i", "d", "w2"), helper.make_node("Relu", ["d"], ["r"], name="relu"), conv("c3", "r", "y", "w3")]
+    inits = {"w1": rand(4, 2, 1, 1), "w2": rand(6, 4, 1, 1), "w3": dead(rand(3, 6, 1, 1), [0, 1], axis=1),
+             "cond": np.array(True)}
+    model = make_model(nodes, [tensor("x", ["N", 2, 6, 6])], [tensor("y", ["N", 3, 6, 6])], inits)
+    an = analyze(G.to_graph(model), model)
+    frozen = {g.producers[0]: g.frozen for g in an.groups if g.producers}
+    assert frozen["c1"] == "If 'branch' is not in the channel table" and frozen["c2"] is None
+    new, _ = remove(model, "d", [0, 1])
+    assert shapes(new)["w2_pruned"] == [4, 4, 1, 1] and shapes(new)["w1"] == [4, 2, 1, 1]
+    check(model, new)
