@@ -25,7 +25,8 @@ from .layers import conv_geometry, from_out_rows, gemm_rows, out_rows
 from .metrics import static_shapes
 from .pass_api import Context
 from .runtime import capture, capture_session, iter_outputs, make_session, run_model
-from .solvers import NormalEquations, fit_soft_head, im2col, soft_targets, solve_columns, solve_free, solve_support
+from .solvers import (NormalEquations, fit_soft_head, im2col, soft_targets, softmax, solve_columns, solve_free,
+                      solve_support)
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,15 @@ def _same_params(a: gs.Node, b: gs.Node) -> bool:
 
 # -- layer-wise reconstruction ------------------------------------------------------------------
 
+HOLDOUT = 0.2  # share of calibration rows (or samples, for the head) kept aside to check a refit generalizes
+MIN_HELD_OUT = 32  # fewer held-out rows than this cannot tell a real gain from luck: no refit
+MIN_HELD_OUT_SAMPLES = 20  # ... nor fewer held-out samples (rows of one image are alike)
+
+
 def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], n_total: int,
-                     max_rows: int, rng: np.random.Generator) -> list[NormalEquations] | None:
-    """Normal equations per group (one for Gemm/MatMul), streamed over (student input, target) batches.
+                     max_rows: int, rng: np.random.Generator) -> tuple[list[NormalEquations], list[NormalEquations]] | None:
+    """Normal equations per group (one for Gemm/MatMul), streamed over (student input, target)
+    batches: (fit, held-out) pairs, HOLDOUT of the rows going to the held-out ones.
 
     At most `max_rows` rows in all: conv layers sample output positions per image, Gemm/MatMul rows."""
     if node.op == "Gemm" and node.attrs.get("transA", 0):
@@ -149,15 +156,27 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
     if node.op == "Conv" and geo is None:
         return None
     eqs: list[NormalEquations] | None = None
+    held: list[NormalEquations] | None = None
+    held_samples = 0
+
+    def add(ne: NormalEquations, out: NormalEquations, xs: np.ndarray, ys: np.ndarray, aside: np.ndarray) -> None:
+        ne.add(xs[~aside], ys[~aside])
+        out.add(xs[aside], ys[aside])
+
     for x, y in batches:
+        # Whole samples are held out (rows of one image are alike: holding out rows would flatter the fit).
+        aside_samples = rng.random(len(x)) < HOLDOUT
+        held_samples += int(aside_samples.sum())
         if geo is None:
             xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            aside = np.repeat(aside_samples, len(xs) // len(x))
             keep = int(np.ceil(max_rows * len(x) / n_total))
             if len(xs) > keep:
                 pick = rng.choice(len(xs), keep, replace=False)
-                xs, ys = xs[pick], ys[pick]
+                xs, ys, aside = xs[pick], ys[pick], aside[pick]
             eqs = eqs or [NormalEquations(xs.shape[1], ys.shape[1])]
-            eqs[0].add(xs, ys)
+            held = held or [NormalEquations(xs.shape[1], ys.shape[1])]
+            add(eqs[0], held[0], xs, ys, aside)
             continue
         n, cin = x.shape[:2]
         m, hw = y.shape[1], y.shape[2] * y.shape[3]
@@ -166,11 +185,13 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
         positions = rng.random((n, hw)).argsort(1)[:, :per_image]
         ys = np.take_along_axis(y.reshape(n, m, hw), positions[:, None, :], 2).transpose(0, 2, 1).reshape(-1, m)
         rows = im2col(x, geo["kernel"], geo["strides"], geo["pads"], geo["dilations"], positions)
+        aside = np.repeat(aside_samples, per_image)
         cin_g, m_g, k = cin // g, m // g, rows.shape[1] // cin
         eqs = eqs or [NormalEquations(cin_g * k, m_g) for _ in range(g)]
-        for gi, ne in enumerate(eqs):
-            ne.add(rows[:, gi * cin_g * k:(gi + 1) * cin_g * k], ys[:, gi * m_g:(gi + 1) * m_g])
-    return eqs
+        held = held or [NormalEquations(cin_g * k, m_g) for _ in range(g)]
+        for gi, (ne, out) in enumerate(zip(eqs, held)):
+            add(ne, out, rows[:, gi * cin_g * k:(gi + 1) * cin_g * k], ys[:, gi * m_g:(gi + 1) * m_g], aside)
+    return None if eqs is None else (eqs, held, held_samples)
 
 
 def _current(node: gs.Node, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -196,33 +217,54 @@ def _solve_group(ne: NormalEquations, constraint: Constraint, sl: slice, ridge: 
 def refit_layer(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]], n_total: int,
                 constraint: Constraint | None = None, ridge: float = 1e-3, max_rows: int = 20000,
                 seed: int = 0) -> dict[str, Any] | None:
-    """Refit one layer so that layer(x) ~ y over the (x, y) batches; keep the result only if it
-    lowers the error. Returns {"before": mse, "after": mse} (mean over outputs), or None when the
+    """Refit one layer so that layer(x) ~ y over the (x, y) batches. The fit is checked on held-out
+    rows (HOLDOUT of them) and kept, refit on all rows, only if it lowers the held-out error: a
+    refit with more weights than calibration rows would otherwise just memorize them.
+    Returns {"before": mse, "after": mse} on the held-out rows (mean over outputs), or None when the
     layer's layout is not supported."""
     w = G.weight_of(node)
     bias = node.op != "MatMul"
     if w is None:
         return None
-    eqs = _layer_equations(node, w, batches, n_total, max_rows, np.random.default_rng(seed))
-    if eqs is None:
+    split = _layer_equations(node, w, batches, n_total, max_rows, np.random.default_rng(seed))
+    if split is None:
         return None
+    eqs, held, held_samples = split
     rows, b = _current(node, w)
+    if held[0].rows < MIN_HELD_OUT or held_samples < MIN_HELD_OUT_SAMPLES:
+        return {"skipped": f"{held_samples} held-out calibration samples ({held[0].rows} rows) are too few to "
+                           f"check a refit (at least {MIN_HELD_OUT_SAMPLES} samples and {MIN_HELD_OUT} rows needed)"}
     constraint = constraint or Constraint.infer(rows)
     m_g = rows.shape[0] // len(eqs)
-    new_rows, new_b = rows.copy(), b.copy()
     before = after = 0.0
-    for gi, ne in enumerate(eqs):
+    ridges = []
+    for gi, (ne, out) in enumerate(zip(eqs, held)):
         sl = slice(gi * m_g, (gi + 1) * m_g)
-        W, bb = _solve_group(ne, constraint, sl, ridge, bias)
-        before += ne.residual(rows[sl], b[sl]).sum()
-        after += ne.residual(W, bb).sum()
-        new_rows[sl], new_b[sl] = W, bb
+        best = None
+        for r in _ridge_grid(ridge, constraint):   # the strength the held-out rows like best
+            W, bb = _solve_group(ne, constraint, sl, r, bias)
+            err = out.residual(W, bb).sum()
+            if best is None or err < best[0]:
+                best = (err, r)
+        before += out.residual(rows[sl], b[sl]).sum()
+        after += best[0]
+        ridges.append(best[1])
     n_out = rows.shape[0]
     stats = {"before": before / n_out, "after": min(before, after) / n_out}
     if after >= before:
         return stats
+    new_rows, new_b = rows.copy(), b.copy()
+    for gi, (ne, out) in enumerate(zip(eqs, held)):
+        sl = slice(gi * m_g, (gi + 1) * m_g)
+        new_rows[sl], new_b[sl] = _solve_group(ne.merged(out), constraint, sl, ridges[gi], bias)
     _write(graph, node, w, new_rows, new_b if bias else None)
     return stats
+
+
+def _ridge_grid(ridge: float, constraint: Constraint) -> tuple[float, ...]:
+    """Ridge strengths to try: a grid for dense solves (one solve each), only `ridge` for a fixed
+    support (one solve per output row, too costly to repeat)."""
+    return (ridge,) if constraint.support is not None else (ridge, ridge * 10, ridge * 100)
 
 
 def _write(graph: gs.Graph, node: gs.Node, w: np.ndarray, rows: np.ndarray, bias: np.ndarray | None) -> None:
@@ -236,36 +278,58 @@ def _write(graph: gs.Graph, node: gs.Node, w: np.ndarray, rows: np.ndarray, bias
         G.set_constant(graph, node, 2, bias.astype(w.dtype), "_refit")
 
 
-def refit_batchnorm(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float] | None:
+def refit_batchnorm(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+                    seed: int = 0) -> dict[str, Any] | None:
     """Re-estimate an inference BatchNormalization from the student's inputs: per channel, the
     affine map a * x + d that best matches the reference's output (1-D least squares), written back
-    as new scale and bias over the node's own mean and variance. Kept only if it lowers the error."""
+    as new scale and bias over the node's own mean and variance. Checked on held-out samples like
+    `refit_layer`, kept (refit on all samples) only if it lowers their error."""
     params = [G.constant_value(t) for t in node.inputs[1:5]]
     if any(p is None for p in params) or len(node.outputs) != 1:
         return None
     scale, beta, mean, var = (p.astype(np.float64) for p in params)
-    eps = float(node.attrs.get("epsilon", 1e-5))
-    std = np.sqrt(var + eps)
+    std = np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
     a0, d0 = scale / std, beta - scale * mean / std       # the current map: y = a0 * x + d0
-    sums = np.zeros((5, len(scale)))                       # n, Sx, Sy, Sxx, Sxy per channel
-    y_sq = np.zeros(len(scale))
+    rng = np.random.default_rng(seed)
+    fit, held = np.zeros((6, len(scale))), np.zeros((6, len(scale)))   # n, Sx, Sy, Sxx, Sxy, Syy per channel
+    held_samples = 0
     for x, y in batches:
-        xc = np.moveaxis(x, 1, 0).reshape(len(scale), -1).astype(np.float64)
-        yc = np.moveaxis(y, 1, 0).reshape(len(scale), -1).astype(np.float64)
-        sums += [np.full(len(scale), xc.shape[1]), xc.sum(1), yc.sum(1), (xc * xc).sum(1), (xc * yc).sum(1)]
-        y_sq += (yc * yc).sum(1)
-    n, sx, sy, sxx, sxy = sums
-    det = n * sxx - sx * sx
-    ok = det > 1e-12 * np.maximum(n * sxx, 1e-30)
-    a = np.where(ok, (n * sxy - sx * sy) / np.where(ok, det, 1), a0)
-    d = np.where(ok, (sy - a * sx) / np.maximum(n, 1), d0)
-    err = lambda a_, d_: float(np.sum(y_sq - 2 * a_ * sxy - 2 * d_ * sy + a_ * a_ * sxx + 2 * a_ * d_ * sx + n * d_ * d_) / n.sum())
-    stats = {"before": err(a0, d0), "after": min(err(a0, d0), err(a, d))}
-    if err(a, d) < err(a0, d0):
+        aside = rng.random(len(x)) < HOLDOUT
+        held_samples += int(aside.sum())
+        fit += _affine_sums(x[~aside], y[~aside], len(scale))
+        held += _affine_sums(x[aside], y[aside], len(scale))
+    if held_samples < MIN_HELD_OUT_SAMPLES:
+        return {"skipped": f"{held_samples} held-out calibration samples are too few to check a refit "
+                           f"(at least {MIN_HELD_OUT_SAMPLES} needed)"}
+    a, d = _affine_fit(fit, a0, d0)
+    stats = {"before": _affine_err(held, a0, d0), "after": min(_affine_err(held, a0, d0), _affine_err(held, a, d))}
+    if _affine_err(held, a, d) < _affine_err(held, a0, d0):
+        a, d = _affine_fit(fit + held, a0, d0)
         dtype = G.constant_value(node.inputs[1]).dtype
         G.set_constant(graph, node, 1, (a * std).astype(dtype), "_refit")
         G.set_constant(graph, node, 2, (d + a * mean).astype(dtype), "_refit")
     return stats
+
+
+def _affine_sums(x: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
+    xc = np.moveaxis(x, 1, 0).reshape(c, -1).astype(np.float64)
+    yc = np.moveaxis(y, 1, 0).reshape(c, -1).astype(np.float64)
+    return np.stack([np.full(c, xc.shape[1]), xc.sum(1), yc.sum(1), (xc * xc).sum(1), (xc * yc).sum(1), (yc * yc).sum(1)])
+
+
+def _affine_fit(sums: np.ndarray, a0: np.ndarray, d0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel least squares y ~ a x + d; channels without spread keep (a0, d0)."""
+    n, sx, sy, sxx, sxy, _ = sums
+    det = n * sxx - sx * sx
+    ok = det > 1e-12 * np.maximum(n * sxx, 1e-30)
+    a = np.where(ok, (n * sxy - sx * sy) / np.where(ok, det, 1), a0)
+    d = np.where(ok, (sy - a * sx) / np.maximum(n, 1), d0)
+    return a, d
+
+
+def _affine_err(sums: np.ndarray, a: np.ndarray, d: np.ndarray) -> float:
+    n, sx, sy, sxx, sxy, syy = sums
+    return float(np.sum(syy - 2 * a * sxy - 2 * d * sy + a * a * sxx + 2 * a * d * sx + n * d * d) / max(n.sum(), 1))
 
 
 # -- head ---------------------------------------------------------------------------------------
@@ -279,8 +343,12 @@ def find_head(graph: gs.Graph) -> gs.Node | None:
 
 
 def refit_head(graph: gs.Graph, head: gs.Node, features: np.ndarray, targets: np.ndarray, temperature: float,
-               alpha: float = 0.0, labels: np.ndarray | None = None, constraint: Constraint | None = None) -> dict[str, float]:
-    """Refit the classifier head on soft targets (warm start from its weights); returns agreements before/after."""
+               alpha: float = 0.0, labels: np.ndarray | None = None, constraint: Constraint | None = None,
+               seed: int = 0) -> dict[str, float]:
+    """Refit the classifier head on soft targets (warm start from its weights). The fit is checked
+    on held-out samples (HOLDOUT of them): kept, refit on all samples, only if it lowers their soft
+    cross-entropy without lowering their top-1 agreement with the teachers. Returns that agreement
+    before and after."""
     w = G.weight_of(head)
     rows, b = _current(head, w)
     constraint = constraint or Constraint.infer(rows)
@@ -288,11 +356,21 @@ def refit_head(graph: gs.Graph, head: gs.Node, features: np.ndarray, targets: np
     if constraint.columns is not None:
         mask = np.zeros(rows.shape, dtype=bool)
         mask[:, constraint.columns] = True
-    H = features.reshape(len(features), -1)
-    W, bb = fit_soft_head(H, targets, temperature, alpha, labels, W0=rows, b0=b, mask=mask)
-    agree = lambda W_, b_: float(np.mean((H @ W_.T + b_).argmax(1) == targets.argmax(1)) * 100)
-    stats = {"agreement_before": agree(rows, b), "agreement_after": agree(W, bb)}
-    if stats["agreement_after"] >= stats["agreement_before"]:
+    H = features.reshape(len(features), -1).astype(np.float64)
+    aside = np.random.default_rng(seed).random(len(H)) < HOLDOUT
+    need = max(MIN_HELD_OUT, int(np.ceil(2 * (H.shape[1] + 1) / (1 - HOLDOUT) * HOLDOUT)))
+    if len(H) < 2 * (H.shape[1] + 1) or aside.sum() < MIN_HELD_OUT:  # it would memorize, or luck would decide
+        return {"skipped": f"{len(H)} calibration samples are too few to refit a head of {H.shape[1]} "
+                           f"features (at least {max(2 * (H.shape[1] + 1), int(need / HOLDOUT))} needed)"}
+    fit = lambda idx, W0, b0: fit_soft_head(H[idx], targets[idx], temperature, alpha,
+                                            None if labels is None else labels[idx], W0=W0, b0=b0, mask=mask)
+    W, bb = fit(~aside, rows, b)
+    held_ce = lambda W_, b_: -float(np.sum(targets[aside] * np.log(softmax(H[aside] @ W_.T + b_, temperature) + 1e-300)))
+    agree = lambda W_, b_: float(np.mean((H[aside] @ W_.T + b_).argmax(1) == targets[aside].argmax(1)) * 100)
+    stats = {"agreement_before": agree(rows, b), "agreement_after": agree(rows, b)}
+    if held_ce(W, bb) < held_ce(rows, b) and agree(W, bb) >= agree(rows, b):
+        stats["agreement_after"] = agree(W, bb)
+        W, bb = fit(slice(None), W, bb)
         _write(graph, head, w, W, bb)
     return stats
 
@@ -346,9 +424,11 @@ def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySett
         probs = ensemble_targets(ctx, data, settings.temperature)
         feats = student_activations(graph, ctx, data, [head.inputs[0].name])[head.inputs[0].name]
         result = refit_head(graph, head, feats, probs, settings.temperature, settings.alpha, data.labels,
-                            _constraint(ctx, head))
+                            _constraint(ctx, head), settings.seed)
+        if "skipped" in result:
+            walk.notes.append(f"head '{head.name}' left as is: {result.pop('skipped')}")
         stats.update({f"head_{k}": v for k, v in result.items()})
-    return RecoveryResult(bool(walk.fits or walk.bn_fits or head is not None), stats, walk.notes)
+    return RecoveryResult(bool(walk.fits or walk.bn_fits or "head_agreement_after" in stats), stats, walk.notes)
 
 
 @dataclass
@@ -391,6 +471,8 @@ class _Walk:
                              s.max_rows, s.seed)
         if result is None:
             self.notes.append(f"{node.op} '{node.name}': layout not supported by the refit; left as is")
+        elif "skipped" in result:
+            self.notes.append(f"{node.op} '{node.name}' left as is: {result['skipped']}")
         else:
             self.fits.append(result)
 
@@ -399,9 +481,11 @@ class _Walk:
         batches = None if scale is None else self._targets(node, 1, len(scale))
         if batches is None:
             return
-        result = refit_batchnorm(self.graph, node, batches)
+        result = refit_batchnorm(self.graph, node, batches, self.settings.seed)
         if result is None:
             self.notes.append(f"BatchNormalization '{node.name}': parameters are not constants; left as is")
+        elif "skipped" in result:
+            self.notes.append(f"BatchNormalization '{node.name}' left as is: {result['skipped']}")
         else:
             self.bn_fits.append(result)
 

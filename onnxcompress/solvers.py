@@ -42,6 +42,13 @@ class NormalEquations:
         self.y_sq += np.einsum("ij,ij->j", Y, Y, dtype=np.float64)
         self.rows += len(X)
 
+    def merged(self, other: "NormalEquations") -> "NormalEquations":
+        """The equations of both sets of rows together."""
+        out = NormalEquations(self.n_in, self.n_out)
+        out.G, out.C = self.G + other.G, self.C + other.C
+        out.y_sq, out.rows = self.y_sq + other.y_sq, self.rows + other.rows
+        return out
+
     def ridge(self, ridge: float) -> float:
         """Absolute ridge strength: `ridge` times the mean diagonal of X^T X (scale-free)."""
         d = np.diag(self.G)[:-1]

@@ -109,7 +109,8 @@ class PruneChannels(Pass):
         for g in groups:
             order = np.argsort(scores[g.name], kind="stable")
             removed.update(g.units[i] for i in order[:counts[g.name]])
-        return removed
+        score_of = {u: sc for g in groups for u, sc in zip(g.units, scores[g.name])}
+        return _keep_every_tensor_alive(an, groups, removed, score_of)
 
     def _global_counts(self, groups: list[Group], scores: dict[str, np.ndarray], counts: dict[str, int]) -> dict[str, int]:
         """Spend the same total removal on the globally least important units (scores / group mean)."""
@@ -127,6 +128,18 @@ class PruneChannels(Pass):
             sizes = {g.name: len(g.units) for g in groups}
             out = {n: sizes[n] - kept_count(sizes[n], c / sizes[n], self.round_to, self.min_channels) for n, c in out.items()}
         return out
+
+
+def _keep_every_tensor_alive(an: Analysis, groups: list[Group], removed: set[int], score_of: dict[int, float]) -> set[int]:
+    """A unit may span only part of a tensor (a grouped conv fed by a Concat, say): never remove
+    every channel of a tensor; give back its best-scored unit instead."""
+    removed = set(removed)
+    for g in groups:
+        for t in g.tensors:
+            roots = set(an.uf.roots(an.ids[t]).tolist())
+            if roots and roots <= removed:
+                removed.discard(max(roots, key=lambda r: score_of.get(r, 0.0)))
+    return removed
 
 
 def _excluded(group: Group, exclude: tuple[str, ...]) -> bool:

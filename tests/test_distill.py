@@ -32,7 +32,7 @@ def test_refit_keeps_zeros_and_brings_the_student_back_to_the_teacher():
     recovered, result = apply_pass(Distill(head=False), student, ctx)
     assert zero_counts(recovered) == zero_counts(student)
     assert result.stats["layers_refit"] == 3
-    assert result.stats["layer_mse_after"] < 0.5 * result.stats["layer_mse_before"]
+    assert result.stats["layer_mse_after"] < 0.6 * result.stats["layer_mse_before"]  # on held-out rows
     feeds = {"x": rand(50, 2, 8, 8, seed=10)}
     err = lambda m: float(np.abs(run(m, feeds)[0] - run(teacher, feeds)[0]).mean())
     assert err(recovered) < 0.5 * err(student)
@@ -58,7 +58,7 @@ def test_resnet_pruned_student_recovers_70_percent_keeping_sparsity(resnet, cali
 
 def test_sparsity_is_kept_exactly(resnet, calib):
     pruned = PassManager([PruneWeights(sparsity=0.85)], latency=NO_LATENCY).run(resnet).model
-    result = PassManager([Distill(samples=100)], calib=calib, teachers=[resnet], latency=NO_LATENCY).run(pruned)
+    result = PassManager([Distill()], calib=calib, teachers=[resnet], latency=NO_LATENCY).run(pruned)
     assert result.report.steps[1].status == "applied"
     assert zero_counts(result.model) == zero_counts(pruned)
 
