@@ -117,6 +117,9 @@ class PassManager:
         evaluator = Evaluator(model, data, self.providers, self.latency, self.batch_size)
         ctx = Context(calib=calib, original=model, teachers=self.teachers or [model], providers=self.providers,
                       temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size)
+        maps = _read_metadata(model).get("channel_maps", {})
+        if isinstance(maps, dict):  # channels an earlier run pruned, relative to its original
+            ctx.channel_maps.update({k: np.asarray(v, dtype=np.int64) for k, v in maps.items() if isinstance(v, list)})
         report = Report(name, budget={"max_drop": self.max_drop, "metric": "accuracy" if data.labels is not None else "agreement"})
         t0 = time.perf_counter()
         report.steps.append(evaluator.measure(model, Step("original", "original")))
@@ -147,7 +150,7 @@ class PassManager:
                 done += [s.pass_ for s in steps if s.status == "applied"]
             report.steps.extend(steps)
         if done:
-            current = _with_metadata(current, self.passes_applied(report))
+            current = _with_metadata(current, self.passes_applied(report), ctx.channel_maps)
         return CompressResult(current, report, budget_met)
 
     @staticmethod
@@ -212,19 +215,31 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
-def _with_metadata(model: onnx.ModelProto, applied: list[dict[str, Any]]) -> onnx.ModelProto:
-    """Record the applied pipeline (appended to any earlier onnxcompress run) in metadata_props."""
-    history: list[dict[str, Any]] = []
+def _read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
+    """What an earlier onnxcompress run recorded in the model (passes, channel maps), if anything."""
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
             try:
-                history = json.loads(prop.value).get("passes", [])
-            except (ValueError, AttributeError):
-                history = []
+                meta = json.loads(prop.value)
+            except ValueError:
+                return {}
+            return meta if isinstance(meta, dict) else {}
+    return {}
+
+
+def _with_metadata(model: onnx.ModelProto, applied: list[dict[str, Any]],
+                   channel_maps: dict[str, Any]) -> onnx.ModelProto:
+    """Record the applied pipeline (appended to any earlier onnxcompress run) and the channel maps
+    (which of the original's channels each pruned tensor kept, so a later run can still match a
+    teacher's channels) in metadata_props."""
+    history = _read_metadata(model).get("passes", [])
     kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     entry = model.metadata_props.add()
     entry.key = METADATA_KEY
-    entry.value = json.dumps({"version": __version__, "passes": history + applied})
+    record: dict[str, Any] = {"version": __version__, "passes": history + applied}
+    if channel_maps:
+        record["channel_maps"] = {k: [int(i) for i in v] for k, v in channel_maps.items()}
+    entry.value = json.dumps(record)
     return model

@@ -103,3 +103,15 @@ def test_bad_options(options, message):
     from onnxcompress import default_registry
     with pytest.raises(OptionError, match=message):
         default_registry().create("distill", options)
+
+
+def test_channel_maps_survive_between_runs(resnet, calib, test_set):
+    import json
+    from onnxcompress.passes import PruneChannels
+    pruned = PassManager([PruneChannels(ratio=0.5, round_to=8, recover=False)], latency=NO_LATENCY).run(resnet).model
+    meta = json.loads({p.key: p.value for p in pruned.metadata_props}["onnxcompress"])
+    assert len(meta["channel_maps"]["/stem/stem.0/Conv_output_0"]) == 8
+    result = PassManager([Distill()], calib=calib, eval_data=test_set, teachers=[resnet], latency=NO_LATENCY).run(pruned)
+    step = result.report.steps[1]
+    assert not any("outputs vs" in n for n in step.notes)   # teacher channels matched through the maps
+    assert step.stats["layers_refit"] >= 16 and step.accuracy > result.report.steps[0].accuracy + 20
