@@ -141,7 +141,7 @@ def _same_params(a: gs.Node, b: gs.Node) -> bool:
 
 HOLDOUT = 0.2  # share of calibration rows (or samples, for the head) kept aside to check a refit generalizes
 MIN_HELD_OUT = 32  # fewer held-out rows than this cannot tell a real gain from luck: no refit
-MIN_HELD_OUT_SAMPLES = 20  # ... nor fewer held-out samples (rows of one image are alike)
+MIN_HELD_OUT_SAMPLES = 5  # ... nor fewer held-out samples (rows of one image are alike)
 
 
 def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], n_total: int,
