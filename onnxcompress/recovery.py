@@ -469,12 +469,7 @@ class _Walk:
         s = self.settings
         result = refit_layer(self.graph, node, batches, len(self.data), _constraint(self.ctx, node), s.ridge,
                              s.max_rows, s.seed)
-        if result is None:
-            self.notes.append(f"{node.op} '{node.name}': layout not supported by the refit; left as is")
-        elif "skipped" in result:
-            self.notes.append(f"{node.op} '{node.name}' left as is: {result['skipped']}")
-        else:
-            self.fits.append(result)
+        self._record(node, result, "layout not supported by the refit", self.fits)
 
     def batchnorm(self, node: gs.Node) -> None:
         scale = G.constant_value(node.inputs[1])
@@ -482,12 +477,15 @@ class _Walk:
         if batches is None:
             return
         result = refit_batchnorm(self.graph, node, batches, self.settings.seed)
+        self._record(node, result, "parameters are not constants", self.bn_fits)
+
+    def _record(self, node: gs.Node, result: dict[str, Any] | None, unsupported: str, fits: list[dict]) -> None:
         if result is None:
-            self.notes.append(f"BatchNormalization '{node.name}': parameters are not constants; left as is")
+            self.notes.append(f"{node.op} '{node.name}': {unsupported}; left as is")
         elif "skipped" in result:
-            self.notes.append(f"BatchNormalization '{node.name}' left as is: {result['skipped']}")
+            self.notes.append(f"{node.op} '{node.name}' left as is: {result['skipped']}")
         else:
-            self.bn_fits.append(result)
+            fits.append(result)
 
 
 def _summary(fits: list[dict], prefix: str) -> dict[str, float]:
