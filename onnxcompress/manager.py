@@ -15,7 +15,7 @@ from .data import Dataset, conform
 from .errors import CompressError, InputError, PassError
 from .metrics import (LatencyConfig, accuracy, count_params, fidelity, gzip_bytes, latency_ms, size_bytes,
                       sparsity, total_macs)
-from .pass_api import Context, Pass
+from .pass_api import ChannelMap, Context, Pass
 from .report import Report, Step
 from .runtime import DEFAULT_PROVIDERS, make_session, run_model
 from .validate import ValidationError, validate_model
@@ -117,9 +117,7 @@ class PassManager:
         evaluator = Evaluator(model, data, self.providers, self.latency, self.batch_size)
         ctx = Context(calib=calib, original=model, teachers=self.teachers or [model], providers=self.providers,
                       temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size)
-        maps = _read_metadata(model).get("channel_maps", {})
-        if isinstance(maps, dict):  # channels an earlier run pruned, relative to its original
-            ctx.channel_maps.update({k: np.asarray(v, dtype=np.int64) for k, v in maps.items() if isinstance(v, list)})
+        ctx.inherited_maps = _inherited_maps(model)
         report = Report(name, budget={"max_drop": self.max_drop, "metric": "accuracy" if data.labels is not None else "agreement"})
         t0 = time.perf_counter()
         report.steps.append(evaluator.measure(model, Step("original", "original")))
@@ -150,7 +148,7 @@ class PassManager:
                 done += [s.pass_ for s in steps if s.status == "applied"]
             report.steps.extend(steps)
         if done:
-            current = _with_metadata(current, self.passes_applied(report), ctx.channel_maps)
+            current = _with_metadata(current, self.passes_applied(report), _combined_maps(ctx))
         return CompressResult(current, report, budget_met)
 
     @staticmethod
@@ -227,8 +225,28 @@ def _read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     return {}
 
 
+def _inherited_maps(model: onnx.ModelProto) -> dict[str, ChannelMap]:
+    """Channel maps an earlier run recorded: {"tensor": {"of": channels before, "kept": [...]}}."""
+    maps = _read_metadata(model).get("channel_maps", {})
+    out = {}
+    for name, entry in (maps.items() if isinstance(maps, dict) else []):
+        try:
+            out[name] = ChannelMap(int(entry["of"]), np.asarray(entry["kept"], dtype=np.int64))
+        except (KeyError, TypeError, ValueError):
+            continue  # a malformed record is ignored, not fatal
+    return out
+
+
+def _combined_maps(ctx: Context) -> dict[str, ChannelMap]:
+    """This run's cuts composed with the inherited ones: relative to the first original."""
+    out = dict(ctx.inherited_maps)
+    for name, here in ctx.channel_maps.items():
+        out[name] = here.after(out[name]) if name in out else here
+    return out
+
+
 def _with_metadata(model: onnx.ModelProto, applied: list[dict[str, Any]],
-                   channel_maps: dict[str, Any]) -> onnx.ModelProto:
+                   channel_maps: dict[str, ChannelMap]) -> onnx.ModelProto:
     """Record the applied pipeline (appended to any earlier onnxcompress run) and the channel maps
     (which of the original's channels each pruned tensor kept, so a later run can still match a
     teacher's channels) in metadata_props."""
@@ -240,6 +258,6 @@ def _with_metadata(model: onnx.ModelProto, applied: list[dict[str, Any]],
     entry.key = METADATA_KEY
     record: dict[str, Any] = {"version": __version__, "passes": history + applied}
     if channel_maps:
-        record["channel_maps"] = {k: [int(i) for i in v] for k, v in channel_maps.items()}
+        record["channel_maps"] = {k: {"of": m.domain, "kept": [int(i) for i in m.kept]} for k, m in channel_maps.items()}
     entry.value = json.dumps(record)
     return model

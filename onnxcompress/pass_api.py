@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Sequence
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -19,7 +20,26 @@ from .data import Dataset
 from .errors import OptionError
 from .runtime import DEFAULT_PROVIDERS
 
-__all__ = ["Pass", "PassResult", "Context", "Registry"]
+__all__ = ["Pass", "PassResult", "Context", "Registry", "ChannelMap"]
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """Which channels of a tensor remain, as indices into the `domain` channels it had before."""
+    domain: int
+    kept: np.ndarray
+
+    @staticmethod
+    def identity(n: int) -> "ChannelMap":
+        return ChannelMap(n, np.arange(n))
+
+    def then(self, keep: np.ndarray) -> "ChannelMap":
+        """This map after a further cut (`keep`: a mask or indices over the current channels)."""
+        return ChannelMap(self.domain, self.kept[keep])
+
+    def after(self, earlier: "ChannelMap") -> "ChannelMap":
+        """This map (relative to what `earlier` kept) expressed against `earlier`'s domain."""
+        return ChannelMap(earlier.domain, earlier.kept[self.kept])
 
 
 @dataclass
@@ -45,8 +65,22 @@ class Context:
     # Layers earlier passes changed, by node name, with how recovery must constrain them
     # (a `solvers`-level constraint such as a support mask or kept input columns).
     marks: dict[str, Any] = field(default_factory=dict)
-    # Channels an earlier pass kept, per tensor name, as indices into the original's channels.
-    channel_maps: dict[str, Any] = field(default_factory=dict)
+    # Channels earlier passes of this run kept, per tensor, relative to this run's original; and
+    # those earlier runs kept (read from the model's metadata), relative to the model they started from.
+    channel_maps: dict[str, ChannelMap] = field(default_factory=dict)
+    inherited_maps: dict[str, ChannelMap] = field(default_factory=dict)
+
+    def target_channels(self, tensor: str, teacher_channels: int, n_out: int) -> np.ndarray | None:
+        """Indices of a teacher's channels that the student's tensor (n_out channels) still has:
+        through this run's cuts, or through earlier runs' too when the teacher is that older model."""
+        here, before = self.channel_maps.get(tensor), self.inherited_maps.get(tensor)
+        candidates = [here] if here is not None else []
+        if before is not None:
+            candidates.append(here.after(before) if here is not None else before)
+        for m in candidates:
+            if m.domain == teacher_channels and len(m.kept) == n_out:
+                return m.kept
+        return None
 
     def require_calib(self, pass_name: str) -> Dataset:
         if self.calib is None:

@@ -452,12 +452,12 @@ class _Walk:
             self.notes.append(f"{node.op} '{node.name}': the teacher has no tensor '{y_name}' to match; left as is")
             return None
         channels = shape[axis]
-        keep = self.ctx.channel_maps.get(y_name)
-        if channels > 0 and channels != n_out and (keep is None or len(keep) != n_out):
+        keep = None if channels <= 0 or channels == n_out else self.ctx.target_channels(y_name, channels, n_out)
+        if channels > 0 and channels != n_out and keep is None:
             self.notes.append(f"{node.op} '{node.name}': {n_out} outputs vs {channels} in the teacher; left as is")
             return None
         batches = paired_batches(self.graph, self.ctx, self.reference, self.data, node.inputs[0].name, y_name)
-        if channels == n_out or keep is None:
+        if keep is None:
             return batches
         return ((x, np.take(y, keep, axis=axis)) for x, y in batches)
 

@@ -13,7 +13,7 @@ from onnxcompress import graph as G
 from onnxcompress.channels import RULES, Analysis, Group, analyze, apply_removal
 from onnxcompress.errors import OptionError
 from onnxcompress.importance import CRITERIA, DATA_CRITERIA, RANK_ONLY, group_scores
-from onnxcompress.pass_api import Context, Pass, PassResult
+from onnxcompress.pass_api import ChannelMap, Context, Pass, PassResult
 from onnxcompress.recovery import RecoverySettings, recover
 
 __all__ = ["PruneChannels", "kept_count", "pruner"]
@@ -162,8 +162,8 @@ def _update_channel_maps(ctx: Context, an: Analysis, removed: set[int]) -> None:
         keep = an.keep(name, removed)
         if keep is None or keep.all():
             continue
-        current = ctx.channel_maps.get(name, np.arange(len(ids)))
-        ctx.channel_maps[name] = np.asarray(current)[keep]
+        current = ctx.channel_maps.get(name) or ChannelMap.identity(len(ids))
+        ctx.channel_maps[name] = current.then(keep)
 
 
 def pruner(ctx: Context, criterion: str = "l1", round_to: int = 1, recover: bool = False):

@@ -110,8 +110,24 @@ def test_channel_maps_survive_between_runs(resnet, calib, test_set):
     from onnxcompress.passes import PruneChannels
     pruned = PassManager([PruneChannels(ratio=0.5, round_to=8, recover=False)], latency=NO_LATENCY).run(resnet).model
     meta = json.loads({p.key: p.value for p in pruned.metadata_props}["onnxcompress"])
-    assert len(meta["channel_maps"]["/stem/stem.0/Conv_output_0"]) == 8
+    assert meta["channel_maps"]["/stem/stem.0/Conv_output_0"]["of"] == 16
+    assert len(meta["channel_maps"]["/stem/stem.0/Conv_output_0"]["kept"]) == 8
     result = PassManager([Distill()], calib=calib, eval_data=test_set, teachers=[resnet], latency=NO_LATENCY).run(pruned)
     step = result.report.steps[1]
     assert not any("outputs vs" in n for n in step.notes)   # teacher channels matched through the maps
     assert step.stats["layers_refit"] >= 16 and step.accuracy > result.report.steps[0].accuracy + 20
+
+
+def test_pruning_again_in_a_later_run_composes_the_maps(resnet, calib, test_set):
+    import json
+    from onnxcompress.passes import PruneChannels
+    first = PassManager([PruneChannels(ratio=0.25, recover=False)], latency=NO_LATENCY).run(resnet).model
+    # Second run: its own original (first) is the teacher for its refits...
+    second = PassManager([PruneChannels(ratio=0.25)], calib=calib, eval_data=test_set, latency=NO_LATENCY).run(first)
+    assert not any("outputs vs" in n for n in second.report.steps[1].notes)
+    maps = json.loads({p.key: p.value for p in second.model.metadata_props}["onnxcompress"])["channel_maps"]
+    stem = maps["/stem/stem.0/Conv_output_0"]
+    assert stem["of"] == 16 and len(stem["kept"]) == 9 and len(set(stem["kept"])) == 9 and max(stem["kept"]) < 16
+    # ...and a third run can still recover against the very first model through the composed maps.
+    third = PassManager([Distill()], calib=calib, eval_data=test_set, teachers=[resnet], latency=NO_LATENCY).run(second.model)
+    assert not any("outputs vs" in n for n in third.report.steps[1].notes)
