@@ -15,8 +15,8 @@ import onnx_graphsurgeon as gs
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "to_graph", "to_model", "iter_nodes", "constant_value", "producer", "consumers",
-    "set_constant", "weight_of", "unique_name", "tidy", "attr", "input_names", "output_names",
+    "to_graph", "to_model", "iter_nodes", "constant_value", "producer",
+    "set_constant", "weight_of", "unique_name", "tidy", "input_names", "output_names",
 ]
 
 
@@ -67,10 +67,6 @@ def iter_nodes(graph: gs.Graph, recurse: bool = True) -> Iterator[gs.Node]:
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 else None
-
-
-def consumers(tensor: gs.Tensor) -> list[gs.Node]:
-    return list(tensor.outputs)
 
 
 def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
@@ -136,10 +132,6 @@ def weight_of(node: gs.Node, index: int = 1) -> np.ndarray | None:
     if len(node.inputs) <= index:
         return None
     return constant_value(node.inputs[index])
-
-
-def attr(node: gs.Node, name: str, default=None):
-    return node.attrs.get(name, default)
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:

@@ -28,7 +28,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 __all__ = [
     "load_model", "save_model", "read_arrays", "read_text", "write_text", "write_bytes", "write_json",
-    "scratch_dir", "model_bytes", "EXTERNAL_DATA_THRESHOLD",
+    "scratch_dir", "EXTERNAL_DATA_THRESHOLD",
 ]
 
 
@@ -73,11 +73,6 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         except (OSError, ValueError) as e:
             raise InputError(f"{p}: cannot read external data ({e})") from None
     return model
-
-
-def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of a model held in memory (all weights inline)."""
-    return model.ByteSize()
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["WEIGHTED_OPS", "out_rows", "from_out_rows", "bias_input", "gemm_rows", "conv_geometry", "conv_output_hw"]
+__all__ = ["WEIGHTED_OPS", "out_rows", "from_out_rows", "gemm_rows", "conv_geometry", "conv_output_hw"]
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -43,11 +43,6 @@ def from_out_rows(node: gs.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np
     if node.op == "MatMul":
         return rows.T
     raise ValueError(f"no weight layout known for {node.op}")
-
-
-def bias_input(node: gs.Node) -> int | None:
-    """Index of the bias input of a weighted op, or None if the op has no bias input (MatMul)."""
-    return 2 if node.op in ("Conv", "ConvTranspose", "Gemm") else None
 
 
 def gemm_rows(node: gs.Node, w: np.ndarray, bias: np.ndarray | None, n_out: int) -> tuple[np.ndarray, np.ndarray] | None:
