@@ -23,9 +23,13 @@ RECIPE_SETTINGS = {"max_drop": float, "temperature": float, "alpha": float, "pro
 
 def _split_items(spec: str) -> list[str]:
     """Split on commas that are not inside brackets or quotes."""
-    items, depth, quote, start = [], 0, "", 0
+    items, depth, quote, start, escaped = [], 0, "", 0, False
     for i, ch in enumerate(spec):
-        if quote:
+        if escaped:
+            escaped = False
+        elif quote and ch == "\\":
+            escaped = True
+        elif quote:
             quote = "" if ch == quote else quote
         elif ch in "'\"":
             quote = ch
