@@ -1,8 +1,7 @@
 """onnxcompress: compress trained ONNX models with passes validated by onnxruntime."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .data import Dataset, as_dataset, load_dataset  # noqa: E402
 from .errors import BudgetError, CompressError, InputError, OptionError, PassError  # noqa: E402
 from .io import load_model, save_model  # noqa: E402

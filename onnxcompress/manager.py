@@ -10,7 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
-from . import __version__, graph as G
+from . import graph as G
+from ._version import __version__
 from .data import Dataset, conform
 from .errors import CompressError, InputError, PassError
 from .metrics import (LatencyConfig, accuracy, count_params, fidelity, gzip_bytes, latency_ms, size_bytes,
@@ -126,7 +127,7 @@ class PassManager:
             report.steps[0].notes += _symbolic_dims_note(model)
         baseline, current, budget_met, done = score(report.steps[0]), model, True, []
         for unit in _units(self.passes):
-            saved = (dict(ctx.channel_maps), dict(ctx.marks))
+            saved = ctx.state.snapshot()
             candidate, steps = current, []
             for p in unit:
                 step, new = self._apply(p, candidate, steps[-1] if steps else report.final(), ctx, evaluator,
@@ -141,7 +142,7 @@ class PassManager:
                     s.status = "rolled back"
                 last.notes.append(f"rolled back ({what}): score {score(last):.2f} is {baseline - score(last):.2f} "
                                   f"points below the original's {baseline:.2f} (budget {self.max_drop})")
-                ctx.channel_maps, ctx.marks = saved
+                ctx.state = saved
                 budget_met = False
             elif changed:
                 current = candidate
@@ -240,7 +241,7 @@ def _inherited_maps(model: onnx.ModelProto) -> dict[str, ChannelMap]:
 def _combined_maps(ctx: Context) -> dict[str, ChannelMap]:
     """This run's cuts composed with the inherited ones: relative to the first original."""
     out = dict(ctx.inherited_maps)
-    for name, here in ctx.channel_maps.items():
+    for name, here in ctx.state.channel_maps.items():
         out[name] = here.after(out[name]) if name in out else here
     return out
 

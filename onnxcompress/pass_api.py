@@ -5,6 +5,7 @@ pass may need besides the graph (calibration data, teachers, providers, caches) 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import types
@@ -20,7 +21,7 @@ from .data import Dataset
 from .errors import OptionError
 from .runtime import DEFAULT_PROVIDERS
 
-__all__ = ["Pass", "PassResult", "Context", "Registry", "ChannelMap"]
+__all__ = ["Pass", "PassResult", "Context", "RunState", "Registry", "ChannelMap"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,21 @@ class PassResult:
 
 
 @dataclass
+class RunState:
+    """What passes record during a run, and a rollback must restore whole: the recovery constraint
+    of each layer they changed, which channels each pruned tensor kept, factored layer pairs.
+    Layers are keyed by their stable id (the name of their first output tensor), never node names."""
+    constraints: dict[str, Any] = field(default_factory=dict)     # layer id -> constraints.Constraint
+    channel_maps: dict[str, ChannelMap] = field(default_factory=dict)   # relative to this run's original
+    pairs: dict[str, str] = field(default_factory=dict)           # second layer id -> first layer id
+
+    def snapshot(self) -> "RunState":
+        return copy.deepcopy(self)
+
+
+@dataclass
 class Context:
-    """Shared by every pass of a run: data, teachers, providers and per-run caches."""
+    """Shared by every pass of a run: data, teachers, providers, per-run caches and the run state."""
     calib: Dataset | None = None
     original: onnx.ModelProto | None = None   # the model the run started from (layer-wise targets)
     teachers: list[onnx.ModelProto] = field(default_factory=list)  # output-level teachers; default: original
@@ -62,18 +76,18 @@ class Context:
     batch_size: int = 64
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxcompress"))
     cache: dict[Any, Any] = field(default_factory=dict)  # activation captures and teacher outputs
-    # Layers earlier passes changed, by node name, with how recovery must constrain them
-    # (a `solvers`-level constraint such as a support mask or kept input columns).
-    marks: dict[str, Any] = field(default_factory=dict)
-    # Channels earlier passes of this run kept, per tensor, relative to this run's original; and
-    # those earlier runs kept (read from the model's metadata), relative to the model they started from.
-    channel_maps: dict[str, ChannelMap] = field(default_factory=dict)
+    state: RunState = field(default_factory=RunState)
+    # Channels earlier runs kept (read from the model's metadata), relative to the model they started from.
     inherited_maps: dict[str, ChannelMap] = field(default_factory=dict)
+
+    def fork(self) -> "Context":
+        """The same data, teachers and caches with an empty run state (a trial that starts afresh)."""
+        return dataclasses.replace(self, state=RunState())
 
     def target_channels(self, tensor: str, teacher_channels: int, n_out: int) -> np.ndarray | None:
         """Indices of a teacher's channels that the student's tensor (n_out channels) still has:
         through this run's cuts, or through earlier runs' too when the teacher is that older model."""
-        here, before = self.channel_maps.get(tensor), self.inherited_maps.get(tensor)
+        here, before = self.state.channel_maps.get(tensor), self.inherited_maps.get(tensor)
         candidates = [here] if here is not None else []
         if before is not None:
             candidates.append(here.after(before) if here is not None else before)

@@ -122,7 +122,7 @@ def changed_layers(graph: gs.Graph, ctx: Context, reference: onnx.ModelProto) ->
         if node.op not in RECOVERABLE_OPS or G.weight_of(node) is None:
             continue
         ref = ref_by_output.get(node.outputs[0].name)
-        if node.name in ctx.marks or ref is None or ref.op != node.op or not _same_params(node, ref):
+        if node.name in ctx.state.constraints or ref is None or ref.op != node.op or not _same_params(node, ref):
             changed.append(node)
     return changed
 
@@ -403,7 +403,7 @@ class RecoveryResult:
 def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySettings) -> RecoveryResult:
     """Front to back: refit changed weighted layers and the BatchNormalizations after them on the
     teacher's features, then the head on soft targets. Channels an earlier pass removed are mapped
-    through `ctx.channel_maps`, so a pruned layer is fit to the teacher's kept channels."""
+    through `ctx.state.channel_maps`, so a pruned layer is fit to the teacher's kept channels."""
     if settings.alpha > 0 and data.labels is None:
         raise OptionError("distillation with alpha > 0 needs labels in the calibration data")
     reference = reference_model(ctx, graph)
@@ -497,5 +497,5 @@ def _summary(fits: list[dict], prefix: str) -> dict[str, float]:
 
 
 def _constraint(ctx: Context, node: gs.Node) -> Constraint | None:
-    mark = ctx.marks.get(node.name)
+    mark = ctx.state.constraints.get(node.name)
     return mark if isinstance(mark, Constraint) else None

@@ -162,8 +162,8 @@ def _update_channel_maps(ctx: Context, an: Analysis, removed: set[int]) -> None:
         keep = an.keep(name, removed)
         if keep is None or keep.all():
             continue
-        current = ctx.channel_maps.get(name) or ChannelMap.identity(len(ids))
-        ctx.channel_maps[name] = current.then(keep)
+        current = ctx.state.channel_maps.get(name) or ChannelMap.identity(len(ids))
+        ctx.state.channel_maps[name] = current.then(keep)
 
 
 def pruner(ctx: Context, criterion: str = "l1", round_to: int = 1, recover: bool = False):
@@ -172,6 +172,6 @@ def pruner(ctx: Context, criterion: str = "l1", round_to: int = 1, recover: bool
     def prune(model, ratios: dict[str, float]):
         p = PruneChannels(ratio=0.0, ratios=dict(ratios), criterion=criterion, recover=recover, round_to=round_to)
         graph = G.to_graph(model)
-        p.run(graph, replace(ctx, channel_maps={}, marks={}))  # each call starts from the original
+        p.run(graph, ctx.fork())  # each call starts from the original
         return G.to_model(G.tidy(graph), like=model)
     return prune
