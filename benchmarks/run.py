@@ -3,15 +3,21 @@ onnxruntime's own quantizer, measured in one run. Writes BENCHMARKS.md.
 
     python benchmarks/run.py                 # all reference models (a few minutes on 2 cores)
     python benchmarks/run.py --models resnet --runs 50 --output /tmp/B.md
+    python -m benchmarks.run                 # the same, as a module
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if not __package__:  # run as a script: put the repository root first so that `benchmarks.*` imports resolve
+    sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import onnx
@@ -22,10 +28,10 @@ from onnxcompress import LatencyConfig, PassManager, default_registry, io, load_
 from onnxcompress.manager import Evaluator
 from onnxcompress.metrics import latency_ms
 from onnxcompress.passes import Distill
-from onnxcompress.peers import ort_quantize_static
 from onnxcompress.report import Step, human_bytes, human_count, markdown_table
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.peers import ort_quantize_static
+
 MODELS = ("resnet", "vgg", "mobilenet", "mlp")
 
 # (label, pipeline). Each row is one compressed model; add rows here as passes arrive.
@@ -104,7 +110,7 @@ def _accuracy(model: onnx.ModelProto, test) -> float:
 
 def distill_section(calib, test) -> str:
     """Accuracy before/after distill for damaged students, with a single and an ensemble teacher."""
-    from onnxcompress.experiments import add_weight_noise, ensemble_accuracy, zero_counts
+    from benchmarks.experiments import add_weight_noise, ensemble_accuracy, zero_counts
     from onnxcompress.passes import PruneWeights
     from onnxcompress.recovery import teacher_logits
     from onnxcompress.pass_api import Context
@@ -245,7 +251,7 @@ def ocr_section(cfg: LatencyConfig, rounds: int) -> str:
         return "## PP-OCR models\n\nSkipped: rapidocr-onnxruntime is not installed (`pip install rapidocr-onnxruntime==1.4.4`).\n"
     from onnxcompress.channels import analyze
     from onnxcompress.data import Dataset
-    from onnxcompress.experiments import digit_strips
+    from benchmarks.experiments import digit_strips
     from onnxcompress.graph import to_graph
     from onnxcompress.passes import PruneChannels
     from onnxcompress.validate import validate_model
@@ -294,7 +300,7 @@ OCR_MODELS = [("ch_ppocr_mobile_v2.0_cls_infer.onnx", (3, 48, 192)), ("ch_PP-OCR
 OCR_TEXT = """## PP-OCR models (third-party, from rapidocr-onnxruntime 1.4.4)
 
 `prune-channels(ratio=0.25, round_to=8)` with recovery, calibrated on 32 text-like images made of
-real handwritten digits (`onnxcompress.experiments.digit_strips`), fidelity measured on 32 other
+real handwritten digits (`digit_strips` in `benchmarks/experiments.py`), fidelity measured on 32 other
 such images (no labels: these are not the models' real inputs, so fidelity is what is shown, not
 accuracy). Shapes are fixed per row (the models have dynamic spatial dimensions). "valid": the
 pruned model passes the full ONNX checker, strict shape inference and loads in onnxruntime.

@@ -5,7 +5,7 @@ from onnx import helper
 
 from conftest import MODELS, apply_pass, make_model, rand, run, tensor
 from onnxcompress import Context, Dataset, InputError, LatencyConfig, OptionError, PassManager
-from onnxcompress.experiments import add_weight_noise, zero_counts
+from benchmarks.experiments import add_weight_noise, zero_counts
 from onnxcompress.passes import Distill, PruneWeights
 
 NO_LATENCY = LatencyConfig(enabled=False)

@@ -1,4 +1,4 @@
-"""Helpers for recovery experiments (used by the tests and the benchmark suite)."""
+"""Helpers for recovery experiments (used by the tests and the benchmark suite; not installed)."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +23,7 @@ def add_weight_noise(model: onnx.ModelProto, scale: float, seed: int = 0) -> onn
 
 def ensemble_accuracy(logits: list[np.ndarray], labels: np.ndarray) -> float:
     """Top-1 accuracy (percent) of the average of the members' softmax probabilities."""
-    from .solvers import soft_targets
+    from onnxcompress.solvers import soft_targets
 
     return float(np.mean(soft_targets(logits, 1.0).argmax(1) == labels) * 100)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from . import io
-from .data import Dataset
+from onnxcompress import io
+from onnxcompress.data import Dataset
 
 __all__ = ["ort_quantize_static"]
 

@@ -1,0 +1,1 @@
+"""The benchmark suite and its helpers (not part of the installed package)."""
