@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from . import __version__, graph as G, io
+from . import graph as G, io
+from ._version import __version__
 from .data import conform, load_dataset
 from .errors import BudgetError, CompressError, InputError
 from .manager import Evaluator, PassManager, random_dataset

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 
 __all__ = ["Step", "Report", "format_table", "markdown_table", "human_bytes", "human_count"]
 
