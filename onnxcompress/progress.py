@@ -1,33 +1,31 @@
-"""A minimal progress bar on stderr, shown only when stderr is a terminal."""
+"""Progress bars on stderr (rich), shown only when stderr is a terminal: CI logs and pipes stay quiet."""
 from __future__ import annotations
 
 import sys
-import time
 from typing import Iterable, Iterator, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+__all__ = ["progress"]
 
 T = TypeVar("T")
 
+_CONSOLE = Console(stderr=True)  # one console, so a loop inside another shows as a second line of one display
+_depth = 0                       # bars showing now; inner ones disappear when their loop ends
+
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
-    stream = sys.stderr
-    if not stream.isatty():
+    """Yield `items`, with a bar (done/total, elapsed time) on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
         yield from items
         return
-    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-    start = last = time.perf_counter()
-    done = 0
-    for item in items:
-        yield item
-        done += 1
-        now = time.perf_counter()
-        if now - last > 0.1 or done == total:
-            last = now
-            if total:
-                filled = int(24 * done / total)
-                bar = "#" * filled + "." * (24 - filled)
-                stream.write(f"\r{desc} [{bar}] {done}/{total} {now - start:5.1f}s")
-            else:
-                stream.write(f"\r{desc} {done} {now - start:5.1f}s")
-            stream.flush()
-    if done:
-        stream.write("\n")
+    global _depth
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # stdout is not redirected: what a loop prints there must still reach a pipe, not the terminal.
+    with Progress(*columns, console=_CONSOLE, transient=_depth > 0, redirect_stdout=False) as bar:
+        _depth += 1
+        try:
+            yield from bar.track(items, total=total, description=desc)
+        finally:
+            _depth -= 1

@@ -1,8 +1,14 @@
 """The run report: one step for the original model, then one per pass; a console table and JSON."""
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from ._version import __version__
 
@@ -72,10 +78,28 @@ def _fid(step: Step) -> str:
     return f"cos {first['cosine']:.4f}"
 
 
+# Columns apart, a line of dashes under the header and nothing else: plain ASCII, readable in a pipe or a log.
+_PLAIN = box.Box("    \n"
+                 "    \n"
+                 " -  \n"
+                 "    \n"
+                 "    \n"
+                 "    \n"
+                 "    \n"
+                 "    \n", ascii=True)
+
+
 def format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    """A plain-text console table (rich, no colour or markup): the first column left-aligned, the rest right."""
+    table = Table(box=_PLAIN, show_edge=False, pad_edge=False, padding=(0, 1), header_style="", highlight=False)
+    for i, name in enumerate(header):
+        table.add_column(Text(str(name)), justify="right" if i else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*(Text(str(c)) for c in row))
+    out = io.StringIO()
+    Console(file=out, width=100_000, color_system=None, markup=False, emoji=False, highlight=False,
+            force_terminal=False, legacy_windows=False).print(table)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
