@@ -175,8 +175,7 @@ def structured_section(calib, test, cfg: LatencyConfig, rounds: int, models=STRU
     from onnxcompress.metrics import count_params
     from onnxcompress.pass_api import Context
     from onnxcompress.passes import PruneChannels, PruneWeights
-    from onnxcompress.passes.prune_channels import pruner
-    from onnxcompress.sensitivity import allocate, sensitivity
+    from onnxcompress.sensitivity import allocate, pass_pruner, sensitivity
 
     parts = [STRUCTURED_TEXT.format(**STRUCTURED)]
     for name in models:
@@ -184,7 +183,7 @@ def structured_section(calib, test, cfg: LatencyConfig, rounds: int, models=STRU
         model = io.load_model(ROOT / "models" / f"{name}.onnx")
         ctx = Context(calib=calib.take(300), original=model, teachers=[model])
         criterion = CRITERION.get(name, "l1")
-        prune = pruner(ctx, criterion, STRUCTURED["round_to"], recover=True)
+        prune = pass_pruner(default_registry(), ctx, criterion, STRUCTURED["round_to"], recover=True)
         t0 = time.perf_counter()
         sens = sensitivity(model, prune, calib.take(300), test.take(500), ratios=(0.25, 0.5, 0.75))
         ratios, _ = allocate(model, prune, sens, calib, STRUCTURED["target_macs"])

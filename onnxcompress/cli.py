@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="onnxcompress", description="Compress trained ONNX models.")
     ap.add_argument("--version", action="version", version=f"onnxcompress {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks, with their causes, for errors")
     sub = ap.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="run a pipeline of passes on a model")
@@ -126,7 +127,7 @@ def _load_checked(path: str, providers: Sequence[str]) -> onnx.ModelProto:
     try:
         validate_model(model, providers)
     except ValidationError as e:
-        raise InputError(f"{path} is not a valid model: {e}") from None
+        raise InputError(f"{path} is not a valid model: {e}") from e  # --debug shows the checker's own error
     return model
 
 
@@ -211,8 +212,7 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
 
 def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     from .pass_api import Context
-    from .passes.prune_channels import pruner
-    from .sensitivity import allocate, sensitivity
+    from .sensitivity import allocate, pass_pruner, sensitivity
 
     registry.create("prune-channels", {"criterion": args.criterion, "round_to": args.round_to})  # checks both
     providers = check_providers(args.providers)
@@ -224,7 +224,7 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
         evaluation = evaluation.take(args.samples)
     latency = _latency(args) if args.target_latency else None
     ctx = Context(calib=calib, original=model, teachers=[model], providers=providers)
-    prune = pruner(ctx, args.criterion, args.round_to, args.recover)
+    prune = pass_pruner(registry, ctx, args.criterion, args.round_to, args.recover)
     sens = sensitivity(model, prune, calib, evaluation, args.ratios, latency, providers, recovered=args.recover)
     header = ["group", "channels"] + [f"{sens.metric} @{r:g}" for r in sens.ratios] + [f"MACs @{r:g}" for r in sens.ratios]
     rows = [[g, str(sens.channels[g])] + [f"{s:.2f} ({s - sens.base_score:+.2f})" for s in sens.score[g]]
@@ -291,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args, default_registry())
     except CompressError as e:
         print(f"onnxcompress: error: {e}", file=sys.stderr)
+        if args.debug:  # the whole chain: what went wrong underneath (`raise ... from e`)
+            traceback.print_exception(e, file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -19,14 +19,28 @@ from . import graph as G
 from .channels import analyze
 from .data import Dataset
 from .metrics import LatencyConfig, accuracy, fidelity, latency_ms, total_macs
+from .pass_api import Context, Registry
 from .progress import progress
 from .runtime import DEFAULT_PROVIDERS, make_session, run_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Sensitivity", "sensitivity", "allocate", "Prune"]
+__all__ = ["Sensitivity", "sensitivity", "allocate", "Prune", "pass_pruner"]
 
 Prune = Callable[[onnx.ModelProto, dict[str, float]], onnx.ModelProto]
+
+
+def pass_pruner(registry: Registry, ctx: Context, criterion: str = "l1", round_to: int = 1,
+                recover: bool = False) -> Prune:
+    """`prune(model, {group: ratio})` through the registry's "prune-channels" pass: one-shot pruning of
+    the named groups only (what sensitivity and allocation measure), with or without recovery."""
+    def prune(model: onnx.ModelProto, ratios: dict[str, float]) -> onnx.ModelProto:
+        p = registry.create("prune-channels", {"ratio": 0.0, "ratios": dict(ratios), "criterion": criterion,
+                                               "recover": recover, "round_to": round_to})
+        graph = G.to_graph(model)
+        p.run(graph, ctx.fork())  # each call starts afresh from the original
+        return G.to_model(G.tidy(graph), like=model)
+    return prune
 
 
 @dataclass

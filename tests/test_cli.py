@@ -86,6 +86,17 @@ def test_bad_input_exit_2_one_line_no_output(tmp_path, capsys, case):
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
 
 
+def test_debug_shows_the_cause_of_an_input_error(tmp_path, capsys):
+    args, _ = bad_models(tmp_path)["checker"]
+    base = ["compress", *args, "-o", str(tmp_path / "out.onnx"), "--passes", "fold-bn"]
+    code, _, err = cli(capsys, *base)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    code, _, err = cli(capsys, "--debug", *base)
+    assert code == 2 and err.startswith("onnxcompress: error:") and "is not a valid model" in err
+    assert "Traceback" in err and "ValidationError" in err and "direct cause" in err  # the checker's own error
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_inspect_lists_layers_and_applicable_passes(capsys):
     code, out, _ = cli(capsys, "inspect", RESNET)
     assert code == 0
