@@ -4,21 +4,24 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import numpy_helper
 
+from . import io
 from .data import Dataset
+from .errors import InputError
 from .runtime import DEFAULT_PROVIDERS, fixed_batch, make_session
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "count_params", "size_bytes", "gzip_bytes", "node_macs", "total_macs", "latency_ms",
-    "fidelity", "accuracy", "LatencyConfig", "sparsity",
+    "count_params", "size_bytes", "gzip_bytes", "static_shapes", "NodeMacs", "macs_breakdown", "node_macs",
+    "total_macs", "latency_ms", "fidelity", "accuracy", "LatencyConfig", "sparsity",
 ]
 
 # Integer tensors of these types hold shapes and indices, not weights.
@@ -56,30 +59,189 @@ def gzip_bytes(model: onnx.ModelProto) -> int:
     return len(zlib.compress(model.SerializeToString(), 6))
 
 
-def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
-    """Infer every tensor's shape with the graph inputs pinned (symbolic dims become 1 unless given)."""
+# Shape inference reads only the dims and type of a weight, so the shape-only copy of a model too
+# large for one protobuf keeps every tensor's name, type and dims but replaces the data of those
+# over these sizes by an external-data placeholder that is never read. Integer tensors are the
+# shapes, indices and trip counts inference reads as values: they keep their data unless huge.
+_STUB_BYTES = 1024
+_STUB_INT_BYTES = 1 << 20
+_STUB_LOCATION = "onnxcompress-shape-only-copy"
+# Rounds of Loop-state shape seeding (see _infer_with_loop_states); each state is seeded and
+# rejected at most once, so this only bounds pathological models.
+_MAX_SEED_ROUNDS = 8
+
+
+def _is_repeated(f) -> bool:
+    return f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED
+
+
+def _copy_fields(src: Message, dst: Message, skip: frozenset[str] = frozenset()) -> None:
+    """Copy every set field of `src` into the empty `dst`, except those named in `skip`."""
+    for f, value in src.ListFields():
+        if f.name in skip:
+            continue
+        if _is_repeated(f):
+            getattr(dst, f.name).extend(value)
+        elif f.type == f.TYPE_MESSAGE:
+            getattr(dst, f.name).CopyFrom(value)
+        else:
+            setattr(dst, f.name, value)
+
+
+def _stub(t: onnx.TensorProto) -> onnx.TensorProto:
+    """The tensor itself when small, else its name, type and dims with the data left out."""
+    limit = _STUB_INT_BYTES if t.data_type in _SHAPE_TYPES else _STUB_BYTES
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() <= limit:
+        return t
+    out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, data_location=onnx.TensorProto.EXTERNAL)
+    out.external_data.add(key="location", value=_STUB_LOCATION)
+    return out
+
+
+def _shape_only_graph(src: onnx.GraphProto, dst: onnx.GraphProto) -> None:
+    _copy_fields(src, dst, frozenset({"initializer", "node"}))
+    dst.initializer.extend(_stub(t) for t in src.initializer)
+    for node in src.node:
+        out = dst.node.add()
+        _copy_fields(node, out, frozenset({"attribute"}))
+        for a in node.attribute:
+            b = out.attribute.add()
+            _copy_fields(a, b, frozenset({"t", "g", "tensors", "graphs"}))
+            if a.HasField("t"):
+                b.t.CopyFrom(_stub(a.t))
+            if a.HasField("g"):
+                _shape_only_graph(a.g, b.g)
+            b.tensors.extend(_stub(t) for t in a.tensors)
+            for g in a.graphs:
+                _shape_only_graph(g, b.graphs.add())
+
+
+def _shape_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference that never holds a second copy of the large weights (their data is
+    left out, their dims kept), so models over protobuf's 2 GiB limit fit in one message and memory
+    grows by the graph's structure only. Sparse initializers and model-local functions are copied whole."""
     m = onnx.ModelProto()
-    m.CopyFrom(model)
+    _copy_fields(model, m, frozenset({"graph"}))
+    _shape_only_graph(model.graph, m.graph)
+    return m
+
+
+def _pin_inputs(m: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> None:
+    """Give every graph input static dims: the given ones, else 1 for each symbolic dim."""
     inits = {i.name for i in m.graph.initializer}
     for inp in m.graph.input:
         if inp.name in inits:
             continue
-        dims = inp.type.tensor_type.shape.dim
         given = (input_shapes or {}).get(inp.name)
-        for i, d in enumerate(dims):
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
             if given is not None and i < len(given):
                 d.dim_value = int(given[i])
             elif not d.HasField("dim_value"):
                 d.dim_value = 1
-    m = onnx.shape_inference.infer_shapes(m)
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph in it, outermost first."""
+    yield graph
+    for node in graph.node:
+        for _, g in _subgraphs(node):
+            yield from _graphs(g)
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int] | None:
+    if not (vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
+
+
+def _all_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Shapes of the tensors of the graph and of every subgraph. ONNX forbids a subgraph to reuse a
+    name of an enclosing scope, so one flat map serves every scope (outer names win regardless)."""
     shapes: dict[str, list[int]] = {}
-    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
-            shapes[vi.name] = dims
-    for t in m.graph.initializer:
-        shapes[t.name] = list(t.dims)
+    for g in _graphs(model.graph):
+        own = {vi.name: _dims(vi) for vi in list(g.input) + list(g.value_info) + list(g.output)}
+        own = {k: v for k, v in own.items() if v is not None}
+        own.update((t.name, list(t.dims)) for t in g.initializer)
+        for k, v in own.items():
+            shapes.setdefault(k, v)
     return shapes
+
+
+def _loops(graph: onnx.GraphProto, path: tuple = ()) -> Iterator[tuple[tuple, onnx.NodeProto]]:
+    """Every Loop node with its path (node index, then attribute name and node index per level)."""
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Loop" and node.domain in ("", "ai.onnx"):
+            yield path + (i,), node
+        for name, g in _subgraphs(node):
+            yield from _loops(g, path + (i, name))
+
+
+def _node_at(graph: onnx.GraphProto, path: tuple) -> onnx.NodeProto:
+    node = graph.node[path[0]]
+    for k in range(1, len(path), 2):
+        node = dict(_subgraphs(node))[path[k]].node[path[k + 1]]
+    return node
+
+
+def _seed_states(m: onnx.ModelProto, inferred: onnx.ModelProto, seeded: dict, rejected: set) -> bool:
+    """One round of Loop-state seeding on `m`, judged from `inferred`; True if `m` changed."""
+    shapes, changed = _all_shapes(inferred), False
+    for path, loop in _loops(inferred.graph):
+        body, target = dict(_subgraphs(loop))["body"], dict(_subgraphs(_node_at(m.graph, path)))["body"]
+        for k, (outer, body_in, body_out) in enumerate(zip(loop.input[2:], target.input[2:], body.output[1:])):
+            key = (path, k)
+            if key in seeded and _dims(body_out) != seeded[key]:  # not a fixed point: the shape varies
+                rejected.add(key)
+                del seeded[key]
+                body_in.type.tensor_type.ClearField("shape")
+                changed = True
+            elif (key not in seeded and key not in rejected and body_in.type.HasField("tensor_type")
+                  and _dims(body_in) is None and _known(shapes.get(outer))):
+                seeded[key] = shapes[outer]
+                body_in.type.tensor_type.shape.SetInParent()
+                for d in shapes[outer]:
+                    body_in.type.tensor_type.shape.dim.add(dim_value=d)
+                changed = True
+    return changed
+
+
+def _infer_with_loop_states(m: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference, and shapes for loop-carried states. ONNX drops their shapes inside Loop bodies
+    (a state may change shape from one iteration to the next); where the body declares none, the
+    state gets its initial value's shape and keeps it only if the body returns that same shape: a
+    fixed point, so every iteration sees it. `m` (a private copy) is edited."""
+    seeded: dict[tuple, list[int]] = {}
+    rejected: set[tuple] = set()
+    inferred = onnx.shape_inference.infer_shapes(m)
+    for _ in range(_MAX_SEED_ROUNDS):
+        if not _seed_states(m, inferred, seeded, rejected):
+            break
+        inferred = onnx.shape_inference.infer_shapes(m)
+    return inferred
+
+
+def _inferred(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> onnx.ModelProto:
+    """A copy of the model with inferred value_info in every graph, graph inputs pinned. Above
+    io.EXTERNAL_DATA_THRESHOLD the copy leaves out the weights' data (see _shape_only_copy)."""
+    if model.ByteSize() > io.EXTERNAL_DATA_THRESHOLD:
+        m = _shape_only_copy(model)
+    else:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    _pin_inputs(m, input_shapes)
+    return _infer_with_loop_states(m)
+
+
+def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
+    """Infer every tensor's shape, in the graph and inside If/Loop/Scan bodies, with the graph inputs
+    pinned (symbolic dims become 1 unless given). Unknown dims are -1. Works above 2 GiB."""
+    return _all_shapes(_inferred(model, input_shapes))
 
 
 def _known(shape: Sequence[int] | None) -> bool:
@@ -107,14 +269,138 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, list[int]]) -> int | N
     return 0
 
 
+@dataclass(frozen=True)
+class NodeMacs:
+    """MACs of one node at batch 1. For a node with bodies (If, Loop, Scan), `branches` holds the MACs
+    of one run of each body by attribute name ("then_branch", "else_branch", "body"), `bodies` the
+    per-node detail inside them, and `macs` the node's own count: the costlier branch of an If (or
+    the expected cost when given its probability), body x `trips` for Loop and Scan. Nodes whose
+    shapes are unknown have `macs` None and count 0 in a body, as in `total_macs`."""
+    name: str  # the node's name, or its first output when unnamed (names are optional and may repeat)
+    op: str
+    macs: int | None
+    branches: dict[str, int] = field(default_factory=dict)
+    output: str = ""  # the first output tensor: the node's id (branch_probs keys)
+    trips: int | None = 1  # runs of the body; None when unknown, and `macs` then counts one iteration
+    bodies: dict[str, tuple[NodeMacs, ...]] = field(default_factory=dict)
+
+
+def _int_scalars(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer scalars held by initializers and Constant nodes in any graph: Loop trip counts."""
+    tensors = []
+    for g in _graphs(model.graph):
+        tensors += [(t.name, t) for t in g.initializer]
+        for n in g.node:
+            if n.op_type == "Constant" and n.output:
+                tensors += [(n.output[0], a.t) for a in n.attribute if a.name == "value"]
+                tensors += [(n.output[0], a.i) for a in n.attribute if a.name == "value_int"]
+    result = {}
+    for name, t in tensors:
+        if isinstance(t, int):
+            result[name] = t
+        elif (t.data_type in _SHAPE_TYPES and int(np.prod(t.dims)) == 1
+              and t.data_location != onnx.TensorProto.EXTERNAL):
+            result[name] = int(numpy_helper.to_array(t).reshape(-1)[0])
+    return result
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+@dataclass
+class _MacsWalk:
+    """Counts MACs node by node, into If/Loop/Scan bodies, from one inferred model."""
+    shapes: Mapping[str, list[int]]
+    consts: Mapping[str, int]
+    probs: Mapping[str, float]
+    opset: int
+    seen_ifs: set[str] = field(default_factory=set)
+
+    def graph(self, g: onnx.GraphProto) -> list[NodeMacs]:
+        return [self.node(n) for n in g.node]
+
+    def node(self, n: onnx.NodeProto) -> NodeMacs:
+        out = n.output[0] if n.output else ""
+        name = n.name or out
+        bodies = {k: tuple(self.graph(g)) for k, g in _subgraphs(n)}
+        if not bodies:
+            return NodeMacs(name, n.op_type, _node_macs(n, self.shapes), output=out)
+        branches = {k: sum(d.macs or 0 for d in v) for k, v in bodies.items()}
+        if n.op_type == "If":
+            return NodeMacs(name, n.op_type, self._if_macs(out, branches), branches, out, 1, bodies)
+        trips = self._trips(n)
+        return NodeMacs(name, n.op_type, sum(branches.values()) * (trips or 1), branches, out, trips, bodies)
+
+    def _if_macs(self, out: str, branches: Mapping[str, int]) -> int:
+        self.seen_ifs.add(out)
+        p = self.probs.get(out)
+        if p is None:
+            return max(branches.values())
+        return int(round(p * branches["then_branch"] + (1 - p) * branches["else_branch"]))
+
+    def _trips(self, n: onnx.NodeProto) -> int | None:
+        """How many times the body runs: a constant Loop count M (an upper bound, as the condition may
+        stop it earlier), or a Scan input's length along its scan axis; None when unknown."""
+        if n.op_type == "Loop" and n.input and n.input[0]:
+            return self.consts.get(n.input[0])
+        if n.op_type != "Scan":
+            return None
+        k = _attr(n, "num_scan_inputs", 0)
+        axes = _attr(n, "scan_input_axes", [0] * k) if self.opset >= 9 else [1] * k
+        for name, axis in zip(n.input[len(n.input) - k:], axes):
+            s = self.shapes.get(name)
+            if s and -len(s) <= axis < len(s) and s[axis] >= 0:
+                batch = s[0] if self.opset < 9 else 1  # Scan-8 runs the body per batch item and step
+                return s[axis] * batch if batch >= 0 else None
+        return None
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _check_probs(branch_probs: Mapping[str, float] | None) -> dict[str, float]:
+    probs = dict(branch_probs or {})
+    bad = {k: p for k, p in probs.items() if not 0.0 <= float(p) <= 1.0}
+    if bad:
+        raise InputError(f"branch probabilities must lie in [0, 1]: {bad}")
+    return probs
+
+
+def macs_breakdown(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                   branch_probs: Mapping[str, float] | None = None) -> list[NodeMacs]:
+    """A NodeMacs for every top-level node at batch 1, with the detail of If/Loop/Scan bodies (nested
+    ones too). `branch_probs` maps an If's first output to the probability that its then_branch runs;
+    an If without one counts its costlier branch. Works above 2 GiB."""
+    probs = _check_probs(branch_probs)
+    inferred = _inferred(model, input_shapes)
+    walk = _MacsWalk(_all_shapes(inferred), _int_scalars(inferred), probs, _default_opset(model))
+    result = walk.graph(inferred.graph)
+    unknown = sorted(set(probs) - walk.seen_ifs)
+    if unknown:
+        raise InputError(f"branch probabilities name no If node output: {', '.join(unknown)}")
+    return result
+
+
 def node_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[tuple[str, str, int | None]]:
-    """(node name, op type, MACs) for every top-level node, at batch 1."""
-    shapes = static_shapes(model, input_shapes)
-    return [(n.name or n.output[0], n.op_type, _node_macs(n, shapes)) for n in model.graph.node]
+    """(node name, op type, MACs) for every top-level node, at batch 1; an If counts its costlier
+    branch and a Loop or Scan its body times its trip count (see macs_breakdown for the detail)."""
+    return [(d.name, d.op, d.macs) for d in macs_breakdown(model, input_shapes)]
 
 
-def total_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> int:
-    return int(sum(m for _, _, m in node_macs(model, input_shapes) if m))
+def total_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None,
+               branch_probs: Mapping[str, float] | None = None) -> int:
+    """MACs of one run at batch 1, counting into If/Loop/Scan bodies. Each If counts its costlier
+    branch (worst case) unless `branch_probs` gives the probability p that its then_branch runs
+    (keyed by the If's first output tensor): then p*then + (1-p)*else, rounded. A Loop counts its
+    body times the constant trip count M (an upper bound: the condition may stop it earlier), or once
+    when M is not a constant; a Scan counts its body times the scan length. Nodes whose shapes
+    cannot be inferred count 0."""
+    return int(sum(d.macs or 0 for d in macs_breakdown(model, input_shapes, branch_probs)))
 
 
 @dataclass(frozen=True)

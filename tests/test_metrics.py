@@ -1,9 +1,12 @@
 import numpy as np
+import onnx
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
-from conftest import make_model, rand, tensor
-from onnxcompress.metrics import accuracy, count_params, fidelity, node_macs, sparsity, total_macs
+from conftest import make_model, rand, run, tensor
+from onnxcompress.errors import InputError
+from onnxcompress.metrics import (accuracy, count_params, fidelity, macs_breakdown, node_macs, sparsity, static_shapes,
+                                  total_macs)
 
 
 def single(node, x_shape, y_shape, inits, extra_inputs=()):
@@ -50,3 +53,183 @@ def test_fidelity_and_accuracy():
     assert f["top1_agreement"] == pytest.approx(200 / 3)
     assert f["cosine"] == pytest.approx(2 / np.sqrt(3 * 3.25))
     assert accuracy(out["y"], np.array([0, 1, 1])) == 100.0
+
+
+# --- control flow: MACs inside If, Loop and Scan bodies ---------------------------------------------
+
+X = [1, 3, 8, 8]  # every control-flow test model reads x of this shape
+THEN_MACS = 4 * 8 * 8 * 27  # then_branch: 3x3 Conv, 4 filters, weight held by the body
+ELSE_MACS = 4 * 8 * 8 * 3 + 4 * 8 * 8 * 8  # else_branch: 1x1 Conv on the outer weight, then MatMul by an 8x8
+
+
+def body(name, nodes, out, inits=None, inputs=()):
+    """A subgraph with `out` as its only output; weights given as {name: array} become its initializers."""
+    from onnx import numpy_helper
+
+    return helper.make_graph(nodes, name, list(inputs), [tensor(out, None)],
+                             [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])
+
+
+def const(name, value):
+    from onnx import numpy_helper
+
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name + "_value"))
+
+
+def then_branch(out="t_out"):
+    return body("then", [helper.make_node("Conv", ["x", "w_then"], [out], pads=[1, 1, 1, 1])], out,
+                {"w_then": rand(4, 3, 3, 3, seed=1)})
+
+
+def else_branch(out="e_out"):
+    nodes = [helper.make_node("Conv", ["x", "w_outer"], [out + "_c"]), const(out + "_w", rand(8, 8, seed=2)),
+             helper.make_node("MatMul", [out + "_c", out + "_w"], [out])]
+    return body("else", nodes, out)
+
+
+@pytest.fixture
+def if_model():
+    """y = Relu(If(c, then: Conv3x3(x, body weight), else: MatMul(Conv1x1(x, outer weight), Constant)))."""
+    nodes = [helper.make_node("If", ["c"], ["branch_out"], name="gate", then_branch=then_branch(), else_branch=else_branch()),
+             helper.make_node("Relu", ["branch_out"], ["y"])]
+    inputs = [tensor("x", X), tensor("c", [], TensorProto.BOOL)]
+    return make_model(nodes, inputs, [tensor("y", [1, 4, 8, 8])], {"w_outer": rand(4, 3, 1, 1, seed=3)})
+
+
+def test_if_counts_each_branch(if_model):
+    gate, relu = macs_breakdown(if_model)
+    assert (gate.name, gate.op, gate.output) == ("gate", "If", "branch_out")
+    assert gate.branches == {"then_branch": THEN_MACS, "else_branch": ELSE_MACS}
+    assert [(d.op, d.macs) for d in gate.bodies["else_branch"]] == [("Conv", 768), ("Constant", 0), ("MatMul", 2048)]
+    assert gate.macs == THEN_MACS and relu.macs == 0
+
+
+def test_if_total_is_worst_case_or_expected(if_model):
+    assert total_macs(if_model) == max(THEN_MACS, ELSE_MACS) == 6912
+    assert total_macs(if_model, branch_probs={"branch_out": 0.25}) == 0.25 * THEN_MACS + 0.75 * ELSE_MACS == 3840
+    assert total_macs(if_model, branch_probs={"branch_out": 0.0}) == ELSE_MACS
+    assert [tuple(t) for t in node_macs(if_model)] == [("gate", "If", THEN_MACS), ("y", "Relu", 0)]
+
+
+def test_branch_probs_are_checked(if_model):
+    with pytest.raises(InputError, match="no If node output: gate"):
+        total_macs(if_model, branch_probs={"gate": 0.5})  # keyed by the first output, not the node name
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        total_macs(if_model, branch_probs={"branch_out": 1.5})
+
+
+def test_if_model_runs_in_onnxruntime(if_model):
+    x = rand(*X, seed=4)
+    then_y, = run(if_model, {"x": x, "c": np.array(True)})
+    else_y, = run(if_model, {"x": x, "c": np.array(False)})
+    assert then_y.shape == else_y.shape == (1, 4, 8, 8) and not np.allclose(then_y, else_y)
+
+
+@pytest.fixture
+def nested_if_model():
+    """If(c, then: If(d, then: Conv3x3, else: Conv1x1+MatMul), else: MatMul(x, outer 8x8 weight))."""
+    inner = helper.make_node("If", ["d"], ["inner_out"], then_branch=then_branch("it"), else_branch=else_branch("ie"))
+    outer_then = body("outer_then", [inner], "inner_out")
+    outer_else = body("outer_else", [helper.make_node("MatMul", ["x", "w_mm"], ["oe"])], "oe")
+    outer = helper.make_node("If", ["c"], ["y"], then_branch=outer_then, else_branch=outer_else)
+    inputs = [tensor("x", X), tensor("c", [], TensorProto.BOOL), tensor("d", [], TensorProto.BOOL)]
+    inits = {"w_outer": rand(4, 3, 1, 1, seed=3), "w_mm": rand(8, 8, seed=5)}
+    return make_model([outer], inputs, [tensor("y", [1, "C", 8, 8])], inits)
+
+
+def test_nested_if(nested_if_model):
+    outer, = macs_breakdown(nested_if_model)
+    inner, = outer.bodies["then_branch"]
+    assert inner.op == "If" and inner.branches == {"then_branch": THEN_MACS, "else_branch": ELSE_MACS}
+    mm = 3 * 8 * 8 * 8
+    assert outer.branches == {"then_branch": THEN_MACS, "else_branch": mm}
+    assert total_macs(nested_if_model) == THEN_MACS
+    probs = {"y": 0.5, "inner_out": 0.25}
+    assert total_macs(nested_if_model, branch_probs=probs) == 0.5 * 3840 + 0.5 * mm
+    assert macs_breakdown(nested_if_model, branch_probs=probs)[0].branches["then_branch"] == 3840
+    for c, d in [(True, True), (True, False), (False, True)]:
+        run(nested_if_model, {"x": rand(*X), "c": np.array(c), "d": np.array(d)})
+
+
+def loop_model(trips, concat_state=False):
+    """h = x[2, 8]; repeat `trips` times: h = MatMul(h, w[8, 8]) (or MatMul(Concat(h, h)) whose shape grows)."""
+    nodes = [helper.make_node("Identity", ["cond"], ["cond_out"])]
+    if concat_state:
+        nodes += [helper.make_node("Concat", ["h", "h"], ["hh"], axis=0), helper.make_node("MatMul", ["hh", "w"], ["h2"])]
+    else:
+        nodes += [helper.make_node("MatMul", ["h", "w"], ["h2"])]
+    loop_body = helper.make_graph(nodes, "body", [tensor("i", [], TensorProto.INT64), tensor("cond", [], TensorProto.BOOL),
+                                                  tensor("h", None)], [tensor("cond_out", [], TensorProto.BOOL), tensor("h2", None)])
+    top = [helper.make_node("Loop", ["M", "", "x"], ["y"], body=loop_body)]
+    inputs = [tensor("x", [2, 8])]
+    if trips is None:
+        inputs.append(tensor("M", [], TensorProto.INT64))
+    else:
+        top.insert(0, const("M", np.array(trips, np.int64)))
+    return make_model(top, inputs, [tensor("y", ["R", 8])], {"w": rand(8, 8)})
+
+
+def test_loop_with_constant_trip_count():
+    model = loop_model(5)
+    _, loop = macs_breakdown(model)
+    assert (loop.op, loop.trips, loop.branches, loop.macs) == ("Loop", 5, {"body": 2 * 8 * 8}, 5 * 2 * 8 * 8)
+    assert total_macs(model) == 640
+    assert static_shapes(model)["h2"] == [2, 8]  # the loop-carried state keeps its shape: seeded
+    y, = run(model, {"x": rand(2, 8)})
+    assert y.shape == (2, 8)
+
+
+def test_loop_with_unknown_trip_count_counts_one_iteration():
+    loop, = macs_breakdown(loop_model(None))
+    assert loop.trips is None and loop.macs == 2 * 8 * 8
+
+
+def test_loop_state_that_changes_shape_is_not_guessed():
+    model = loop_model(3, concat_state=True)
+    shapes = static_shapes(model)
+    assert "h" not in shapes or -1 in shapes["h"]
+    assert total_macs(model) == 0  # the MatMul's input shape is unknown, so its MACs are too
+    y, = run(model, {"x": rand(2, 8)})
+    assert y.shape == (16, 8)
+
+
+def test_scan_multiplies_by_scan_length():
+    scan_body = helper.make_graph([helper.make_node("MatMul", ["xt", "w"], ["yt"]), helper.make_node("Add", ["s", "yt"], ["s2"])],
+                                  "body", [tensor("s", None), tensor("xt", None)], [tensor("s2", None)])
+    node = helper.make_node("Scan", ["s0", "x"], ["s_final"], body=scan_body, num_scan_inputs=1, scan_input_axes=[1])
+    model = make_model([node], [tensor("s0", [2, 8]), tensor("x", [2, 5, 8])], [tensor("s_final", [2, 8])], {"w": rand(8, 8)})
+    scan, = macs_breakdown(model)
+    assert (scan.trips, scan.branches, scan.macs) == (5, {"body": 2 * 8 * 8}, 5 * 2 * 8 * 8)
+    run(model, {"s0": rand(2, 8), "x": rand(2, 5, 8)})
+
+
+# --- models over 2 GiB: the same numbers through a shape-only copy -----------------------------------
+
+def test_large_model_path_gives_the_same_shapes_and_macs(monkeypatch, if_model, nested_if_model):
+    from onnxcompress import io, metrics
+
+    models = [if_model, nested_if_model, loop_model(5), reshape_model()]
+    expected = [(static_shapes(m), [tuple(t) for t in node_macs(m)], total_macs(m)) for m in models]
+    seen = []
+    infer = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 100)
+    monkeypatch.setattr(metrics, "_STUB_BYTES", 0)  # leave out the data of every float tensor, however small
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda m, *a, **k: seen.append(m) or infer(m, *a, **k))
+    assert [(static_shapes(m), [tuple(t) for t in node_macs(m)], total_macs(m)) for m in models] == expected
+    stubs = [t for m in seen for t in _all_tensors(m) if t.data_location == TensorProto.EXTERNAL]
+    assert {t.name for t in stubs} >= {"w_then", "w_outer", "ie_w_value", "w", "w_mm"}  # inside bodies too
+    assert not any(t.raw_data or t.float_data for t in stubs)
+    assert not any(t.name in ("shape", "M_value") for t in stubs)  # inference reads these values
+
+
+def reshape_model():
+    """Reshape whose target shape inference must read (kept), then MatMul by a weight it need not (left out)."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])]
+    return make_model(nodes, [tensor("x", [4, 16])], [tensor("y", [8, 32])],
+                      {"shape": np.array([8, 8], np.int64), "w": rand(8, 32)})
+
+
+def _all_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return list(_get_all_tensors(model))
