@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import graph as G
+from . import graph as G, weights as W
 from .metrics import static_shapes
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,22 @@ class UnionFind:
 
 @dataclass
 class Group:
-    """Tensors whose channels are coupled, with the layers that produce and consume them."""
-    name: str                                  # the first producer's node name
+    """Tensors whose channels are coupled, with the layers that produce and consume them.
+    Layers are named by their stable ids (first output tensor); `name` is for people and options:
+    the first producer's node name when that is set and unique, else its id."""
+    name: str
     tensors: list[str]
-    producers: list[str] = field(default_factory=list)   # nodes whose output channels live here
-    consumers: list[str] = field(default_factory=list)   # nodes whose input channels live here
+    producers: list[str] = field(default_factory=list)   # layer ids whose output channels live here
+    consumers: list[str] = field(default_factory=list)   # layer ids whose input channels live here
     units: list[int] = field(default_factory=list)        # unit roots, in channel order of the first tensor
     frozen: str | None = None                              # why the group cannot be pruned
+    id: str = ""                                           # the first producer's layer id
+
+    def names(self, an: "Analysis", consumers: bool = False) -> set[str]:
+        """Every name an option may use for this group: its name and id, and the ids and node
+        names of its producers (and of its consumers, when asked)."""
+        layers = self.producers + (self.consumers if consumers else [])
+        return {self.name, self.id, *layers, *(an.nodes[i].name for i in layers if i in an.nodes and an.nodes[i].name)}
 
 
 @dataclass
@@ -73,8 +82,9 @@ class Analysis:
     ids: dict[str, np.ndarray] = field(default_factory=dict)     # tensor -> channel ids
     axis: dict[str, int] = field(default_factory=dict)           # tensor -> channel axis
     freezes: list[tuple[np.ndarray, str]] = field(default_factory=list)
-    producers: dict[str, str] = field(default_factory=dict)      # node -> its output tensor
-    consumers: dict[str, str] = field(default_factory=dict)      # node -> its weighted input tensor
+    producers: dict[str, str] = field(default_factory=dict)      # layer id -> its output tensor
+    consumers: dict[str, str] = field(default_factory=dict)      # layer id -> its weighted input tensor
+    nodes: dict[str, gs.Node] = field(default_factory=dict)      # layer id -> node
     groups: list[Group] = field(default_factory=list)
     frozen: dict[int, str] = field(default_factory=dict)         # unit root -> reason
 
@@ -134,15 +144,22 @@ def _masks(node: gs.Node, an: Analysis, removed: set) -> tuple[np.ndarray | None
 
 def _weighted_out(node: gs.Node, an: Analysis, axis: int = 1) -> str | None:
     an.fresh(node.outputs[0], axis)
-    an.producers[node.name] = node.outputs[0].name
+    an.producers[G.layer_id(node)] = node.outputs[0].name
+    an.nodes[G.layer_id(node)] = node
     if node.inputs[0].name in an.ids:
-        an.consumers[node.name] = node.inputs[0].name
+        an.consumers[G.layer_id(node)] = node.inputs[0].name
     return None
 
 
+def _params_missing(node: gs.Node) -> bool:
+    """The weight, or a bias the node names, is not a constant of any storage."""
+    bias = W.LAYERS[node.op].bias
+    has_bias = bias is not None and len(node.inputs) > bias and node.inputs[bias].name
+    return W.layer_weight(node) is None or bool(has_bias and W.layer_bias(node) is None)
+
+
 def _conv_couple(node: gs.Node, an: Analysis) -> str | None:
-    w = G.weight_of(node)
-    if w is None or (len(node.inputs) > 2 and G.weight_of(node, 2) is None and node.inputs[2].name):
+    if _params_missing(node):
         return "weights are not constants"
     _weighted_out(node, an)
     g = int(node.attrs.get("group", 1))
@@ -156,29 +173,38 @@ def _conv_couple(node: gs.Node, an: Analysis) -> str | None:
     return None
 
 
-def _conv_cut(graph, node, an, removed) -> None:
-    w = G.weight_of(node)
-    in_keep, out_keep = _masks(node, an, removed)
-    if in_keep is None and out_keep is None:
-        return
+def _sel(keep: np.ndarray | None):
+    return slice(None) if keep is None else keep
+
+
+def _weight_indexer(node: gs.Node, in_keep: np.ndarray | None, out_keep: np.ndarray | None):
+    """How to slice the node's weight (in its own layout) to the kept input and output channels."""
     g = int(node.attrs.get("group", 1))
     if node.op == "ConvTranspose":  # [C_in, C_out/g, k...]
         if g > 1:
-            groups_kept = _groups_kept(in_keep, g)
-            w = w[in_keep][:, _in_block(out_keep, g)]
-            node.attrs["group"] = groups_kept
-        else:
-            w = w[in_keep if in_keep is not None else slice(None)][:, out_keep if out_keep is not None else slice(None)]
-    else:  # Conv [C_out, C_in/g, k...]
+            node.attrs["group"] = _groups_kept(in_keep, g)
+            return lambda w: w[_sel(in_keep)][:, _in_block(out_keep, g)]
+        return lambda w: w[_sel(in_keep)][:, _sel(out_keep)]
+    if node.op == "Conv":  # [C_out, C_in/g, k...]
         if g > 1:
             node.attrs["group"] = _groups_kept(out_keep, g)
-            w = w[out_keep] if out_keep is not None else w
-        else:
-            w = w[out_keep if out_keep is not None else slice(None)][:, in_keep if in_keep is not None else slice(None)]
-    G.set_constant(graph, node, 1, w, "_pruned")
-    b = G.weight_of(node, 2) if len(node.inputs) > 2 else None
-    if b is not None and out_keep is not None:
-        G.set_constant(graph, node, 2, b[out_keep], "_pruned")
+            return lambda w: w[_sel(out_keep)]
+        return lambda w: w[_sel(out_keep)][:, _sel(in_keep)]
+    if node.op == "Gemm" and node.attrs.get("transB", 0):  # [N, K]
+        return lambda w: w[_sel(out_keep)][:, _sel(in_keep)]
+    return lambda w: w[_sel(in_keep)][:, _sel(out_keep)]   # Gemm [K, N], MatMul and MatMulNBits [K, N]
+
+
+def _layer_cut(graph, node, an, removed) -> None:
+    """Slice a weighted layer's weight and bias (every piece of their storage) to the kept channels."""
+    in_keep, out_keep = _masks(node, an, removed)
+    if in_keep is None and out_keep is None:
+        return
+    spec = W.LAYERS[node.op]
+    W.take(graph, node, spec.weight, W.layer_weight(node), _weight_indexer(node, in_keep, out_keep))
+    bias = W.layer_bias(node)
+    if bias is not None and out_keep is not None and bias.value.shape[-1] == len(out_keep):
+        W.take(graph, node, spec.bias, bias, lambda b: b[..., out_keep])
 
 
 def _groups_kept(keep: np.ndarray | None, g: int) -> int:
@@ -196,70 +222,78 @@ def _in_block(keep: np.ndarray | None, g: int):
 
 
 def _gemm_couple(node: gs.Node, an: Analysis) -> str | None:
-    if G.weight_of(node) is None or node.attrs.get("transA", 0):
+    if _params_missing(node) or node.attrs.get("transA", 0):
         return "weight is not a constant, or transA is set"
-    c = G.weight_of(node, 2) if len(node.inputs) > 2 else None
-    if c is not None and c.ndim == 2 and c.shape[0] != 1:
+    c = W.layer_bias(node)
+    if c is not None and c.value.ndim == 2 and c.value.shape[0] != 1:
         return "bias varies per row"
     return _weighted_out(node, an)
 
 
-def _gemm_cut(graph, node, an, removed) -> None:
-    w = G.weight_of(node)
-    in_keep, out_keep = _masks(node, an, removed)
-    if in_keep is None and out_keep is None:
-        return
-    rows = w if node.attrs.get("transB", 0) else w.T   # [N, K]
-    if out_keep is not None:
-        rows = rows[out_keep]
-    if in_keep is not None:
-        rows = rows[:, in_keep]
-    G.set_constant(graph, node, 1, rows if node.attrs.get("transB", 0) else rows.T, "_pruned")
-    c = G.weight_of(node, 2) if len(node.inputs) > 2 else None
-    if c is not None and out_keep is not None and c.shape[-1] == len(out_keep):
-        G.set_constant(graph, node, 2, c[..., out_keep], "_pruned")
-
-
 def _matmul_couple(node: gs.Node, an: Analysis) -> str | None:
-    if G.weight_of(node) is None or G.weight_of(node).ndim != 2:
+    if _params_missing(node):
         return "MatMul between two activations"
     return _weighted_out(node, an, axis=-1)
 
 
-def _matmul_cut(graph, node, an, removed) -> None:
-    w = G.weight_of(node)
-    in_keep, out_keep = _masks(node, an, removed)
-    if in_keep is None and out_keep is None:
-        return
-    w = w[in_keep] if in_keep is not None else w
-    w = w[:, out_keep] if out_keep is not None else w
-    G.set_constant(graph, node, 1, w, "_pruned")
-
-
 def _norm_couple(node: gs.Node, an: Analysis) -> str | None:
-    if any(G.constant_value(t) is None for t in node.inputs[1:]):
+    if any(W.value_of(t) is None for t in node.inputs[1:]):
         return "parameters are not constants"
     return _passthrough(node, an)
 
 
 def _cut_params(graph, node, an, removed) -> None:
     """Slice every constant input that holds one value per channel (BN/IN/PRelu parameters,
-    per-channel constants of elementwise ops)."""
+    per-channel constants of elementwise ops), whatever its storage."""
     keep = _masks(node, an, removed)[1]
     if keep is None:
         return
     rank = len(an.shapes.get(node.outputs[0].name, [])) or 4
     axis = an.axis.get(node.outputs[0].name, 1)
     for i, t in enumerate(node.inputs):
-        v = G.constant_value(t)
+        if t.name in an.ids:
+            continue
+        v = W.value_of(t)
         if v is None or v.ndim == 0:
             continue
-        if node.op in ("BatchNormalization", "InstanceNormalization") and i > 0:
-            G.set_constant(graph, node, i, v[keep], "_pruned")
-            continue
-        ax = axis - (rank - v.ndim)
+        ax = 0 if node.op in ("BatchNormalization", "InstanceNormalization") and i > 0 else axis - (rank - v.ndim)
         if 0 <= ax < v.ndim and v.shape[ax] == len(keep):
-            G.set_constant(graph, node, i, np.compress(keep, v, axis=ax), "_pruned")
+            _take_axis(graph, node, i, keep, ax)
+
+
+def _take_axis(graph: gs.Graph, node: gs.Node, i: int, keep: np.ndarray, ax: int) -> None:
+    s = W.stored(node.inputs[i])
+    if s is None:   # an integer constant: no storage to keep
+        G.set_constant(graph, node, i, np.compress(keep, G.constant_value(node.inputs[i]), axis=ax), "_pruned")
+    else:
+        W.take(graph, node, i, s, lambda a: np.compress(keep, a, axis=ax))
+
+
+def _qdq_couple(node: gs.Node, an: Analysis) -> str | None:
+    """QuantizeLinear/DequantizeLinear of an activation pass channels through; scales per channel
+    are sliced with them; blocked scales would need whole blocks."""
+    x = node.inputs[0].name
+    if x not in an.ids:
+        return None   # a weight's decode: the layer's rule handles it
+    if int(node.attrs.get("block_size", 0)):
+        return "blocked quantization of an activation"
+    if any(W.value_of(t) is None for t in node.inputs[1:] if t.name):
+        return "scale or zero point is not a constant"
+    return _passthrough(node, an)
+
+
+def _qdq_cut(graph, node, an, removed) -> None:
+    keep = _masks(node, an, removed)[1]
+    x = node.inputs[0].name
+    if keep is None or x not in an.ids:
+        return
+    rank = len(an.shapes.get(x, [])) or 4
+    if int(node.attrs.get("axis", 1)) % rank != an.axis.get(x, 1):
+        return
+    for i, t in enumerate(node.inputs[1:3], start=1):
+        v = G.constant_value(t) if t.name else None
+        if v is not None and v.ndim == 1 and v.size == len(keep) and v.size > 1:
+            G.set_constant(graph, node, i, v[keep], "_pruned")
 
 
 def _elementwise_couple(node: gs.Node, an: Analysis) -> str | None:
@@ -279,7 +313,7 @@ def _elementwise_couple(node: gs.Node, an: Analysis) -> str | None:
         if t in full:
             an.uf.union(an.ids[full[0].name], an.ids[t.name])
             continue
-        v = G.constant_value(t)
+        v = W.value_of(t)
         shape = list(v.shape) if v is not None else an.shapes.get(t.name)
         if shape is None:
             return f"input '{t.name}' has an unknown shape"
@@ -474,10 +508,13 @@ PASSTHROUGH = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh
 
 RULES: dict[str, Rule] = {
     **{op: Rule(_passthrough) for op in PASSTHROUGH},
-    "Conv": Rule(_conv_couple, _conv_cut),
-    "ConvTranspose": Rule(_conv_couple, _conv_cut),
-    "Gemm": Rule(_gemm_couple, _gemm_cut),
-    "MatMul": Rule(_matmul_couple, _matmul_cut),
+    "Conv": Rule(_conv_couple, _layer_cut),
+    "ConvTranspose": Rule(_conv_couple, _layer_cut),
+    "Gemm": Rule(_gemm_couple, _layer_cut),
+    "MatMul": Rule(_matmul_couple, _layer_cut),
+    "MatMulNBits": Rule(_matmul_couple, _layer_cut),
+    "QuantizeLinear": Rule(_qdq_couple, _qdq_cut),
+    "DequantizeLinear": Rule(_qdq_couple, _qdq_cut),
     "BatchNormalization": Rule(_norm_couple, _cut_params),
     "InstanceNormalization": Rule(_norm_couple, _cut_params),
     "PRelu": Rule(_elementwise_couple, _cut_params),
@@ -518,7 +555,7 @@ def analyze(graph: gs.Graph, model: onnx.ModelProto | None = None,
     for node in graph.toposort().nodes:
         rule = RULES.get(node.op)
         if list(node.subgraphs()) or rule is None:
-            reason = f"{node.op} '{node.name}' is not in the channel table"
+            reason = f"{node.op} '{G.display_name(node)}' is not in the channel table"
             for t in node.inputs:
                 an.freeze(t, reason)
             for name in _outer_names(node):
@@ -528,16 +565,28 @@ def analyze(graph: gs.Graph, model: onnx.ModelProto | None = None,
         why = rule.couple(node, an)
         if why:
             for t in list(node.inputs) + list(node.outputs):
-                an.freeze(t, f"{node.op} '{node.name}': {why}")
-            an.producers.pop(node.name, None)
-            an.consumers.pop(node.name, None)
+                an.freeze(t, f"{node.op} '{G.display_name(node)}': {why}")
+            an.producers.pop(G.layer_id(node), None)
+            an.consumers.pop(G.layer_id(node), None)
     for t in graph.outputs:
         an.freeze(t, "graph output")
     for ids, reason in an.freezes:
         for r in an.uf.roots(ids).tolist():
             an.frozen.setdefault(r, reason)
     an.groups = _groups(an)
+    _name_groups(an)
     return an
+
+
+def _name_groups(an: Analysis) -> None:
+    """A group is called by its first producer's node name when that name is set and unique in the
+    graph, else by the producer's id (its output tensor's name, unique by construction)."""
+    counts: dict[str, int] = {}
+    for n in an.graph.nodes:
+        counts[n.name] = counts.get(n.name, 0) + 1
+    for g in an.groups:
+        node = an.nodes.get(g.id)
+        g.name = node.name if node is not None and node.name and counts[node.name] == 1 else g.id
 
 
 def _groups(an: Analysis) -> list[Group]:
@@ -577,7 +626,7 @@ def _groups(an: Analysis) -> list[Group]:
                 if owner[r] == gi and r not in units:
                     units.append(r)
         g.units = units
-        g.name = g.producers[0] if g.producers else g.tensors[0]
+        g.id = g.producers[0] if g.producers else g.tensors[0]
         reasons = [an.frozen[r] for r in units if r in an.frozen]
         if not g.producers:
             g.frozen = "no layer produces these channels"

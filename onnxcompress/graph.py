@@ -15,9 +15,26 @@ import onnx_graphsurgeon as gs
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "to_graph", "to_model", "iter_nodes", "constant_value", "producer",
-    "set_constant", "weight_of", "unique_name", "tidy", "input_names", "output_names",
+    "to_graph", "to_model", "iter_nodes", "constant_value", "producer", "layer_id", "display_name",
+    "set_constant", "make_constant", "elem_type", "unique_name", "tidy", "input_names", "output_names",
+    "FOLDABLE",
 ]
+
+# Sub-byte integer types: numpy (ml_dtypes) holds one per byte, ONNX packs them; graphsurgeon's
+# exporter gets that wrong for loaded values, so such constants are kept as ONNX tensors here.
+_SUBBYTE = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4} | {
+    getattr(onnx.TensorProto, n) for n in ("INT2", "UINT2", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def layer_id(node: gs.Node) -> str:
+    """A node's stable id: the name of its first output tensor (unique in a valid graph), since
+    node names are optional and may repeat."""
+    return node.outputs[0].name if node.outputs else node.name
+
+
+def display_name(node: gs.Node) -> str:
+    """What to call a node in reports: its name, or its output tensor's when it has none."""
+    return node.name or layer_id(node)
 
 
 def input_names(model: onnx.ModelProto) -> list[str]:
@@ -35,7 +52,10 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """Export a graph; copy from `like` the model-level fields graphsurgeon does not carry."""
+    """Export a graph; copy from `like` the model-level fields graphsurgeon does not carry. The
+    default-domain opset is the higher of `like`'s and the graph's (a pass that needs a newer
+    opset raises `graph.opset`), and the IR version at least what that opset needs."""
+    _pack_subbyte(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     if like is not None:
         model.ir_version = like.ir_version
@@ -46,9 +66,36 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
         model.producer_version = like.producer_version
         del model.metadata_props[:]
         model.metadata_props.extend(like.metadata_props)
+        opset = max(_default_opset(like), int(graph.opset or 0))
         del model.opset_import[:]
         model.opset_import.extend(like.opset_import)
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = opset
+        model.ir_version = max(like.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
     return model
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _pack_subbyte(graph: gs.Graph) -> None:
+    """Constants of sub-byte types whose values were loaded go back to packed ONNX tensors."""
+    from onnx import numpy_helper
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    for g in [graph, *(s for n in iter_nodes(graph) for s in n.subgraphs())]:
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant) and not isinstance(t._values, LazyValues) and _is_subbyte(t._values.dtype):
+                t._values = LazyValues(numpy_helper.from_array(t._values, t.name))
+
+
+def _is_subbyte(dtype: np.dtype) -> bool:
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) in _SUBBYTE
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def tidy(graph: gs.Graph) -> gs.Graph:
@@ -75,19 +122,19 @@ def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     if tensor is None:
         return None
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return _loaded(tensor)
     node = producer(tensor)
     if node is None:
         return None
     if node.op == "Constant" and "value" in node.attrs:
         v = node.attrs["value"]
         return np.asarray(v.values if isinstance(v, gs.Constant) else v)
-    if node.op not in _FOLDABLE or not node.inputs:
+    if node.op not in FOLDABLE or not node.inputs:
         return None
     x = constant_value(node.inputs[0])
     if x is None:
         return None
-    return _FOLDABLE[node.op](node, x)
+    return FOLDABLE[node.op](node, x)
 
 
 def _axes(node: gs.Node) -> list[int] | None:
@@ -123,8 +170,50 @@ def _cast(node: gs.Node, x: np.ndarray) -> np.ndarray | None:
     return x.astype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
 
 
-_FOLDABLE = {"Identity": lambda node, x: x, "Reshape": _reshape, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
-             "Cast": _cast}
+def _transpose(node: gs.Node, x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, node.attrs.get("perm"))
+
+
+FOLDABLE = {"Identity": lambda node, x: x, "Reshape": _reshape, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
+            "Cast": _cast, "Transpose": _transpose}
+
+
+def _loaded(c: gs.Constant) -> np.ndarray:
+    """A constant's values; sub-byte tensors are decoded without replacing the packed original."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    if isinstance(c._values, LazyValues) and c._values.tensor.data_type in _SUBBYTE:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(c._values.tensor)
+    return np.asarray(c.values)
+
+
+def elem_type(tensor: gs.Tensor) -> int:
+    """The ONNX element type of a constant tensor (an initializer or a Constant node's output)."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues):
+        return int(tensor._values.tensor.data_type)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+        return elem_type(node.attrs["value"])
+    v = constant_value(tensor)
+    return onnx.helper.np_dtype_to_tensor_dtype(v.dtype) if v is not None else onnx.TensorProto.UNDEFINED
+
+
+def make_constant(name: str, value: np.ndarray, elem_type: int | None = None) -> gs.Constant:
+    """A new constant holding `value` as ONNX type `elem_type` (default: the array's own)."""
+    value = np.ascontiguousarray(value)
+    if elem_type is None:
+        return gs.Constant(name, value)
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    if elem_type in _SUBBYTE:
+        from onnx import numpy_helper
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        return gs.Constant(name, LazyValues(numpy_helper.from_array(value.astype(np_type), name)))
+    return gs.Constant(name, value.astype(np_type))
 
 
 def weight_of(node: gs.Node, index: int = 1) -> np.ndarray | None:

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import graph as G
+from . import graph as G, weights as W
 from .channels import Analysis, Group
 from .data import Dataset
 from .layers import conv_geometry, conv_output_hw, out_rows
@@ -36,7 +36,7 @@ ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", 
 
 
 def _nodes(graph: gs.Graph) -> dict[str, gs.Node]:
-    return {n.name: n for n in graph.nodes}
+    return {G.layer_id(n): n for n in graph.nodes if n.outputs}
 
 
 def _add(scores: np.ndarray, an: Analysis, group: Group, tensor: str, values: np.ndarray) -> None:
@@ -55,7 +55,7 @@ def _norm(a: np.ndarray, axis, p: int) -> np.ndarray:
 
 def _consumer_columns(node: gs.Node) -> np.ndarray | None:
     """A consumer's weights as [fan_out, in_features, k] (None for grouped convs)."""
-    w = G.weight_of(node)
+    w = W.layer_weight(node).value
     if node.op == "Conv":
         if int(node.attrs.get("group", 1)) != 1:
             return None
@@ -69,7 +69,7 @@ def norm_scores(graph: gs.Graph, an: Analysis, group: Group, p: int) -> np.ndarr
     nodes, scores = _nodes(graph), np.zeros(len(group.units))
     for name in group.producers:
         node = nodes[name]
-        _add(scores, an, group, node.outputs[0].name, _norm(out_rows(node, G.weight_of(node)), 1, p))
+        _add(scores, an, group, node.outputs[0].name, _norm(out_rows(node, W.layer_weight(node).value), 1, p))
     for name in group.consumers:
         cols = _consumer_columns(nodes[name])
         if cols is not None:
@@ -81,19 +81,19 @@ def bn_scores(graph: gs.Graph, an: Analysis, group: Group) -> np.ndarray:
     scores = np.zeros(len(group.units))
     bns = [n for n in graph.nodes if n.op == "BatchNormalization" and n.outputs[0].name in group.tensors]
     for bn in bns:
-        _add(scores, an, group, bn.outputs[0].name, np.abs(G.constant_value(bn.inputs[1]).astype(np.float64)))
+        _add(scores, an, group, bn.outputs[0].name, np.abs(W.value_of(bn.inputs[1]).astype(np.float64)))
     return scores if bns else norm_scores(graph, an, group, 1)
 
 
 def _activation_tensors(graph: gs.Graph, group: Group) -> list[str]:
     acts = [n.outputs[0].name for n in graph.nodes if n.op in ACTIVATIONS and n.outputs[0].name in group.tensors]
-    return acts or [graph_node.outputs[0].name for graph_node in graph.nodes if graph_node.name in group.producers]
+    return acts or [n.outputs[0].name for n in graph.nodes if n.outputs and G.layer_id(n) in group.producers]
 
 
 def activation_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ctx: Context, data: Dataset,
                       criterion: str) -> dict[str, np.ndarray]:
     """mean |a| or 1 - APoZ per unit, from one streamed run over the calibration data."""
-    wanted = {g.name: _activation_tensors(graph, g) for g in groups}
+    wanted = {g.id: _activation_tensors(graph, g) for g in groups}
     names = sorted({t for ts in wanted.values() for t in ts})
     model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
     sums = {t: 0.0 for t in names}
@@ -108,9 +108,9 @@ def activation_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ctx: C
     result = {}
     for g in groups:
         scores = np.zeros(len(g.units))
-        for t in wanted[g.name]:
+        for t in wanted[g.id]:
             _add(scores, an, g, t, sums[t] / max(count, 1) + 1e-12)
-        result[g.name] = scores
+        result[g.id] = scores
     return result
 
 
@@ -131,7 +131,7 @@ def _contributions(node: gs.Node, an: Analysis, group: Group, batches: Iterator[
     parts, have = [], 0
     for x in batches:
         if node.op == "Conv":
-            geo = conv_geometry(node, G.weight_of(node))
+            geo = conv_geometry(node, W.layer_weight(node).value)
             if geo is None:
                 return None
             h, w = conv_output_hw(x.shape[2], x.shape[3], geo)
@@ -173,9 +173,9 @@ def reconstruction_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ct
             if z is not None:
                 zs.append(z / max(np.sqrt((z.sum(1) ** 2).mean()), 1e-12))  # consumers weigh alike
         if not zs:
-            result[g.name] = norm_scores(graph, an, g, 1)
+            result[g.id] = norm_scores(graph, an, g, 1)
             continue
-        result[g.name] = _thinet_rank(zs) if criterion == "thinet" else _lasso_rank(zs)
+        result[g.id] = _thinet_rank(zs) if criterion == "thinet" else _lasso_rank(zs)
     return result
 
 
@@ -212,11 +212,11 @@ def _lasso_rank(zs: list[np.ndarray]) -> np.ndarray:
 
 def group_scores(graph: gs.Graph, an: Analysis, groups: list[Group], criterion: str, ctx: Context,
                  data: Dataset | None) -> dict[str, np.ndarray]:
-    """Scores per unit (in `group.units` order) for each group, by `criterion`."""
+    """Scores per unit (in `group.units` order) for each group (keyed by group id), by `criterion`."""
     if criterion in ("l1", "l2"):
-        return {g.name: norm_scores(graph, an, g, 1 if criterion == "l1" else 2) for g in groups}
+        return {g.id: norm_scores(graph, an, g, 1 if criterion == "l1" else 2) for g in groups}
     if criterion == "bn-scale":
-        return {g.name: bn_scores(graph, an, g) for g in groups}
+        return {g.id: bn_scores(graph, an, g) for g in groups}
     if data is None:
         raise ValueError(f"criterion '{criterion}' needs calibration data")
     if criterion in ("mean-act", "apoz"):

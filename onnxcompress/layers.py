@@ -8,9 +8,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["WEIGHTED_OPS", "out_rows", "from_out_rows", "gemm_rows", "conv_geometry", "conv_output_hw"]
+__all__ = ["out_rows", "from_out_rows", "gemm_rows", "conv_geometry", "conv_output_hw"]
 
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Layouts whose rows are the transpose of the weight: [fan_in, out] (MatMul, MatMulNBits's logical
+# weight, an embedding table [vocab, dim] whose "outputs" are its dim columns).
+_TRANSPOSED = frozenset({"MatMul", "MatMulNBits", "Gather"})
 
 
 def out_rows(node: gs.Node, w: np.ndarray) -> np.ndarray:
@@ -24,7 +26,7 @@ def out_rows(node: gs.Node, w: np.ndarray) -> np.ndarray:
         return w.reshape(g, cin // g, cout_g, k).transpose(0, 2, 1, 3).reshape(g * cout_g, (cin // g) * k)
     if node.op == "Gemm":
         return w if node.attrs.get("transB", 0) else w.T
-    if node.op == "MatMul":
+    if node.op in _TRANSPOSED:
         return w.T
     raise ValueError(f"no weight layout known for {node.op}")
 
@@ -40,7 +42,7 @@ def from_out_rows(node: gs.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np
         return rows.reshape(g, cout_g, cin // g, k).transpose(0, 2, 1, 3).reshape(shape)
     if node.op == "Gemm":
         return rows if node.attrs.get("transB", 0) else rows.T
-    if node.op == "MatMul":
+    if node.op in _TRANSPOSED:
         return rows.T
     raise ValueError(f"no weight layout known for {node.op}")
 

@@ -12,42 +12,43 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import graph as G
+from . import constraints as C, graph as G, weights as W
+from .constraints import Constraint
 from .data import Dataset
 from .errors import OptionError
 from .layers import conv_geometry, from_out_rows, gemm_rows, out_rows
 from .metrics import static_shapes
 from .pass_api import Context
 from .runtime import capture, capture_session, iter_outputs, make_session, run_model
-from .solvers import (NormalEquations, fit_soft_head, im2col, soft_targets, softmax, solve_columns, solve_free,
-                      solve_support)
+from .solvers import NormalEquations, fit_soft_head, im2col, soft_targets, softmax
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Constraint", "teacher_logits", "reference_model", "paired_batches", "student_activations", "changed_layers",
+__all__ = ["Fit", "Skipped", "teacher_logits", "reference_model", "paired_batches", "student_activations", "changed_layers",
            "refit_layer", "refit_batchnorm", "find_head", "refit_head", "recover", "RecoverySettings",
            "RecoveryResult", "RECOVERABLE_OPS"]
 
+# Layers the least-squares refit knows how to sample (im2col for Conv, rows for Gemm/MatMul).
 RECOVERABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
 
-@dataclass
-class Constraint:
-    """What a refit may change. `support`: free entries of the [out, fan_in] rows (others stay 0);
-    `columns`: kept input columns of the rows (others stay 0); neither: every weight is free."""
-    support: np.ndarray | None = None
-    columns: np.ndarray | None = None
+@dataclass(frozen=True)
+class Fit:
+    """A refit's mean squared error on held-out rows, before and after (kept only if lower)."""
+    before: float
+    after: float
 
-    @staticmethod
-    def infer(rows: np.ndarray) -> "Constraint":
-        """Keep the zeros a layer already has (so a pruned layer stays pruned)."""
-        return Constraint(support=rows != 0) if np.any(rows == 0) else Constraint()
+
+@dataclass(frozen=True)
+class Skipped:
+    """A layer recovery left as it was, and why."""
+    reason: str
 
 
 # -- data the solvers need ----------------------------------------------------------------------
@@ -119,19 +120,23 @@ def changed_layers(graph: gs.Graph, ctx: Context, reference: onnx.ModelProto) ->
     ref_by_output = {n.outputs[0].name: n for n in ref_graph.nodes if n.outputs}
     changed = []
     for node in graph.toposort().nodes:
-        if node.op not in RECOVERABLE_OPS or G.weight_of(node) is None:
+        if not _recoverable(node):
             continue
         ref = ref_by_output.get(node.outputs[0].name)
-        if node.name in ctx.state.constraints or ref is None or ref.op != node.op or not _same_params(node, ref):
+        if G.layer_id(node) in ctx.state.constraints or ref is None or ref.op != node.op or not _same_params(node, ref):
             changed.append(node)
     return changed
+
+
+def _recoverable(node: gs.Node) -> bool:
+    return node.op in RECOVERABLE_OPS and W.layer_weight(node) is not None
 
 
 def _same_params(a: gs.Node, b: gs.Node) -> bool:
     if len(a.inputs) != len(b.inputs) or a.attrs != b.attrs:
         return False
     for ta, tb in zip(a.inputs[1:], b.inputs[1:]):
-        va, vb = G.constant_value(ta), G.constant_value(tb)
+        va, vb = W.value_of(ta), W.value_of(tb)
         if (va is None) != (vb is None) or (va is not None and (va.shape != vb.shape or not np.array_equal(va, vb))):
             return False
     return True
@@ -194,10 +199,12 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
     return None if eqs is None else (eqs, held, held_samples)
 
 
-def _current(node: gs.Node, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The layer's effective [out, fan_in] rows and bias vector."""
+def _current(node: gs.Node) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's effective [out, fan_in] rows and bias vector (float64), whatever their storage."""
+    w = W.layer_weight(node).value
     n_out = out_rows(node, w).shape[0]
-    bias = G.weight_of(node, 2) if len(node.inputs) > 2 else None
+    bias = W.layer_bias(node)
+    bias = None if bias is None else bias.value
     if node.op == "Gemm":
         eff = gemm_rows(node, w, bias, n_out)
         if eff is not None:
@@ -206,87 +213,72 @@ def _current(node: gs.Node, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, (np.zeros(n_out) if bias is None else bias.astype(np.float64).reshape(-1))
 
 
-def _solve_group(ne: NormalEquations, constraint: Constraint, sl: slice, ridge: float, bias: bool):
-    if constraint.support is not None:
-        return solve_support(ne, constraint.support[sl], ridge, bias)
-    if constraint.columns is not None:
-        return solve_columns(ne, constraint.columns, ridge, bias)
-    return solve_free(ne, ridge, bias)
-
-
 def refit_layer(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]], n_total: int,
                 constraint: Constraint | None = None, ridge: float = 1e-3, max_rows: int = 20000,
-                seed: int = 0) -> dict[str, Any] | None:
-    """Refit one layer so that layer(x) ~ y over the (x, y) batches. The fit is checked on held-out
-    rows (HOLDOUT of them) and kept, refit on all rows, only if it lowers the held-out error: a
-    refit with more weights than calibration rows would otherwise just memorize them.
-    Returns {"before": mse, "after": mse} on the held-out rows (mean over outputs), or None when the
-    layer's layout is not supported."""
-    w = G.weight_of(node)
+                seed: int = 0) -> Fit | Skipped:
+    """Refit one layer so that layer(x) ~ y over the (x, y) batches, under `constraint` (default:
+    what its storage implies), written back in its own storage. The fit is checked on held-out
+    rows (HOLDOUT of them), with the storage's rounding included, and kept (refit on all rows)
+    only if it lowers their error: a refit with more weights than calibration rows would
+    otherwise just memorize them."""
+    s = W.layer_weight(node)
+    if s is None:
+        return Skipped("weights are not constants")
     bias = node.op != "MatMul"
-    if w is None:
-        return None
-    split = _layer_equations(node, w, batches, n_total, max_rows, np.random.default_rng(seed))
+    split = _layer_equations(node, s.value, batches, n_total, max_rows, np.random.default_rng(seed))
     if split is None:
-        return None
+        return Skipped("layout not supported by the refit")
     eqs, held, held_samples = split
-    rows, b = _current(node, w)
+    rows, b = _current(node)
     if held[0].rows < MIN_HELD_OUT or held_samples < MIN_HELD_OUT_SAMPLES:
-        return {"skipped": f"{held_samples} held-out calibration samples ({held[0].rows} rows) are too few to "
-                           f"check a refit (at least {MIN_HELD_OUT_SAMPLES} samples and {MIN_HELD_OUT} rows needed)"}
-    constraint = constraint or Constraint.infer(rows)
-    m_g = rows.shape[0] // len(eqs)
-    before = after = 0.0
-    ridges = []
-    for gi, (ne, out) in enumerate(zip(eqs, held)):
-        sl = slice(gi * m_g, (gi + 1) * m_g)
-        best = None
-        for r in _ridge_grid(ridge, constraint):   # the strength the held-out rows like best
-            W, bb = _solve_group(ne, constraint, sl, r, bias)
-            err = out.residual(W, bb).sum()
-            if best is None or err < best[0]:
-                best = (err, r)
-        before += out.residual(rows[sl], b[sl]).sum()
-        after += best[0]
-        ridges.append(best[1])
+        return Skipped(f"{held_samples} held-out calibration samples ({held[0].rows} rows) are too few to "
+                       f"check a refit (at least {MIN_HELD_OUT_SAMPLES} samples and {MIN_HELD_OUT} rows needed)")
+    constraint = constraint or C.infer(node)
+    before = _held_error(held, rows, b)
+    best = None
+    for r in (ridge, ridge * 10, ridge * 100) if constraint.grid else (ridge,):
+        new_rows, new_b = constraint.solve_all(eqs, rows, b, r, bias)
+        err = _held_error(held, constraint.encoded(node, new_rows), new_b)
+        if best is None or err < best[0]:
+            best = (err, r)
     n_out = rows.shape[0]
-    stats = {"before": before / n_out, "after": min(before, after) / n_out}
-    if after >= before:
-        return stats
-    new_rows, new_b = rows.copy(), b.copy()
-    for gi, (ne, out) in enumerate(zip(eqs, held)):
-        sl = slice(gi * m_g, (gi + 1) * m_g)
-        new_rows[sl], new_b[sl] = _solve_group(ne.merged(out), constraint, sl, ridges[gi], bias)
-    _write(graph, node, w, new_rows, new_b if bias else None)
-    return stats
+    if best[0] >= before:
+        return Fit(before / n_out, before / n_out)
+    new_rows, new_b = constraint.solve_all([ne.merged(out) for ne, out in zip(eqs, held)], rows, b, best[1], bias)
+    _write(graph, node, constraint, new_rows, new_b if bias else None)
+    return Fit(before / n_out, best[0] / n_out)
 
 
-def _ridge_grid(ridge: float, constraint: Constraint) -> tuple[float, ...]:
-    """Ridge strengths to try: a grid for dense solves (one solve each), only `ridge` for a fixed
-    support (one solve per output row, too costly to repeat)."""
-    return (ridge,) if constraint.support is not None else (ridge, ridge * 10, ridge * 100)
+def _held_error(held: list[NormalEquations], rows: np.ndarray, b: np.ndarray) -> float:
+    m_g = rows.shape[0] // len(held)
+    return float(sum(out.residual(rows[gi * m_g:(gi + 1) * m_g], b[gi * m_g:(gi + 1) * m_g]).sum()
+                     for gi, out in enumerate(held)))
 
 
-def _write(graph: gs.Graph, node: gs.Node, w: np.ndarray, rows: np.ndarray, bias: np.ndarray | None) -> None:
+def _write(graph: gs.Graph, node: gs.Node, constraint: Constraint, rows: np.ndarray, bias: np.ndarray | None) -> None:
+    """Write refit rows (effective: a Gemm's alpha and beta become 1) and bias in their storage."""
     if node.op == "Gemm":
-        node.attrs.update(alpha=1.0, beta=1.0, transB=1)
-        new_w = rows
+        node.attrs.update(alpha=1.0, beta=1.0)
+    constraint.write(graph, node, rows)
+    if bias is None:
+        return
+    spec = W.LAYERS[node.op]
+    old = W.layer_bias(node)
+    if old is not None and old.value.size == bias.size:
+        W.write(graph, node, spec.bias, old, bias.reshape(old.value.shape))
     else:
-        new_w = from_out_rows(node, rows, tuple(w.shape))
-    G.set_constant(graph, node, 1, new_w.astype(w.dtype), "_refit")
-    if bias is not None:
-        G.set_constant(graph, node, 2, bias.astype(w.dtype), "_refit")
+        G.set_constant(graph, node, spec.bias, bias.astype(W.layer_weight(node).value.dtype), "_refit")
 
 
 def refit_batchnorm(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]],
-                    seed: int = 0) -> dict[str, Any] | None:
+                    seed: int = 0) -> Fit | Skipped:
     """Re-estimate an inference BatchNormalization from the student's inputs: per channel, the
     affine map a * x + d that best matches the reference's output (1-D least squares), written back
     as new scale and bias over the node's own mean and variance. Checked on held-out samples like
     `refit_layer`, kept (refit on all samples) only if it lowers their error."""
-    params = [G.constant_value(t) for t in node.inputs[1:5]]
+    params = [W.value_of(t) for t in node.inputs[1:5]]
     if any(p is None for p in params) or len(node.outputs) != 1:
-        return None
+        return Skipped("parameters are not constants")
     scale, beta, mean, var = (p.astype(np.float64) for p in params)
     std = np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
     a0, d0 = scale / std, beta - scale * mean / std       # the current map: y = a0 * x + d0
@@ -299,16 +291,15 @@ def refit_batchnorm(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.n
         fit += _affine_sums(x[~aside], y[~aside], len(scale))
         held += _affine_sums(x[aside], y[aside], len(scale))
     if held_samples < MIN_HELD_OUT_SAMPLES:
-        return {"skipped": f"{held_samples} held-out calibration samples are too few to check a refit "
-                           f"(at least {MIN_HELD_OUT_SAMPLES} needed)"}
+        return Skipped(f"{held_samples} held-out calibration samples are too few to check a refit "
+                       f"(at least {MIN_HELD_OUT_SAMPLES} needed)")
     a, d = _affine_fit(fit, a0, d0)
-    stats = {"before": _affine_err(held, a0, d0), "after": min(_affine_err(held, a0, d0), _affine_err(held, a, d))}
+    result = Fit(_affine_err(held, a0, d0), min(_affine_err(held, a0, d0), _affine_err(held, a, d)))
     if _affine_err(held, a, d) < _affine_err(held, a0, d0):
         a, d = _affine_fit(fit + held, a0, d0)
-        dtype = G.constant_value(node.inputs[1]).dtype
-        G.set_constant(graph, node, 1, (a * std).astype(dtype), "_refit")
-        G.set_constant(graph, node, 2, (d + a * mean).astype(dtype), "_refit")
-    return stats
+        for i, value in ((1, a * std), (2, d + a * mean)):   # in each parameter's own storage
+            W.write(graph, node, i, W.stored(node.inputs[i]), value)
+    return result
 
 
 def _affine_sums(x: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
@@ -337,42 +328,47 @@ def _affine_err(sums: np.ndarray, a: np.ndarray, d: np.ndarray) -> float:
 def find_head(graph: gs.Graph) -> gs.Node | None:
     """The Gemm that produces the first graph output directly, if any."""
     node = G.producer(graph.outputs[0])
-    if node is not None and node.op == "Gemm" and G.weight_of(node) is not None and not node.attrs.get("transA", 0):
+    if node is not None and node.op == "Gemm" and W.layer_weight(node) is not None and not node.attrs.get("transA", 0):
         return node
     return None
 
 
+@dataclass(frozen=True)
+class HeadFit:
+    """Top-1 agreement with the teachers on held-out samples, before and after the head refit."""
+    agreement_before: float
+    agreement_after: float
+
+
 def refit_head(graph: gs.Graph, head: gs.Node, features: np.ndarray, targets: np.ndarray, temperature: float,
                alpha: float = 0.0, labels: np.ndarray | None = None, constraint: Constraint | None = None,
-               seed: int = 0) -> dict[str, float]:
+               seed: int = 0) -> HeadFit | Skipped:
     """Refit the classifier head on soft targets (warm start from its weights). The fit is checked
-    on held-out samples (HOLDOUT of them): kept, refit on all samples, only if it lowers their soft
-    cross-entropy without lowering their top-1 agreement with the teachers. Returns that agreement
-    before and after."""
-    w = G.weight_of(head)
-    rows, b = _current(head, w)
-    constraint = constraint or Constraint.infer(rows)
-    mask = constraint.support
-    if constraint.columns is not None:
-        mask = np.zeros(rows.shape, dtype=bool)
-        mask[:, constraint.columns] = True
+    on held-out samples (HOLDOUT of them), with the storage's rounding included: kept, refit on all
+    samples, only if it lowers their soft cross-entropy without lowering their top-1 agreement."""
+    rows, b = _current(head)
+    constraint = constraint or C.infer(head)
+    if isinstance(constraint, (C.SharedCodebook, C.ChannelScales)):
+        return Skipped(f"a head with {type(constraint).__name__} weights is refit layer-wise only")
     H = features.reshape(len(features), -1).astype(np.float64)
     aside = np.random.default_rng(seed).random(len(H)) < HOLDOUT
     need = max(MIN_HELD_OUT, int(np.ceil(2 * (H.shape[1] + 1) / (1 - HOLDOUT) * HOLDOUT)))
     if len(H) < 2 * (H.shape[1] + 1) or aside.sum() < MIN_HELD_OUT:  # it would memorize, or luck would decide
-        return {"skipped": f"{len(H)} calibration samples are too few to refit a head of {H.shape[1]} "
-                           f"features (at least {max(2 * (H.shape[1] + 1), int(need / HOLDOUT))} needed)"}
+        return Skipped(f"{len(H)} calibration samples are too few to refit a head of {H.shape[1]} "
+                       f"features (at least {max(2 * (H.shape[1] + 1), int(need / HOLDOUT))} needed)")
+    mask = constraint.head_mask(rows.shape)
     fit = lambda idx, W0, b0: fit_soft_head(H[idx], targets[idx], temperature, alpha,
                                             None if labels is None else labels[idx], W0=W0, b0=b0, mask=mask)
-    W, bb = fit(~aside, rows, b)
+    Wn, bn = fit(~aside, rows, b)
+    Wq = constraint.encoded(head, Wn)
     held_ce = lambda W_, b_: -float(np.sum(targets[aside] * np.log(softmax(H[aside] @ W_.T + b_, temperature) + 1e-300)))
     agree = lambda W_, b_: float(np.mean((H[aside] @ W_.T + b_).argmax(1) == targets[aside].argmax(1)) * 100)
-    stats = {"agreement_before": agree(rows, b), "agreement_after": agree(rows, b)}
-    if held_ce(W, bb) < held_ce(rows, b) and agree(W, bb) >= agree(rows, b):
-        stats["agreement_after"] = agree(W, bb)
-        W, bb = fit(slice(None), W, bb)
-        _write(graph, head, w, W, bb)
-    return stats
+    if held_ce(Wq, bn) < held_ce(rows, b) and agree(Wq, bn) >= agree(rows, b):
+        result = HeadFit(agree(rows, b), agree(Wq, bn))
+        Wn, bn = fit(slice(None), Wn, bn)
+        _write(graph, head, constraint, Wn, bn)
+        return result
+    return HeadFit(agree(rows, b), agree(rows, b))
 
 
 def ensemble_targets(ctx: Context, data: Dataset, temperature: float) -> np.ndarray:
@@ -411,7 +407,7 @@ def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySett
     targets = {id(n) for n in changed_layers(graph, ctx, reference)} if settings.layers == "changed" else None
     dirty = False  # once a layer changed, everything after it sees different inputs
     for node in list(graph.toposort().nodes):
-        if node.op in RECOVERABLE_OPS and G.weight_of(node) is not None and (targets is None or id(node) in targets):
+        if _recoverable(node) and (targets is None or id(node) in targets):
             dirty = True
             walk.layer(node)
         elif node.op == "BatchNormalization" and dirty and settings.bn:
@@ -425,9 +421,10 @@ def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySett
         feats = student_activations(graph, ctx, data, [head.inputs[0].name])[head.inputs[0].name]
         result = refit_head(graph, head, feats, probs, settings.temperature, settings.alpha, data.labels,
                             _constraint(ctx, head), settings.seed)
-        if "skipped" in result:
-            walk.notes.append(f"head '{head.name}' left as is: {result.pop('skipped')}")
-        stats.update({f"head_{k}": v for k, v in result.items()})
+        if isinstance(result, Skipped):
+            walk.notes.append(f"head '{G.display_name(head)}' left as is: {result.reason}")
+        else:
+            stats.update(head_agreement_before=result.agreement_before, head_agreement_after=result.agreement_after)
     return RecoveryResult(bool(walk.fits or walk.bn_fits or "head_agreement_after" in stats), stats, walk.notes)
 
 
@@ -439,8 +436,8 @@ class _Walk:
     reference: onnx.ModelProto
     shapes: dict[str, list[int]]
     settings: RecoverySettings
-    fits: list[dict] = field(default_factory=list)
-    bn_fits: list[dict] = field(default_factory=list)
+    fits: list[Fit] = field(default_factory=list)
+    bn_fits: list[Fit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def _targets(self, node: gs.Node, axis: int, n_out: int) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
@@ -448,13 +445,19 @@ class _Walk:
         (with a note) when the teacher has no matching tensor."""
         y_name = node.outputs[0].name
         shape = self.shapes.get(y_name)
+        if shape is None and G.layer_id(node) in self.ctx.state.pairs.values():
+            self.notes.append(f"{node.op} '{G.display_name(node)}': first of a factored pair, fixed; the second "
+                              "is refit onto the teacher's output of the pair")
+            return None
         if shape is None:
-            self.notes.append(f"{node.op} '{node.name}': the teacher has no tensor '{y_name}' to match; left as is")
+            self.notes.append(f"{node.op} '{G.display_name(node)}': the teacher has no tensor '{y_name}' to match; "
+                              "left as is")
             return None
         channels = shape[axis]
         keep = None if channels <= 0 or channels == n_out else self.ctx.target_channels(y_name, channels, n_out)
         if channels > 0 and channels != n_out and keep is None:
-            self.notes.append(f"{node.op} '{node.name}': {n_out} outputs vs {channels} in the teacher; left as is")
+            self.notes.append(f"{node.op} '{G.display_name(node)}': {n_out} outputs vs {channels} in the teacher; "
+                              "left as is")
             return None
         batches = paired_batches(self.graph, self.ctx, self.reference, self.data, node.inputs[0].name, y_name)
         if keep is None:
@@ -462,40 +465,38 @@ class _Walk:
         return ((x, np.take(y, keep, axis=axis)) for x, y in batches)
 
     def layer(self, node: gs.Node) -> None:
-        n_out = out_rows(node, G.weight_of(node)).shape[0]
+        n_out = out_rows(node, W.layer_weight(node).value).shape[0]
         batches = self._targets(node, 1 if node.op == "Conv" else -1, n_out)
         if batches is None:
             return
         s = self.settings
         result = refit_layer(self.graph, node, batches, len(self.data), _constraint(self.ctx, node), s.ridge,
                              s.max_rows, s.seed)
-        self._record(node, result, "layout not supported by the refit", self.fits)
+        self._record(node, result, self.fits)
 
     def batchnorm(self, node: gs.Node) -> None:
-        scale = G.constant_value(node.inputs[1])
+        scale = W.value_of(node.inputs[1])
         batches = None if scale is None else self._targets(node, 1, len(scale))
         if batches is None:
             return
         result = refit_batchnorm(self.graph, node, batches, self.settings.seed)
-        self._record(node, result, "parameters are not constants", self.bn_fits)
+        self._record(node, result, self.bn_fits)
 
-    def _record(self, node: gs.Node, result: dict[str, Any] | None, unsupported: str, fits: list[dict]) -> None:
-        if result is None:
-            self.notes.append(f"{node.op} '{node.name}': {unsupported}; left as is")
-        elif "skipped" in result:
-            self.notes.append(f"{node.op} '{node.name}' left as is: {result['skipped']}")
+    def _record(self, node: gs.Node, result: Fit | Skipped, fits: list[Fit]) -> None:
+        if isinstance(result, Skipped):
+            self.notes.append(f"{node.op} '{G.display_name(node)}' left as is: {result.reason}")
         else:
             fits.append(result)
 
 
-def _summary(fits: list[dict], prefix: str) -> dict[str, float]:
+def _summary(fits: list[Fit], prefix: str) -> dict[str, float]:
     if not fits:
         return {f"{prefix}s_refit": 0}
     return {f"{prefix}s_refit": len(fits),
-            f"{prefix}_mse_before": float(np.mean([f["before"] for f in fits])),
-            f"{prefix}_mse_after": float(np.mean([f["after"] for f in fits]))}
+            f"{prefix}_mse_before": float(np.mean([f.before for f in fits])),
+            f"{prefix}_mse_after": float(np.mean([f.after for f in fits]))}
 
 
 def _constraint(ctx: Context, node: gs.Node) -> Constraint | None:
-    mark = ctx.state.constraints.get(node.name)
-    return mark if isinstance(mark, Constraint) else None
+    """The constraint a pass recorded for this layer in the run state, if any."""
+    return ctx.state.constraints.get(G.layer_id(node))

@@ -12,7 +12,7 @@ import numpy as np
 
 __all__ = [
     "NormalEquations", "ridge_fit", "solve_free", "solve_support", "solve_columns", "solve_codebook",
-    "solve_scales", "softmax", "soft_targets", "fit_soft_head", "im2col",
+    "solve_scales", "solve_codebook_groups", "solve_codebook_rows", "softmax", "soft_targets", "fit_soft_head", "im2col",
 ]
 
 
@@ -244,3 +244,60 @@ def im2col(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pad
     patches = xp[np.arange(n)[:, None, None, None], np.arange(c)[None, None, :, None],
                  rows[:, :, None, :], cols[:, :, None, :]]   # [N, P, C, K]
     return patches.reshape(n * positions.shape[1], c * kh * kw)
+
+
+def _codebook_rows(ne: NormalEquations, index_row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For one output whose weights are c[index_row]: A (n_in x k) with A[i, index_row[i]] = 1."""
+    A = np.zeros((ne.n_in, k))
+    A[np.arange(ne.n_in), index_row] = 1.0
+    return A, ne.G[:ne.n_in, :ne.n_in] @ A
+
+
+def solve_codebook_groups(eqs: list[NormalEquations], indices: list[np.ndarray], k: int, ridge: float = 1e-4,
+                          bias: bool = True, fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One codebook shared by every output of several groups (a grouped conv: one set of normal
+    equations per group, `indices[g]` the [outputs, n_in] codes of group g). Solves the k centroids
+    and each output's bias jointly; centroids where `fixed` is True keep the value 0 (a pruned
+    layer's zeros stay exactly zero). Returns (c [k], b [total outputs])."""
+    n_out = sum(len(ix) for ix in indices)
+    free = np.ones(k, bool) if fixed is None else ~fixed
+    H, r = np.zeros((k + n_out, k + n_out)), np.zeros(k + n_out)
+    o = 0
+    for ne, index in zip(eqs, indices):
+        gx1, n = ne.G[:ne.n_in, ne.n_in], ne.G[ne.n_in, ne.n_in]
+        for j, row in enumerate(index):   # j: the output inside its group; o: over all groups
+            A, GA = _codebook_rows(ne, row, k)
+            H[:k, :k] += A.T @ GA
+            r[:k] += A.T @ ne.C[:ne.n_in, j]
+            if bias:
+                H[:k, k + o] = H[k + o, :k] = A.T @ gx1
+                H[k + o, k + o] = n
+                r[k + o] = ne.C[ne.n_in, j]
+            o += 1
+    keep = np.r_[free, np.full(n_out, bias)]
+    lam = np.mean([ne.ridge(ridge) for ne in eqs]) * 1e-3
+    sub = H[np.ix_(keep, keep)] + np.diag(np.r_[np.full(free.sum(), lam), np.zeros(keep.sum() - free.sum())])
+    theta = np.zeros(k + n_out)
+    theta[keep] = _solve(sub, r[keep])
+    return theta[:k], (theta[k:] if bias else np.zeros(n_out))
+
+
+def solve_codebook_rows(ne: NormalEquations, index: np.ndarray, books: np.ndarray, ridge: float = 1e-4,
+                        bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One codebook per output (per-channel clustering): each output o solves its own centroids
+    `books[o]` (k) and bias from the shared normal equations; zero centroids stay zero."""
+    k = books.shape[1]
+    new, b = books.astype(np.float64).copy(), np.zeros(ne.n_out)
+    gx1, n = ne.G[:ne.n_in, ne.n_in], ne.G[ne.n_in, ne.n_in]
+    lam = ne.ridge(ridge) * 1e-3
+    for o, row in enumerate(index):
+        A, GA = _codebook_rows(ne, row, k)
+        free = books[o] != 0
+        H = np.zeros((k + 1, k + 1))
+        H[:k, :k], H[:k, k], H[k, :k], H[k, k] = A.T @ GA, A.T @ gx1, A.T @ gx1, n
+        r = np.r_[A.T @ ne.C[:ne.n_in, o], ne.C[ne.n_in, o]]
+        keep = np.r_[free, bias]
+        theta = np.zeros(k + 1)
+        theta[keep] = _solve(H[np.ix_(keep, keep)] + lam * np.diag(np.r_[np.ones(free.sum()), np.zeros(int(bias))]), r[keep])
+        new[o, free], b[o] = theta[:k][free], theta[k]
+    return new, b

@@ -66,10 +66,9 @@ class PruneChannels(Pass):
         analyze_now = lambda: analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original), shapes)
         an = analyze_now()
         notes = _frozen_notes(an, self.exclude)
-        targets = {g.name: kept_count(len(g.units), self.ratios.get(g.name, self.ratio), self.round_to,
-                                      self.min_channels)
+        targets = {g.id: kept_count(len(g.units), self._ratio(g, an), self.round_to, self.min_channels)
                    for g in self._prunable(an)}
-        start = {g.name: len(g.units) for g in self._prunable(an)}
+        start = {g.id: len(g.units) for g in self._prunable(an)}
         stats: dict[str, float] = {"groups": len(an.groups), "groups_prunable": len(targets),
                                    "channels_before": sum(start.values())}
         removed_total = 0
@@ -90,34 +89,39 @@ class PruneChannels(Pass):
         return PassResult(graph, removed_total > 0, stats, notes)
 
     def _prunable(self, an: Analysis) -> list[Group]:
-        return [g for g in an.groups if not g.frozen and not _excluded(g, self.exclude)]
+        return [g for g in an.groups if not g.frozen and not _excluded(g, an, self.exclude)]
+
+    def _ratio(self, group: Group, an: Analysis) -> float:
+        """The group's ratio: from `ratios` under any of its names, else `ratio`."""
+        names = group.names(an)
+        return next((r for key, r in self.ratios.items() if key in names), self.ratio)
 
     def _choose(self, graph: gs.Graph, an: Analysis, goal: dict[str, int], ctx: Context, data) -> set[int]:
         """The units to remove this step: per group, the lowest-scored down to its goal; with
         scope="global", the lowest normalized scores across groups decide how many each loses."""
-        groups = [g for g in self._prunable(an) if g.name in goal and len(g.units) > goal[g.name]]
+        groups = [g for g in self._prunable(an) if g.id in goal and len(g.units) > goal[g.id]]
         if not groups:
             return set()
         try:
             scores = group_scores(graph, an, groups, self.criterion, ctx, data)
         except ValueError as e:
             raise OptionError(f"{self.name}: {e}") from None
-        counts = {g.name: len(g.units) - goal[g.name] for g in groups}
+        counts = {g.id: len(g.units) - goal[g.id] for g in groups}
         if self.scope == "global":
             counts = self._global_counts(groups, scores, counts)
         removed: set[int] = set()
         for g in groups:
-            order = np.argsort(scores[g.name], kind="stable")
-            removed.update(g.units[i] for i in order[:counts[g.name]])
-        score_of = {u: sc for g in groups for u, sc in zip(g.units, scores[g.name])}
+            order = np.argsort(scores[g.id], kind="stable")
+            removed.update(g.units[i] for i in order[:counts[g.id]])
+        score_of = {u: sc for g in groups for u, sc in zip(g.units, scores[g.id])}
         return _keep_every_tensor_alive(an, groups, removed, score_of)
 
     def _global_counts(self, groups: list[Group], scores: dict[str, np.ndarray], counts: dict[str, int]) -> dict[str, int]:
         """Spend the same total removal on the globally least important units (scores / group mean)."""
         total = sum(counts.values())
-        pool = sorted((s / (scores[g.name].mean() or 1.0), g.name) for g in groups for s in scores[g.name])
-        limit = {g.name: len(g.units) - kept_count(len(g.units), 0.999, self.round_to, self.min_channels) for g in groups}
-        out = {g.name: 0 for g in groups}
+        pool = sorted((s / (scores[g.id].mean() or 1.0), g.id) for g in groups for s in scores[g.id])
+        limit = {g.id: len(g.units) - kept_count(len(g.units), 0.999, self.round_to, self.min_channels) for g in groups}
+        out = {g.id: 0 for g in groups}
         for _, name in pool:
             if total == 0:
                 break
@@ -125,7 +129,7 @@ class PruneChannels(Pass):
                 out[name] += 1
                 total -= 1
         if self.round_to > 1:
-            sizes = {g.name: len(g.units) for g in groups}
+            sizes = {g.id: len(g.units) for g in groups}
             out = {n: sizes[n] - kept_count(sizes[n], c / sizes[n], self.round_to, self.min_channels) for n, c in out.items()}
         return out
 
@@ -142,8 +146,8 @@ def _keep_every_tensor_alive(an: Analysis, groups: list[Group], removed: set[int
     return removed
 
 
-def _excluded(group: Group, exclude: tuple[str, ...]) -> bool:
-    return bool(set(exclude) & ({group.name} | set(group.producers) | set(group.consumers)))
+def _excluded(group: Group, an: Analysis, exclude: tuple[str, ...]) -> bool:
+    return bool(set(exclude) & group.names(an, consumers=True))
 
 
 def _frozen_notes(an: Analysis, exclude: tuple[str, ...]) -> list[str]:
@@ -151,7 +155,7 @@ def _frozen_notes(an: Analysis, exclude: tuple[str, ...]) -> list[str]:
     for g in an.groups:
         if g.producers and g.frozen:
             notes.append(f"group '{g.name}' ({len(g.units)} channels) left as is: {g.frozen}")
-        elif g.producers and _excluded(g, exclude):
+        elif g.producers and _excluded(g, an, exclude):
             notes.append(f"group '{g.name}' ({len(g.units)} channels) left as is: excluded")
     return notes
 

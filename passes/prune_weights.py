@@ -1,4 +1,5 @@
-"""prune-weights: unstructured magnitude pruning of Conv/ConvTranspose/Gemm/MatMul weights.
+"""prune-weights: unstructured magnitude pruning of the weights of every layer in the weight table
+(Conv, ConvTranspose, Gemm, MatMul, embeddings, MatMulNBits), whatever their storage.
 
 The zeros make the file compress well (sparse storage), but a dense runtime still multiplies
 them: expect no speedup. The report shows both the gzip size and the measured latency.
@@ -11,8 +12,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress import graph as G
-from onnxcompress.layers import WEIGHTED_OPS
+from onnxcompress import graph as G, weights as W
 from onnxcompress.pass_api import Context, Pass, PassResult
 
 __all__ = ["PruneWeights", "magnitude_mask"]
@@ -33,7 +33,7 @@ class PruneWeights(Pass):
     """Zero the smallest-magnitude weights (per layer or globally); smaller when compressed, not faster."""
 
     name = "prune-weights"
-    handles = WEIGHTED_OPS
+    handles = frozenset(W.LAYERS)
     sparsity: float = 0.5
     scope: Literal["layer", "global"] = "global"
     exclude: tuple[str, ...] = ()
@@ -42,31 +42,30 @@ class PruneWeights(Pass):
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
 
-    def weights(self, graph: gs.Graph) -> tuple[dict[str, list[gs.Node]], dict[str, np.ndarray], list[str]]:
-        """The distinct constant float weights of the ops this pass handles (initializers, Constant
-        nodes or folds of them): the nodes using each, their values, and notes on those skipped."""
-        users: dict[str, list[gs.Node]] = {}
-        values: dict[str, np.ndarray] = {}
+    def weights(self, graph: gs.Graph) -> tuple[dict[tuple, list[tuple[gs.Node, W.Stored]]], list[str]]:
+        """The distinct weights of the layers this pass handles, whatever their storage (layers
+        sharing one weight are listed together), and notes on the layers it cannot reach."""
+        users: dict[tuple, list[tuple[gs.Node, W.Stored]]] = {}
         notes = []
         for node in graph.nodes:
-            if node.op not in self.handles or node.name in self.exclude or len(node.inputs) < 2:
+            if node.op not in self.handles or self.exclude and {node.name, G.layer_id(node)} & set(self.exclude):
                 continue
-            w = node.inputs[1]
-            value = G.constant_value(w)
-            if value is not None and value.dtype.kind == "f":
-                users.setdefault(w.name, []).append(node)
-                values[w.name] = value
-            else:
-                src = G.producer(w)
-                notes.append(f"{node.op} '{node.name}': weight is not a float constant"
-                             f"{f' (made by {src.op})' if src else ''}; left as is")
-        return users, values, notes
+            s = W.layer_weight(node)
+            if s is None or (node.op == "Gather" and not W.is_layer(node)):
+                if node.op != "Gather":
+                    src = G.producer(node.inputs[W.LAYERS[node.op].weight]) if len(node.inputs) > 1 else None
+                    notes.append(f"{node.op} '{G.display_name(node)}': weight is not a constant"
+                                 f"{f' (made by {src.op})' if src else ''}; left as is")
+                continue
+            users.setdefault(s.sources, []).append((node, s))
+        return users, notes
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
-        users, values, notes = self.weights(graph)
-        if not values:
+        users, notes = self.weights(graph)
+        if not users:
             return PassResult(graph, False, {"sparsity": 0.0}, notes + ["no prunable weights found"])
-        names = list(values)
+        names = list(users)
+        values = {n: users[n][0][1].value for n in names}
         if self.scope == "global":
             mags = np.concatenate([np.abs(values[n]).ravel() for n in names])
             keep = magnitude_mask(mags, self.sparsity)
@@ -77,19 +76,11 @@ class PruneWeights(Pass):
         total = zeros = 0
         for name, mask in zip(names, masks):
             pruned = np.where(mask, values[name], 0).astype(values[name].dtype)
-            _store(graph, users[name], name, pruned)
-            total += pruned.size
-            zeros += int(pruned.size - np.count_nonzero(pruned))
+            for node, s in users[name]:   # in the weight's own storage: codes and scales are kept
+                s = W.write(graph, node, W.LAYERS[node.op].weight, s, pruned, refit=False, suffix="_pruned",
+                            in_place=True)
+            total += s.value.size
+            zeros += int(s.value.size - np.count_nonzero(s.value))
         stats = {"tensors": len(names), "weights": total, "zeros": zeros, "weight_sparsity": zeros / total}
         return PassResult(graph, True, stats, notes)
 
-
-def _store(graph: gs.Graph, nodes: list[gs.Node], name: str, value: np.ndarray) -> None:
-    """Give every node that reads weight `name` the pruned value (one shared initializer)."""
-    tensor = nodes[0].inputs[1]
-    if isinstance(tensor, gs.Constant):
-        tensor.values = value
-        return
-    const = gs.Constant(G.unique_name(graph, f"{name}_pruned"), value)  # it was a Constant node or a fold
-    for node in nodes:
-        node.inputs[1] = const
