@@ -260,14 +260,8 @@ def _write(graph: gs.Graph, node: gs.Node, constraint: Constraint, rows: np.ndar
     if node.op == "Gemm":
         node.attrs.update(alpha=1.0, beta=1.0)
     constraint.write(graph, node, rows)
-    if bias is None:
-        return
-    spec = W.LAYERS[node.op]
-    old = W.layer_bias(node)
-    if old is not None and old.value.size == bias.size:
-        W.write(graph, node, spec.bias, old, bias.reshape(old.value.shape))
-    else:
-        G.set_constant(graph, node, spec.bias, bias.astype(W.layer_weight(node).value.dtype), "_refit")
+    if bias is not None:
+        W.write_bias(graph, node, bias)
 
 
 def refit_batchnorm(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]],
@@ -326,8 +320,12 @@ def _affine_err(sums: np.ndarray, a: np.ndarray, d: np.ndarray) -> float:
 # -- head ---------------------------------------------------------------------------------------
 
 def find_head(graph: gs.Graph) -> gs.Node | None:
-    """The Gemm that produces the first graph output directly, if any."""
+    """The Gemm that produces the first graph output, directly or through a per-tensor
+    QuantizeLinear/DequantizeLinear pair (a quantized model's output), if any."""
     node = G.producer(graph.outputs[0])
+    while node is not None and node.op in ("QuantizeLinear", "DequantizeLinear") and W.value_of(node.inputs[1]) is not None \
+            and W.value_of(node.inputs[1]).size == 1:
+        node = G.producer(node.inputs[0])
     if node is not None and node.op == "Gemm" and W.layer_weight(node) is not None and not node.attrs.get("transA", 0):
         return node
     return None
@@ -415,7 +413,7 @@ def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySett
     stats = _summary(walk.fits, "layer") | _summary(walk.bn_fits, "bn")
     head = find_head(graph) if settings.head else None
     if settings.head and head is None:
-        walk.notes.append("no Gemm produces the first output directly: head refit skipped")
+        walk.notes.append("no Gemm produces the first output: head refit skipped")
     if head is not None:
         probs = ensemble_targets(ctx, data, settings.temperature)
         feats = student_activations(graph, ctx, data, [head.inputs[0].name])[head.inputs[0].name]

@@ -32,7 +32,8 @@ from .layers import out_rows
 log = logging.getLogger(__name__)
 
 __all__ = ["LAYERS", "LayerSpec", "Stored", "Dense", "Quantized", "Codebook", "NBits", "StorageError",
-           "stored", "layer_weight", "layer_bias", "value_of", "write", "take", "write_rows", "set_codebook", "is_layer",
+           "stored", "layer_weight", "layer_bias", "value_of", "write", "take", "write_rows", "write_bias", "set_codebook",
+           "is_layer",
            "rows_of"]
 
 
@@ -662,6 +663,38 @@ def write_rows(graph: gs.Graph, node: gs.Node, rows: np.ndarray, refit: bool | N
 
     s = layer_weight(node)
     return write(graph, node, LAYERS[node.op].weight, s, from_out_rows(node, rows, s.value.shape), refit)
+
+
+def write_bias(graph: gs.Graph, node: gs.Node, value: np.ndarray) -> None:
+    """Give a layer a new bias in its storage. A 32-bit quantized bias of a layer whose input and
+    weight are quantized is stored at scale input_scale x weight_scale per channel, the convention
+    onnxruntime's integer kernels rely on (they read the codes directly), so it follows the weight's
+    current scales; a layer without a bias gets a dense one."""
+    spec = LAYERS[node.op]
+    old = layer_bias(node)
+    value = np.asarray(value)
+    if old is None or old.value.size != value.size:
+        G.set_constant(graph, node, spec.bias, value.astype(layer_weight(node).value.dtype), "_refit")
+        return
+    st, scale = old.storage, _kernel_bias_scale(node)
+    if isinstance(st, Quantized) and st.bits >= 32 and scale is not None:
+        st = replace(st, scale=np.broadcast_to(scale.reshape(-1) if old.value.ndim else scale, old.value.shape).astype(st.scale.dtype),
+                     zero_point=np.zeros(old.value.shape, np.int64))
+        _place(graph, node, spec.bias, old, st.encode(value.reshape(old.value.shape), refit=False), "_refit")
+        return
+    write(graph, node, spec.bias, old, value.reshape(old.value.shape))
+
+
+def _kernel_bias_scale(node: gs.Node) -> np.ndarray | None:
+    """input scale x weight scale per output channel, when both are quantized (else None)."""
+    x = G.producer(node.inputs[0])
+    w = layer_weight(node)
+    if x is None or x.op != "DequantizeLinear" or w is None or not isinstance(w.storage, Quantized):
+        return None
+    sx = value_of(x.inputs[1])
+    if sx is None or sx.size != 1:
+        return None
+    return float(sx.reshape(-1)[0]) * out_rows(node, w.storage.scale.astype(np.float64))[:, 0]
 
 
 def set_codebook(graph: gs.Graph, node: gs.Node, s: Stored, book: np.ndarray) -> Stored:

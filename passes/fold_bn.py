@@ -58,11 +58,7 @@ class FoldBatchNorm(Pass):
             b = np.zeros(len(s)) if bias is None else bias.astype(np.float64).reshape(-1)
         # Written back in each tensor's own storage (a quantized layer stays quantized).
         W.write(graph, prev, 1, weight, from_out_rows(prev, rows * s[:, None], w.shape), suffix="_bnfold")
-        new_b = ((b - mean) * s + beta).astype(w.dtype)
-        if bias_s is not None and bias_s.value.size == new_b.size:
-            W.write(graph, prev, 2, bias_s, new_b.reshape(bias_s.value.shape), suffix="_bnfold")
-        else:
-            G.set_constant(graph, prev, 2, new_b, "_bnfold")
+        W.write_bias(graph, prev, ((b - mean) * s + beta).astype(w.dtype))
         prev.outputs = list(bn.outputs)
         bn.outputs.clear()
         return None
