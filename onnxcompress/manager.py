@@ -9,17 +9,18 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
 from . import graph as G
 from ._version import __version__
 from .data import Dataset, conform
 from .errors import CompressError, InputError, PassError
-from .metrics import (LatencyConfig, accuracy, count_params, fidelity, gzip_bytes, latency_ms, size_bytes,
-                      sparsity, total_macs)
+from .metrics import LatencyConfig, accuracy, count_params, fidelity, gzip_bytes, latency_ms, size_bytes, total_macs
 from .pass_api import ChannelMap, Context, Pass
 from .report import Report, Step
 from .runtime import DEFAULT_PROVIDERS, make_session, run_model
 from .validate import ValidationError, validate_model
+from .weights import storage_summary
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class Evaluator:
         step.accuracy = accuracy(first, self.data.labels) if self.data.labels is not None else None
         step.fidelity = fidelity(self.reference, outs)
         step.size_bytes, step.gzip_bytes = size_bytes(model), gzip_bytes(model)
-        step.params, step.sparsity = count_params(model), sparsity(model)
+        storage = storage_summary(G.to_graph(model))
+        step.params, step.sparsity = count_params(model), storage.sparsity
+        step.bits_per_weight, step.weight_bytes = storage.bits_per_weight, dict(storage.bytes_by_kind)
         try:
             step.macs = total_macs(model, self.input_shapes)
         except Exception as e:  # shape inference can fail on exotic graphs; MACs are then unknown
@@ -118,11 +121,12 @@ class PassManager:
         evaluator = Evaluator(model, data, self.providers, self.latency, self.batch_size)
         ctx = Context(calib=calib, original=model, teachers=self.teachers or [model], providers=self.providers,
                       temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size)
-        ctx.inherited_maps = _inherited_maps(model)
+        ctx.inherited_maps, metadata_notes = _inherited_maps(model)
         report = Report(name, budget={"max_drop": self.max_drop, "metric": "accuracy" if data.labels is not None else "agreement"})
         t0 = time.perf_counter()
         report.steps.append(evaluator.measure(model, Step("original", "original")))
         report.steps[0].seconds = time.perf_counter() - t0
+        report.steps[0].notes += metadata_notes
         if evaluation is None and calib is None:
             report.steps[0].notes += _symbolic_dims_note(model)
         baseline, current, budget_met, done = score(report.steps[0]), model, True, []
@@ -161,8 +165,9 @@ class PassManager:
         """Run one pass on a fresh graph of `current`; return its step and the new model (None if unchanged)."""
         t0 = time.perf_counter()
         step = Step(p.name, "applied", options=_jsonable(p.options()))
+        start, raised = _with_opset(current, p, previous)
         try:
-            result = p.run(G.to_graph(current), ctx)
+            result = p.run(G.to_graph(start), ctx)
         except CompressError:
             raise
         except Exception as e:
@@ -172,15 +177,60 @@ class PassManager:
             return replace(last, pass_=p.name, status="unchanged", options=step.options, stats=step.stats,
                            notes=step.notes, seconds=time.perf_counter() - t0), None
         try:
-            new = G.to_model(G.tidy(result.graph), like=current)
+            new = G.to_model(G.tidy(result.graph), like=start)
             validate_model(new, self.providers)
         except ValidationError as e:
-            raise PassError(p.name, f"produced an invalid model: {e}", previous) from None
+            raise PassError(p.name, f"produced an invalid model: {e}", previous) from e
         except Exception as e:
             raise PassError(p.name, f"produced a graph that cannot be exported: {e}", previous) from e
-        evaluator.measure(new, step)
+        changed = _boundary_changes(current, new)
+        if changed:
+            raise PassError(p.name, f"changed the graph's {changed}; inputs and outputs must stay as they are", previous)
+        if _opset(new) > _opset(current):
+            step.notes.append(f"raised the opset from {_opset(current)} to {_opset(new)}"
+                              + (f" (the pass needs {p.required_opset()})" if raised else ""))
+        try:
+            evaluator.measure(new, step)
+        except Exception as e:
+            raise PassError(p.name, f"its output could not be measured: {type(e).__name__}: {e}", previous) from e
         step.seconds = time.perf_counter() - t0
         return step, new
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _with_opset(model: onnx.ModelProto, p: Pass, previous: tuple[str, ...]) -> tuple[onnx.ModelProto, bool]:
+    """The model at the opset the pass needs (converted by onnx's version converter when lower)."""
+    need = p.required_opset()
+    if _opset(model) >= need:
+        return model, False
+    try:
+        converted = onnx.version_converter.convert_version(model, need)
+    except Exception as e:
+        raise PassError(p.name, f"needs opset {need}; converting the model from opset {_opset(model)} failed: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", previous) from e
+    return converted, True
+
+
+def _io(values) -> list[tuple[str, int, tuple]]:
+    out = []
+    for v in values:
+        tt = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim) \
+            if tt.HasField("shape") else None
+        out.append((v.name, tt.elem_type, dims))
+    return out
+
+
+def _boundary_changes(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
+    """What a pass changed of the graph's inputs and outputs (names, types, declared dims), or ''."""
+    inits = {t.name for t in before.graph.initializer}
+    was = lambda m: ([v for v in _io(m.graph.input) if v[0] not in inits], _io(m.graph.output))
+    (ins0, outs0), (ins1, outs1) = was(before), was(after)
+    parts = [f"{what}: {a} -> {b}" for what, a, b in (("inputs", ins0, ins1), ("outputs", outs0, outs1)) if a != b]
+    return "; ".join(parts)
 
 
 def _units(passes: Sequence[Pass]) -> list[list[Pass]]:
@@ -226,16 +276,27 @@ def _read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     return {}
 
 
-def _inherited_maps(model: onnx.ModelProto) -> dict[str, ChannelMap]:
-    """Channel maps an earlier run recorded: {"tensor": {"of": channels before, "kept": [...]}}."""
+def _inherited_maps(model: onnx.ModelProto) -> tuple[dict[str, ChannelMap], list[str]]:
+    """Channel maps an earlier run recorded: {"tensor": {"of": channels before, "kept": [...]}}.
+    Every record is range-checked (indices unique, increasing, within `of`); a malformed one is
+    ignored and named in the returned notes."""
     maps = _read_metadata(model).get("channel_maps", {})
-    out = {}
+    out, bad = {}, []
     for name, entry in (maps.items() if isinstance(maps, dict) else []):
         try:
-            out[name] = ChannelMap(int(entry["of"]), np.asarray(entry["kept"], dtype=np.int64))
-        except (KeyError, TypeError, ValueError):
-            continue  # a malformed record is ignored, not fatal
-    return out
+            of, kept = int(entry["of"]), np.asarray(entry["kept"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError, OverflowError):
+            bad.append(str(name))
+            continue
+        if kept.ndim != 1 or of < 1 or (kept.size and (kept.min() < 0 or kept.max() >= of or np.any(np.diff(kept) <= 0))):
+            bad.append(str(name))
+            continue
+        out[str(name)] = ChannelMap(of, kept)
+    if not isinstance(maps, dict):
+        bad.append("channel_maps")
+    notes = [f"metadata: malformed channel map record(s) ignored: {', '.join(bad[:5])}"
+             + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")] if bad else []
+    return out, notes
 
 
 def _combined_maps(ctx: Context) -> dict[str, ChannelMap]:
@@ -252,6 +313,7 @@ def _with_metadata(model: onnx.ModelProto, applied: list[dict[str, Any]],
     (which of the original's channels each pruned tensor kept, so a later run can still match a
     teacher's channels) in metadata_props."""
     history = _read_metadata(model).get("passes", [])
+    history = history if isinstance(history, list) else []
     kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

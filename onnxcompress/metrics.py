@@ -12,10 +12,11 @@ import onnx
 from google.protobuf.message import Message
 from onnx import numpy_helper
 
-from . import io
+from . import graph as G, io
 from .data import Dataset
 from .errors import InputError
 from .runtime import DEFAULT_PROVIDERS, fixed_batch, make_session
+from .weights import storage_summary
 
 log = logging.getLogger(__name__)
 
@@ -28,25 +29,40 @@ __all__ = [
 _SHAPE_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
 
 
+def _storage_names(model: onnx.ModelProto) -> set[str]:
+    """Integer tensors that hold weights rather than shapes: codes read by DequantizeLinear (and
+    their zero points), codebook indices (read by Gather/GatherElements, usually through a Cast),
+    and MatMulNBits's packed blocks."""
+    names: set[str] = set()
+    nodes = [n for n in model.graph.node]
+    casts = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Cast"}
+    for n in nodes:
+        if n.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            names.update(n.input[i] for i in (0, 2) if len(n.input) > i)
+        elif n.op_type in ("Gather", "GatherElements") and len(n.input) > 1:
+            names.update({n.input[1], casts.get(n.input[1], "")})
+        elif n.op_type == "MatMulNBits":
+            names.update(n.input[1:4])
+    return names
+
+
 def _weight_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     tensors = list(model.graph.initializer)
     tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    return [t for t in tensors if t.data_type not in _SHAPE_TYPES]
+    storage = _storage_names(model)
+    return [t for t in tensors if t.data_type not in _SHAPE_TYPES or t.name in storage]
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Number of weight elements (initializers and Constant nodes, excluding int32/int64 shape tensors)."""
+    """Number of stored parameter elements: initializers and Constant nodes, quantized codes and
+    codebook indices included, int32/int64 tensors that hold shapes excluded."""
     return int(sum(int(np.prod(t.dims)) for t in _weight_tensors(model)))
 
 
 def sparsity(model: onnx.ModelProto) -> float:
-    """Fraction of exact zeros among the weight elements."""
-    total = zeros = 0
-    for t in _weight_tensors(model):
-        a = numpy_helper.to_array(t)
-        total += a.size
-        zeros += int(a.size - np.count_nonzero(a))
-    return zeros / total if total else 0.0
+    """Fraction of exactly-zero weights among the layers' decoded weights (a quantized weight is
+    zero when its code is the zero point, not when the code is 0)."""
+    return storage_summary(G.to_graph(model)).sparsity
 
 
 def size_bytes(model: onnx.ModelProto) -> int:

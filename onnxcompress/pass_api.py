@@ -113,6 +113,12 @@ class Pass:
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def required_opset(self) -> int:
+        """The lowest default-domain opset this pass (with these options) can emit; the manager
+        converts a model below it first and the report says so. A pass may also raise
+        `graph.opset` itself: the saved model keeps the higher opset."""
+        return 0
+
     # -- options ---------------------------------------------------------------------------
     @classmethod
     def summary(cls) -> str:

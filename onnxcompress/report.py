@@ -24,7 +24,9 @@ class Step:
     size_bytes: int = 0
     gzip_bytes: int = 0
     params: int = 0
-    sparsity: float = 0.0
+    sparsity: float = 0.0            # zero weights among the layers' decoded weights
+    bits_per_weight: float = 0.0     # stored bits per layer weight (codes, scales, codebooks included)
+    weight_bytes: dict[str, int] = field(default_factory=dict)  # layer weight bytes by storage kind
     macs: int = 0
     latency_ms: dict[int, float] = field(default_factory=dict)  # batch size -> median ms
     fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -112,13 +114,13 @@ def render(report: Report) -> str:
     """A readable console table of the steps (latency per measured batch size), then the notes."""
     base = report.steps[0]
     batches = sorted({b for s in report.steps for b in s.latency_ms})
-    header = ["step", "status", "accuracy", "size", "gzip", "params", "sparsity", "MACs"]
+    header = ["step", "status", "accuracy", "size", "gzip", "params", "sparsity", "bits/w", "MACs"]
     header += [f"latency b{b}" for b in batches] + ["fidelity", "time"]
     rows = []
     for s in report.steps:
         row = [s.pass_, s.status, "-" if s.accuracy is None else f"{s.accuracy:.2f}%",
                f"{human_bytes(s.size_bytes)} ({s.size_bytes / base.size_bytes:.2f}x)", human_bytes(s.gzip_bytes),
-               human_count(s.params), f"{s.sparsity * 100:.1f}%",
+               human_count(s.params), f"{s.sparsity * 100:.1f}%", f"{s.bits_per_weight:.1f}",
                f"{human_count(s.macs)} ({s.macs / base.macs:.2f}x)" if base.macs else human_count(s.macs)]
         for b in batches:
             lat, ref = s.latency_ms.get(b), base.latency_ms.get(b)

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LAYERS", "LayerSpec", "Stored", "Dense", "Quantized", "Codebook", "NBits", "StorageError",
            "stored", "layer_weight", "layer_bias", "value_of", "write", "take", "write_rows", "write_bias", "set_codebook",
-           "is_layer",
+           "is_layer", "StorageSummary", "storage_summary",
            "rows_of"]
 
 
@@ -729,3 +729,38 @@ def _node(graph: gs.Graph, op: str, inputs: list[gs.Tensor], attrs: dict, base: 
     out = gs.Variable(G.unique_name(graph, base), dtype=np.dtype(dtype))
     graph.nodes.append(gs.Node(op, G.unique_name(graph, base + "_" + op), dict(attrs), list(inputs), [out]))
     return out
+
+
+# -- what the weights cost ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StorageSummary:
+    """Every distinct layer weight of a graph (bodies of If/Loop/Scan included): how many weights,
+    how many are exactly zero once decoded (a quantized zero is its zero point), and the bytes
+    each storage kind takes."""
+    weights: int
+    zeros: int
+    bytes_by_kind: dict[str, int]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * sum(self.bytes_by_kind.values()) / self.weights if self.weights else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.weights if self.weights else 0.0
+
+
+def storage_summary(graph: gs.Graph) -> StorageSummary:
+    seen: set[tuple[str, ...]] = set()
+    total = zeros = 0
+    by_kind: dict[str, float] = {}
+    for node in G.iter_nodes(graph):
+        s = layer_weight(node) if is_layer(node) else None
+        if s is None or s.sources in seen:
+            continue
+        seen.add(s.sources)
+        total += s.value.size
+        zeros += int(s.value.size - np.count_nonzero(s.value))
+        by_kind[s.kind] = by_kind.get(s.kind, 0.0) + s.storage.nbytes()
+    return StorageSummary(total, zeros, {k: int(round(v)) for k, v in sorted(by_kind.items())})
