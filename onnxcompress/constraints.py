@@ -6,6 +6,7 @@ of a grouped conv) and writes the result back in the layer's own storage through
 - `FixedSupport`: zeros stay exactly zero (unstructured pruning);
 - `KeptColumns`: only the kept input columns carry weight;
 - `SharedCodebook`: the index tensor is fixed, the k tied values are solved (clustering);
+- `Reclustered`: a clustered layer refit freely, re-assigned to its centroids, centroids re-solved;
 - `ChannelScales`: integer or binary codes are fixed, one scale per output channel is solved.
 `infer` picks the constraint that keeps what a layer's storage already says.
 """
@@ -22,7 +23,7 @@ from .layers import from_out_rows, out_rows
 from .solvers import (NormalEquations, solve_codebook_groups, solve_codebook_rows, solve_columns, solve_free,
                       solve_scales, solve_support)
 
-__all__ = ["Constraint", "Free", "FixedSupport", "KeptColumns", "SharedCodebook", "ChannelScales", "infer",
+__all__ = ["Constraint", "Free", "FixedSupport", "KeptColumns", "SharedCodebook", "Reclustered", "ChannelScales", "infer",
            "QUANTIZED_SUPPORT"]
 
 # Zeros of a quantized layer are kept only when they are this share of its weights: below, they are
@@ -35,6 +36,10 @@ class Constraint:
     """Base: a free refit. Subclasses change `solve` (per group) or `solve_all` (joint)."""
     joint: ClassVar[bool] = False          # one solve over every group (a codebook they share)
     grid: ClassVar[bool] = True            # try several ridge strengths (cheap solves only)
+
+    def ridges(self, ridge: float) -> tuple[float, ...]:
+        """Ridge strengths the held-out rows choose from."""
+        return (ridge, ridge * 10, ridge * 100) if self.grid else (ridge,)
 
     def solve(self, ne: NormalEquations, rows: np.ndarray, b: np.ndarray, sl: slice, ridge: float,
               bias: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +139,40 @@ class SharedCodebook(Constraint):
             book[self.index.ravel()] = rows.ravel()
         else:
             np.put_along_axis(book, self.index, rows, 1)
-        W.set_codebook(graph, node, s, book.astype(s.storage.codebook.dtype))
+        index = from_out_rows(node, self.index, s.value.shape)
+        W.set_codebook(graph, node, s, book.astype(s.storage.codebook.dtype), index.astype(np.int64))
+
+
+@dataclass
+class Reclustered(Constraint):
+    """A clustered layer whose structure changed (pruned channels): the free refit is assigned to
+    the nearest of its current centroids (one Lloyd step), then the centroids are solved by least
+    squares for that index. Stays a codebook of at most k values, with every index free to move.
+    Strong ridges are tried too: a weakly regularized refit spreads its weights too far for k values."""
+
+    def ridges(self, ridge: float) -> tuple[float, ...]:
+        return tuple(ridge * 10 ** i for i in range(6))
+
+    def solve(self, ne, rows, b, sl, ridge, bias):   # shrunk towards the current (clustered) weights
+        return solve_free(ne, ridge, bias, prior=rows)
+
+    def solve_all(self, eqs, rows, b, ridge, bias):
+        free_rows, _ = Constraint.solve_all(self, eqs, rows, b, ridge, bias)
+        shared = self._shared(self.node, free_rows)
+        return shared.solve_all(eqs, rows, b, ridge, bias)
+
+    def _shared(self, node: gs.Node, rows: np.ndarray) -> "SharedCodebook":
+        s = W.layer_weight(node)
+        st = s.storage.encode(from_out_rows(node, rows, s.value.shape).astype(s.value.dtype), refit=True)
+        return SharedCodebook(index=out_rows(node, st.index), book=st.codebook)
+
+    def encoded(self, node, rows):
+        return rows.astype(np.float64)
+
+    def write(self, graph, node, rows):
+        self._shared(node, rows).write(graph, node, rows)
+
+    node: gs.Node = None
 
 
 @dataclass
@@ -162,8 +200,7 @@ def infer(node: gs.Node) -> Constraint:
     rows = out_rows(node, s.value)
     st = s.storage
     if isinstance(st, W.Codebook) and st.axis in (None, _out_axis(node)):
-        index = out_rows(node, st.index)
-        return SharedCodebook(index=index, book=st.codebook)
+        return Reclustered(node=node)
     zeros = float(np.mean(rows == 0)) if rows.size else 0.0
     if zeros > 0 and (st.kind == "dense" or zeros >= QUANTIZED_SUPPORT):
         return FixedSupport(support=rows != 0)

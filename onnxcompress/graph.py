@@ -204,7 +204,8 @@ def elem_type(tensor: gs.Tensor) -> int:
 
 def make_constant(name: str, value: np.ndarray, elem_type: int | None = None) -> gs.Constant:
     """A new constant holding `value` as ONNX type `elem_type` (default: the array's own)."""
-    value = np.ascontiguousarray(value)
+    value = np.asarray(value)
+    value = value if value.flags.c_contiguous else value.copy()   # keeps 0-d scalars 0-d
     if elem_type is None:
         return gs.Constant(name, value)
     np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)

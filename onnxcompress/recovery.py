@@ -236,7 +236,7 @@ def refit_layer(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarr
     constraint = constraint or C.infer(node)
     before = _held_error(held, rows, b)
     best = None
-    for r in (ridge, ridge * 10, ridge * 100) if constraint.grid else (ridge,):
+    for r in constraint.ridges(ridge):
         new_rows, new_b = constraint.solve_all(eqs, rows, b, r, bias)
         err = _held_error(held, constraint.encoded(node, new_rows), new_b)
         if best is None or err < best[0]:

@@ -76,11 +76,16 @@ def _reg(n: int, lam: float, bias: bool) -> np.ndarray:
     return np.diag(r)
 
 
-def solve_free(ne: NormalEquations, ridge: float = 1e-4, bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Unconstrained ridge fit: returns W [out, in] and b [out] (zeros when `bias` is False)."""
+def solve_free(ne: NormalEquations, ridge: float = 1e-4, bias: bool = True,
+               prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Unconstrained ridge fit: returns W [out, in] and b [out] (zeros when `bias` is False).
+    With a `prior` [out, in], the ridge shrinks W towards it instead of towards zero."""
     k = ne.n_in + (1 if bias else 0)
     G, C = ne.G[:k, :k], ne.C[:k]
-    theta = _solve(G + _reg(k, ne.ridge(ridge), bias), C)
+    R = _reg(k, ne.ridge(ridge), bias)
+    if prior is not None:
+        C = C + np.diag(R)[:, None] * np.vstack([prior.T, np.zeros((k - ne.n_in, ne.n_out))])
+    theta = _solve(G + R, C)
     W = theta[:ne.n_in].T
     b = theta[ne.n_in] if bias else np.zeros(ne.n_out)
     return W, b

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LAYERS", "LayerSpec", "Stored", "Dense", "Quantized", "Codebook", "NBits", "StorageError",
            "stored", "layer_weight", "layer_bias", "value_of", "write", "take", "write_rows", "write_bias", "set_codebook",
-           "is_layer", "StorageSummary", "storage_summary",
+           "is_layer", "StorageSummary", "storage_summary", "as_codebook", "as_quantized", "convert",
            "rows_of"]
 
 
@@ -677,9 +677,10 @@ def write_bias(graph: gs.Graph, node: gs.Node, value: np.ndarray) -> None:
         G.set_constant(graph, node, spec.bias, value.astype(layer_weight(node).value.dtype), "_refit")
         return
     st, scale = old.storage, _kernel_bias_scale(node)
-    if isinstance(st, Quantized) and st.bits >= 32 and scale is not None:
-        st = replace(st, scale=np.broadcast_to(scale.reshape(-1) if old.value.ndim else scale, old.value.shape).astype(st.scale.dtype),
-                     zero_point=np.zeros(old.value.shape, np.int64))
+    if isinstance(st, Quantized) and st.bits >= 32 and scale is not None and old.value.ndim:
+        per_channel = st.axis is not None or not np.all(scale == scale[0])   # scales per channel need an axis
+        st = replace(st, scale=np.broadcast_to(scale.reshape(-1), old.value.shape).astype(st.scale.dtype),
+                     zero_point=np.zeros(old.value.shape, np.int64), axis=old.value.ndim - 1 if per_channel else None)
         _place(graph, node, spec.bias, old, st.encode(value.reshape(old.value.shape), refit=False), "_refit")
         return
     write(graph, node, spec.bias, old, value.reshape(old.value.shape))
@@ -697,9 +698,10 @@ def _kernel_bias_scale(node: gs.Node) -> np.ndarray | None:
     return float(sx.reshape(-1)[0]) * out_rows(node, w.storage.scale.astype(np.float64))[:, 0]
 
 
-def set_codebook(graph: gs.Graph, node: gs.Node, s: Stored, book: np.ndarray) -> Stored:
-    """New centroids for a clustered layer; its index tensor stays as it is."""
-    return _place(graph, node, LAYERS[node.op].weight, s, replace(s.storage, codebook=book), "_refit")
+def set_codebook(graph: gs.Graph, node: gs.Node, s: Stored, book: np.ndarray, index: np.ndarray | None = None) -> Stored:
+    """New centroids for a clustered layer, and a new index (in the weight's layout) if given."""
+    storage = replace(s.storage, codebook=book) if index is None else replace(s.storage, codebook=book, index=index)
+    return _place(graph, node, LAYERS[node.op].weight, s, storage, "_refit")
 
 
 def _place(graph: gs.Graph, node: gs.Node, index: int, s: Stored, storage: Storage, suffix: str) -> Stored:
@@ -729,6 +731,39 @@ def _node(graph: gs.Graph, op: str, inputs: list[gs.Tensor], attrs: dict, base: 
     out = gs.Variable(G.unique_name(graph, base), dtype=np.dtype(dtype))
     graph.nodes.append(gs.Node(op, G.unique_name(graph, base + "_" + op), dict(attrs), list(inputs), [out]))
     return out
+
+
+# -- changing the storage on purpose -------------------------------------------------------------
+
+def as_codebook(value: np.ndarray, book: np.ndarray, axis: int | None = None,
+                elem_type: int = onnx.TensorProto.UINT8) -> Codebook:
+    """`value` as a codebook storage: each weight becomes its nearest centroid of `book` ([k], or
+    [C, k] with one codebook per index along `axis`)."""
+    book = np.asarray(book, dtype=value.dtype)
+    if axis is None:
+        index = np.abs(value.reshape(-1, 1).astype(np.float64) - book.reshape(1, -1)).argmin(1).reshape(value.shape)
+    else:
+        moved = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1, 1).astype(np.float64)
+        index = np.abs(moved - book[:, None, :]).argmin(2).reshape(np.moveaxis(value, axis, 0).shape)
+        index = np.moveaxis(index, 0, axis)
+    return Codebook(index.astype(np.int64), book, elem_type, axis)
+
+
+def as_quantized(value: np.ndarray, elem_type: int = onnx.TensorProto.INT8, axis: int | None = None,
+                 block_size: int = 0, symmetric: bool = True) -> Quantized:
+    """`value` as DequantizeLinear codes with scales fit per tensor, per channel (`axis`) or per
+    block of `block_size` along `axis`: symmetric max-abs scales, or asymmetric min/max ones."""
+    lo, hi = _qrange(elem_type)
+    mid = 0 if lo < 0 else (hi + 1) // 2
+    zp = np.full(value.shape, mid if symmetric else lo - 1, dtype=np.int64)   # lo - 1: asymmetric marker
+    seed = Quantized(np.zeros(value.shape, np.int64), np.ones(value.shape, np.float32), zp, elem_type, axis,
+                     block_size, True, ())
+    return seed.encode(value, refit=True)
+
+
+def convert(graph: gs.Graph, node: gs.Node, index: int, s: Stored, storage: Storage, suffix: str = "") -> Stored:
+    """Store input `index` of `node` in a new storage (dense to codebook, dense to QDQ, ...)."""
+    return _place(graph, node, index, s, storage, suffix or "_" + storage.kind)
 
 
 # -- what the weights cost ------------------------------------------------------------------------

@@ -3,7 +3,7 @@ removed, so tensors, files and latency really shrink; accuracy is recovered betw
 shared distillation engine (a least-squares refit of the changed layers, then the head)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -16,7 +16,7 @@ from onnxcompress.importance import CRITERIA, DATA_CRITERIA, RANK_ONLY, group_sc
 from onnxcompress.pass_api import ChannelMap, Context, Pass, PassResult
 from onnxcompress.recovery import RecoverySettings, recover
 
-__all__ = ["PruneChannels", "kept_count", "pruner"]
+__all__ = ["PruneChannels", "kept_count"]
 
 Criterion = Literal["l1", "l2", "bn-scale", "mean-act", "apoz", "thinet", "lasso"]
 assert set(CRITERIA) == set(Criterion.__args__)  # noqa: S101 - the two lists must agree
@@ -169,13 +169,3 @@ def _update_channel_maps(ctx: Context, an: Analysis, removed: set[int]) -> None:
         current = ctx.state.channel_maps.get(name) or ChannelMap.identity(len(ids))
         ctx.state.channel_maps[name] = current.then(keep)
 
-
-def pruner(ctx: Context, criterion: str = "l1", round_to: int = 1, recover: bool = False):
-    """`prune(model, {group: ratio})`: one-shot pruning of the named groups only (what sensitivity
-    analysis and ratio allocation measure), with or without recovery."""
-    def prune(model, ratios: dict[str, float]):
-        p = PruneChannels(ratio=0.0, ratios=dict(ratios), criterion=criterion, recover=recover, round_to=round_to)
-        graph = G.to_graph(model)
-        p.run(graph, ctx.fork())  # each call starts from the original
-        return G.to_model(G.tidy(graph), like=model)
-    return prune

@@ -5,8 +5,7 @@ from conftest import MODELS, run
 from onnxcompress import Context, InputError, LatencyConfig, OptionError, PassManager, default_registry
 from onnxcompress.metrics import total_macs
 from onnxcompress.passes import PruneChannels
-from onnxcompress.passes.prune_channels import pruner
-from onnxcompress.sensitivity import allocate, sensitivity
+from onnxcompress.sensitivity import allocate, pass_pruner, sensitivity
 
 NO_LATENCY = LatencyConfig(enabled=False)
 
@@ -84,7 +83,7 @@ def test_bad_options(options, message):
 
 def test_sensitivity_and_allocation_meet_a_mac_target(resnet, calib, test_set):
     ctx = Context(calib=calib, original=resnet, teachers=[resnet])
-    prune = pruner(ctx, "l1", 8)
+    prune = pass_pruner(default_registry(), ctx, "l1", 8)
     sens = sensitivity(resnet, prune, calib, test_set.take(200), ratios=(0.5, 0.75))
     assert len(sens.groups) == 9 and all(len(sens.score[g]) == 2 for g in sens.groups)
     assert all(sens.macs[g][1] <= sens.macs[g][0] < sens.base_macs for g in sens.groups)

@@ -171,13 +171,7 @@ def signature(model):
     return sorted(sig)
 
 
-SCALAR_SCALE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "graph.make_constant: np.ascontiguousarray turns a 0-d scale/zero point into shape (1,), so a "
-    "rewritten per-tensor DequantizeLinear no longer has the scalar scale it was read with"))
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=SCALAR_SCALE_BUG) if c == "qdq_uint8_per_tensor_gemm" else c
-                                  for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_write_keeps_the_storage(case):
     model, kind, _ = make(case)
     g, n, st = read(model)
@@ -208,7 +202,7 @@ def shapes(model):
 
 TAKES = [  # case, indexer, initializer shapes after, exact (whole channels/blocks kept)
     ("qdq_int8_per_channel_conv", lambda a: a[[0, 2, 3]], [(3,), (3,), (3, 3, 3, 3)], True),
-    pytest.param("qdq_uint8_per_tensor_gemm", lambda a: a[[1, 4]], [(), (), (2, 8)], True, marks=SCALAR_SCALE_BUG),
+    pytest.param("qdq_uint8_per_tensor_gemm", lambda a: a[[1, 4]], [(), (), (2, 8)], True),
     ("qdq_int4_blocked_matmul", lambda a: a[[0, 1, 2, 3, 8, 9, 10, 11]][:, [0, 2, 5]], [(2, 3), (8, 3)], True),
     ("qdq_int4_blocked_matmul", lambda a: a[1:7], [(2, 6), (6, 6)], False),
     ("codebook_per_channel_transpose", lambda a: a[:, [0, 3, 5]], [(2,), (3, 4), (3, 8)], True),
@@ -308,9 +302,6 @@ def test_int32_bias_at_stale_scales_is_caught(tmp_path):
     assert "QLinearConv" not in ops or diff > 3 * sy
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "weights.write_bias: a per-tensor int32 bias gets per-channel scales sx * sw[c] but keeps axis=None, "
-    "so Quantized.tables() emits only the first scale while the codes were computed per channel"))
 def test_per_tensor_int32_bias_keeps_its_value_when_weight_scales_diverge():
     model, sx, _ = qdq_conv_with_int32_bias(per_tensor_bias=True)
     g = G.to_graph(model)
