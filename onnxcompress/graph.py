@@ -57,6 +57,7 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
     opset raises `graph.opset`), and the IR version at least what that opset needs."""
     _pack_subbyte(graph)
     model = gs.export_onnx(graph, do_type_check=False)
+    _drop_outer_value_info(model.graph, top=True)
     if like is not None:
         model.ir_version = like.ir_version
         model.model_version = like.model_version
@@ -74,6 +75,22 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
                 o.version = opset
         model.ir_version = max(like.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
     return model
+
+
+def _drop_outer_value_info(g: onnx.GraphProto, top: bool = False) -> None:
+    """graphsurgeon declares outer-scope tensors again inside If/Loop/Scan bodies, with the outer
+    graph's symbolic dims; shape inference then trusts those over the outer scope's. Keep only the
+    value_info of tensors a body computes itself."""
+    for node in g.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _drop_outer_value_info(sub)
+    if top:
+        return
+    own = {o for n in g.node for o in n.output}
+    kept = [vi for vi in g.value_info if vi.name in own]
+    del g.value_info[:]
+    g.value_info.extend(kept)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

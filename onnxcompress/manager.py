@@ -15,7 +15,7 @@ from . import graph as G
 from ._version import __version__
 from .data import Dataset, conform
 from .errors import CompressError, InputError, PassError
-from .metrics import LatencyConfig, accuracy, count_params, fidelity, gzip_bytes, latency_ms, size_bytes, total_macs
+from .metrics import LatencyConfig, accuracy, count_params, fidelity, gzip_bytes, latency_ms, macs_breakdown, size_bytes
 from .pass_api import ChannelMap, Context, Pass
 from .report import Report, Step
 from .runtime import DEFAULT_PROVIDERS, make_session, run_model
@@ -62,7 +62,7 @@ class Evaluator:
     def outputs(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         return run_model(make_session(model, self.providers), self.data, self.batch_size, desc="evaluate")
 
-    def measure(self, model: onnx.ModelProto, step: Step) -> Step:
+    def measure(self, model: onnx.ModelProto, step: Step, branch_probs: dict[str, float] | None = None) -> Step:
         outs = self.outputs(model)
         first = next(iter(outs.values()))
         step.accuracy = accuracy(first, self.data.labels) if self.data.labels is not None else None
@@ -72,7 +72,10 @@ class Evaluator:
         step.params, step.sparsity = count_params(model), storage.sparsity
         step.bits_per_weight, step.weight_bytes = storage.bits_per_weight, dict(storage.bytes_by_kind)
         try:
-            step.macs = total_macs(model, self.input_shapes)
+            ifs = {n.output[0] for n in model.graph.node if n.op_type == "If"}
+            detail = macs_breakdown(model, self.input_shapes, {k: v for k, v in (branch_probs or {}).items() if k in ifs})
+            step.macs = int(sum(d.macs or 0 for d in detail))
+            step.branch_macs = {d.output: dict(d.branches) for d in detail if d.branches}
         except Exception as e:  # shape inference can fail on exotic graphs; MACs are then unknown
             step.notes.append(f"MACs unknown: {e}")
         if self.latency.enabled:
@@ -190,7 +193,7 @@ class PassManager:
             step.notes.append(f"raised the opset from {_opset(current)} to {_opset(new)}"
                               + (f" (the pass needs {p.required_opset()})" if raised else ""))
         try:
-            evaluator.measure(new, step)
+            evaluator.measure(new, step, ctx.state.branch_probs)
         except Exception as e:
             raise PassError(p.name, f"its output could not be measured: {type(e).__name__}: {e}", previous) from e
         step.seconds = time.perf_counter() - t0

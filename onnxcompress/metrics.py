@@ -34,7 +34,7 @@ def _storage_names(model: onnx.ModelProto) -> set[str]:
     their zero points), codebook indices (read by Gather/GatherElements, usually through a Cast),
     and MatMulNBits's packed blocks."""
     names: set[str] = set()
-    nodes = [n for n in model.graph.node]
+    nodes = [n for g in _graphs(model.graph) for n in g.node]
     casts = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Cast"}
     for n in nodes:
         if n.op_type in ("DequantizeLinear", "QuantizeLinear"):
@@ -47,8 +47,11 @@ def _storage_names(model: onnx.ModelProto) -> set[str]:
 
 
 def _weight_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    """Initializers and Constant values of the graph and of every If/Loop/Scan body."""
+    tensors = []
+    for g in _graphs(model.graph):
+        tensors += list(g.initializer)
+        tensors += [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     storage = _storage_names(model)
     return [t for t in tensors if t.data_type not in _SHAPE_TYPES or t.name in storage]
 
@@ -282,6 +285,8 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, list[int]]) -> int | N
         return int(np.prod(out) * k)
     if node.op_type == "MatMul":
         return int(np.prod(out) * ins[0][-1])
+    if node.op_type == "MatMulNBits":   # onnxruntime's packed low-bit MatMul: K from its attributes
+        return int(np.prod(out) * _attr(node, "K", 0)) if _known(out) else None
     return 0
 
 

@@ -27,7 +27,8 @@ class Step:
     sparsity: float = 0.0            # zero weights among the layers' decoded weights
     bits_per_weight: float = 0.0     # stored bits per layer weight (codes, scales, codebooks included)
     weight_bytes: dict[str, int] = field(default_factory=dict)  # layer weight bytes by storage kind
-    macs: int = 0
+    macs: int = 0                    # at batch 1; an If counts its expected (or costlier) branch
+    branch_macs: dict[str, dict[str, int]] = field(default_factory=dict)  # If/Loop/Scan id -> MACs per body
     latency_ms: dict[int, float] = field(default_factory=dict)  # batch size -> median ms
     fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)

@@ -200,3 +200,28 @@ def test_a_factored_pair_is_refit_against_the_teachers_output():
     after = err(G.to_model(G.tidy(graph), like=teacher))
     assert result.stats["layers_refit"] == 1 and after < 0.1 * before
     assert any("first of a factored pair" in n for n in result.notes)
+
+
+@dataclass
+class KnowsItsBranches(Pass):
+    """Records how often the If's then-branch runs (as an early-exit pass would)."""
+    name = "knows-branches"
+
+    def run(self, graph, ctx):
+        ctx.state.branch_probs["i"] = 0.25
+        return PassResult(graph, True)
+
+
+def test_macs_inside_branches_are_reported_per_branch_and_as_expected_value():
+    conv = lambda out, w, **kw: helper.make_node("Conv", ["x", w], [out], **kw)
+    then_g = helper.make_graph([conv("t", "wt", pads=[1, 1, 1, 1])], "then", [], [tensor("t", ["N", 4, 6, 6])],
+                               [onnx.numpy_helper.from_array(rand(4, 2, 3, 3), "wt")])
+    else_g = helper.make_graph([conv("e", "we")], "else", [], [tensor("e", ["N", 4, 6, 6])])
+    nodes = [helper.make_node("If", ["cond"], ["i"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Relu", ["i"], ["y"])]
+    model = make_model(nodes, [tensor("x", ["N", 2, 6, 6])], [tensor("y", ["N", 4, 6, 6])],
+                       {"we": rand(4, 2, 1, 1, seed=1), "cond": np.array(True)})
+    result = PassManager([KnowsItsBranches()], latency=NO_LATENCY).run(model)
+    original, known = result.report.steps
+    assert original.branch_macs == {"i": {"then_branch": 2592, "else_branch": 288}}
+    assert original.macs == 2592 and known.macs == 864            # worst case; then 0.25 * 2592 + 0.75 * 288
