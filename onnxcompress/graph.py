@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "to_graph", "to_model", "iter_nodes", "constant_value", "producer", "layer_id", "display_name",
-    "set_constant", "make_constant", "elem_type", "unique_name", "tidy", "input_names", "output_names",
+    "set_constant", "make_constant", "elem_type", "ensure_inputs", "unique_name", "tidy", "input_names", "output_names",
     "FOLDABLE",
 ]
 
@@ -241,6 +241,12 @@ def weight_of(node: gs.Node, index: int = 1) -> np.ndarray | None:
     return constant_value(node.inputs[index])
 
 
+def ensure_inputs(node: gs.Node, n: int) -> None:
+    """Pad a node's inputs with empty (omitted) ones up to `n`."""
+    while len(node.inputs) < n:
+        node.inputs.append(gs.Variable.empty())
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
     names = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
     if base not in names:
@@ -259,7 +265,6 @@ def set_constant(graph: gs.Graph, node: gs.Node, index: int, value: np.ndarray, 
     dtype = np.asarray(constant_value(old)).dtype if old is not None and constant_value(old) is not None else value.dtype
     base = (old.name if old is not None and old.name else f"{node.name}_in{index}") + suffix
     const = gs.Constant(unique_name(graph, base), np.ascontiguousarray(value.astype(dtype, copy=False)))
-    while len(node.inputs) <= index:
-        node.inputs.append(gs.Variable.empty())
+    ensure_inputs(node, index + 1)
     node.inputs[index] = const
     return const
