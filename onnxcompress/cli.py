@@ -14,15 +14,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import onnx
 
-from . import graph as G, io
+from . import graph as G, io, weights as W
 from ._version import __version__
 from .data import conform, load_dataset
 from .errors import BudgetError, CompressError, InputError
 from .manager import Evaluator, PassManager, random_dataset
-from .metrics import LatencyConfig, count_params, node_macs
+from .metrics import LatencyConfig, count_params, macs_breakdown
 from .pass_api import Registry, default_registry, type_name
 from .pipeline import parse_pipeline, parse_recipe
 from .report import Report, Step, format_table, human_bytes, human_count, render
@@ -171,13 +170,24 @@ def cmd_inspect(args: argparse.Namespace, registry: Registry) -> int:
     print(f"{args.input}: opset {model.opset_import[0].version}, IR {model.ir_version}, "
           f"{len(model.graph.node)} nodes, {human_count(count_params(model))} parameters, {human_bytes(model.ByteSize())}")
     print("\nops: " + ", ".join(f"{op} x{n}" for op, n in ops.most_common()))
-    inits = {t.name: t for t in model.graph.initializer}
+    graph = G.to_graph(model)
+    summary = W.storage_summary(graph)
+    kinds = ", ".join(f"{k} {human_bytes(b)}" for k, b in summary.bytes_by_kind.items())
+    print(f"layer weights: {human_count(summary.weights)} at {summary.bits_per_weight:.1f} bits each ({kinds or 'none'}), "
+          f"{summary.sparsity * 100:.1f}% zero")
+    layers = {G.layer_id(n): n for n in graph.nodes if W.is_layer(n)}
     rows = []
-    for (name, op, macs), node in zip(node_macs(model), model.graph.node):
-        params = sum(int(np.prod(inits[i].dims)) for i in node.input if i in inits)
-        if macs or params:
-            rows.append([name, op, human_count(params), "?" if macs is None else human_count(macs)])
-    print("\nper layer (MACs at batch 1):\n" + format_table(rows, ["node", "op", "params", "MACs"]))
+    for d in macs_breakdown(model):
+        node = layers.get(d.output)
+        weight = W.layer_weight(node) if node is not None else None
+        if weight is None and not d.macs:
+            continue
+        bias = W.layer_bias(node) if node is not None else None
+        params = (weight.value.size if weight else 0) + (bias.value.size if bias else 0)
+        storage = f"{weight.kind} ({8 * weight.storage.nbytes() / weight.value.size:.1f} bits)" if weight else "-"
+        macs = "?" if d.macs is None else human_count(d.macs) + (" (worst branch)" if d.op == "If" else "")
+        rows.append([d.name, d.op, human_count(params), storage, macs])
+    print("\nper layer (MACs at batch 1):\n" + format_table(rows, ["node", "op", "params", "weight storage", "MACs"]))
     from .channels import analyze
     try:
         an = analyze(G.to_graph(model), model)

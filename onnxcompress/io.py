@@ -57,7 +57,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load_model(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        raise InputError(f"{p} is not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'})") from None
+        raise InputError(f"{p} is not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'})") from e
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise InputError(f"{p} is not an ONNX model (no graph found)")
     base = p.resolve().parent
@@ -71,7 +71,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         try:
             onnx.load_external_data_for_model(model, str(base))
         except (OSError, ValueError) as e:
-            raise InputError(f"{p}: cannot read external data ({e})") from None
+            raise InputError(f"{p}: cannot read external data ({e})") from e
     return model
 
 
@@ -123,13 +123,13 @@ def read_arrays(path: str | os.PathLike) -> dict[str | None, np.ndarray]:
                 with np.load(f, allow_pickle=False) as z:
                     arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError, EOFError) as e:
-            raise InputError(f"{f} is not a readable numpy file ({e})") from None
+            raise InputError(f"{f} is not a readable numpy file ({e})") from e
         for k, v in arrays.items():
             parts.setdefault(k, []).append(v)
     try:
         return {k: (v[0] if len(v) == 1 else np.concatenate(v)) for k, v in parts.items()}
     except ValueError as e:
-        raise InputError(f"arrays in {p} do not stack: {e}") from None
+        raise InputError(f"arrays in {p} do not stack: {e}") from e
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -137,7 +137,7 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         return p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {p}: {e}") from None
+        raise InputError(f"cannot read {p}: {e}") from e
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

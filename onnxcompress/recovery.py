@@ -22,7 +22,7 @@ from . import constraints as C, graph as G, weights as W
 from .constraints import Constraint
 from .data import Dataset
 from .errors import OptionError
-from .layers import conv_geometry, from_out_rows, gemm_rows, out_rows
+from .layers import conv_geometry, gemm_rows, out_rows
 from .metrics import static_shapes
 from .pass_api import Context
 from .runtime import capture, capture_session, iter_outputs, make_session, run_model
