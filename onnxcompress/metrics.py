@@ -74,8 +74,18 @@ def size_bytes(model: onnx.ModelProto) -> int:
 
 
 def gzip_bytes(model: onnx.ModelProto) -> int:
-    """Size after generic compression (zlib level 6): what sparse or clustered weights save in storage."""
-    return len(zlib.compress(model.SerializeToString(), 6))
+    """Size after generic compression (zlib level 6): what sparse or clustered weights save in storage.
+    A model too large for one protobuf is compressed as one stream, initializer by initializer."""
+    if model.ByteSize() <= io.EXTERNAL_DATA_THRESHOLD:
+        return len(zlib.compress(model.SerializeToString(), 6))
+    stream, size = zlib.compressobj(6), 0
+    for t in model.graph.initializer:
+        size += len(stream.compress(t.SerializeToString()))
+    rest = onnx.ModelProto()
+    _copy_fields(model, rest, skip=frozenset({"graph"}))
+    _copy_fields(model.graph, rest.graph, skip=frozenset({"initializer"}))
+    size += len(stream.compress(rest.SerializeToString()))
+    return size + len(stream.flush())
 
 
 # Shape inference reads only the dims and type of a weight, so the shape-only copy of a model too
