@@ -45,6 +45,21 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+DEFAULT_MAX_DROP = 1.0
+
+
+def _budget(text: str) -> float | str:
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of points or 'none', got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the budget must be at least 0 points, got '{text}'")
+    return value
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(t) for t in _csv(text))
@@ -70,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--recipe", help="TOML recipe file holding a pipeline")
     c.add_argument("--calib", help="calibration data (.npz keyed by input name, or a folder)")
     c.add_argument("--eval", help="evaluation data (.npz with optional 'labels'); default: the calibration data")
-    c.add_argument("--max-drop", type=float, help="accuracy budget in points (agreement with the original without labels)")
+    c.add_argument("--max-drop", type=_budget, help="budget in points of accuracy (with labels), else of agreement "
+                   "with the original as a user sees it (top-1, decoded sequences, map IoU); default 1, 'none' for no limit")
     c.add_argument("--teacher", help="comma-separated teacher models (default: the input model)")
     c.add_argument("--temperature", type=float, help="distillation temperature (default 4)")
     c.add_argument("--alpha", type=float, help="weight of hard labels in distillation (default 0)")
@@ -149,8 +165,9 @@ def cmd_compress(args: argparse.Namespace, registry: Registry) -> int:
     calib = load_dataset(args.calib, names) if args.calib else None
     evaluation = load_dataset(args.eval, names) if args.eval else None
     teachers = [_load_checked(t, providers) for t in _csv(args.teacher)] if args.teacher else []
+    max_drop = pick(args.max_drop, "max_drop", DEFAULT_MAX_DROP)
     manager = PassManager(passes, calib=calib, eval_data=evaluation, teachers=teachers, providers=providers,
-                          max_drop=pick(args.max_drop, "max_drop", None), latency=_latency(args),
+                          max_drop=None if max_drop == "none" else max_drop, latency=_latency(args),
                           temperature=pick(args.temperature, "temperature", 4.0), alpha=pick(args.alpha, "alpha", 0.0))
     result = manager.run(model, name=src.name)
     io.save_model(result.model, dst, external_data=True if args.external_data else None)
@@ -159,7 +176,8 @@ def cmd_compress(args: argparse.Namespace, registry: Registry) -> int:
         io.write_json(args.report, result.report.to_dict())
     print(f"wrote {dst}")
     if not result.budget_met:
-        raise BudgetError(f"accuracy budget of {manager.max_drop} points not met: rolled-back passes are listed "
+        raise BudgetError(f"budget of {manager.max_drop:g} points of {result.report.budget['metric']} not met "
+                          f"(--max-drop; 'none' lifts it): rolled-back passes are listed "
                           f"above; {dst} holds the passes that fit")
     return 0
 

@@ -15,7 +15,7 @@ from . import graph as G
 from ._version import __version__
 from .data import Dataset, conform
 from .errors import CompressError, InputError, PassError
-from .metrics import LatencyConfig, accuracy, count_params, fidelity, gzip_bytes, latency_ms, macs_breakdown, size_bytes
+from .metrics import LatencyConfig, accuracy, budget_metric, count_params, fidelity, gzip_bytes, latency_ms, macs_breakdown, size_bytes
 from .pass_api import ChannelMap, Context, Pass
 from .report import Report, Step
 from .runtime import DEFAULT_PROVIDERS, make_session, run_model
@@ -84,11 +84,8 @@ class Evaluator:
 
 
 def score(step: Step) -> float:
-    """What the budget protects: accuracy when labels are given, else agreement with the original."""
-    if step.accuracy is not None:
-        return step.accuracy
-    first = next(iter(step.fidelity.values()))
-    return first.get("top1_agreement", first["cosine"] * 100)
+    """What the budget protects (see `metrics.budget_metric`)."""
+    return budget_metric(step.accuracy, step.fidelity)[1]
 
 
 @dataclass
@@ -125,10 +122,11 @@ class PassManager:
         ctx = Context(calib=calib, original=model, teachers=self.teachers or [model], providers=self.providers,
                       temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size)
         ctx.inherited_maps, metadata_notes = _inherited_maps(model)
-        report = Report(name, budget={"max_drop": self.max_drop, "metric": "accuracy" if data.labels is not None else "agreement"})
+        report = Report(name, budget={"max_drop": self.max_drop})
         t0 = time.perf_counter()
         report.steps.append(evaluator.measure(model, Step("original", "original")))
         report.steps[0].seconds = time.perf_counter() - t0
+        report.budget["metric"] = budget_metric(report.steps[0].accuracy, report.steps[0].fidelity)[0]
         report.steps[0].notes += metadata_notes
         if evaluation is None and calib is None:
             report.steps[0].notes += _symbolic_dims_note(model)
@@ -147,8 +145,9 @@ class PassManager:
                 what = " + ".join(p.name for p in unit)
                 for s in steps:
                     s.status = "rolled back"
-                last.notes.append(f"rolled back ({what}): score {score(last):.2f} is {baseline - score(last):.2f} "
-                                  f"points below the original's {baseline:.2f} (budget {self.max_drop})")
+                last.notes.append(f"rolled back ({what}): {report.budget['metric']} {score(last):.2f} is "
+                                  f"{baseline - score(last):.2f} points below the original's {baseline:.2f} "
+                                  f"(budget {self.max_drop})")
                 ctx.state = saved
                 budget_met = False
             elif changed:

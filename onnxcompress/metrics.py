@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "count_params", "size_bytes", "gzip_bytes", "static_shapes", "NodeMacs", "macs_breakdown", "node_macs",
-    "total_macs", "latency_ms", "fidelity", "accuracy", "LatencyConfig", "sparsity",
+    "total_macs", "latency_ms", "fidelity", "accuracy", "LatencyConfig", "sparsity", "ctc_greedy", "map_iou",
+    "budget_metric",
 ]
 
 # Integer tensors of these types hold shapes and indices, not weights.
@@ -478,9 +479,27 @@ def latency_ms(model: onnx.ModelProto, cfg: LatencyConfig = LatencyConfig(), dat
     return result
 
 
+def ctc_greedy(steps: np.ndarray, blank: int = 0) -> tuple[int, ...]:
+    """Greedy CTC decoding of one sequence [time, classes]: argmax per step, repeats merged, blanks dropped."""
+    best = steps.argmax(-1)
+    keep = np.r_[True, best[1:] != best[:-1]] & (best != blank)
+    return tuple(int(c) for c in best[keep])
+
+
+def map_iou(reference: np.ndarray, output: np.ndarray) -> float:
+    """IoU (percent) of two dense maps thresholded alike: at 0.3 for probability maps (values in
+    [0, 1], as text detectors threshold them), else at 0. Two empty maps agree fully."""
+    t = 0.3 if reference.min() >= 0 and reference.max() <= 1 else 0.0
+    a, b = reference > t, output > t
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union * 100) if union else 100.0
+
+
 def fidelity(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """Per output: cosine similarity, max absolute error, max error relative to the reference's
-    largest magnitude, and (for [N, classes] outputs) top-1 agreement in percent."""
+    largest magnitude, and what a user sees, in percent: top-1 agreement for [N, classes] outputs;
+    for sequences [N, time, classes], per-position top-1 agreement and whole-sequence agreement
+    after greedy CTC decoding (blank 0); for dense maps [N, C, H, W], the IoU of thresholded maps."""
     result = {}
     for name, ref in reference.items():
         out = outputs[name]
@@ -494,8 +513,29 @@ def fidelity(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarr
         }
         if ref.ndim == 2 and ref.shape[1] > 1:
             entry["top1_agreement"] = float(np.mean(ref.argmax(1) == out.argmax(1)) * 100)
+        elif ref.ndim == 3 and ref.shape[-1] > 1 and ref.size:
+            entry["position_agreement"] = float(np.mean(ref.argmax(-1) == out.argmax(-1)) * 100)
+            entry["sequence_agreement"] = float(np.mean([ctc_greedy(r) == ctc_greedy(o) for r, o in zip(ref, out)]) * 100)
+        elif ref.ndim == 4 and ref.size and ref.dtype.kind == "f":
+            entry["map_iou"] = map_iou(ref, out)
         result[name] = entry
     return result
+
+
+# What the budget protects for an output, most specific first (fidelity keys).
+_USER_METRICS = ("top1_agreement", "sequence_agreement", "map_iou")
+
+
+def budget_metric(accuracy_: float | None, fid: Mapping[str, Mapping[str, float]]) -> tuple[str, float]:
+    """(name, value) of what a budget protects: accuracy when labels are given, else the first
+    output's agreement as a user sees it (top-1, decoded sequence, map IoU), else cosine x 100."""
+    if accuracy_ is not None:
+        return "accuracy", accuracy_
+    first = next(iter(fid.values()))
+    for key in _USER_METRICS:
+        if key in first:
+            return key, first[key]
+    return "cosine x 100", first["cosine"] * 100
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -128,6 +128,9 @@ def render(report: Report) -> str:
             row.append("-" if lat is None else f"{lat:.3f} ms" + (f" ({lat / ref:.2f}x)" if ref else ""))
         rows.append(row + [_fid(s), f"{s.seconds:.1f}s"])
     out = [f"onnxcompress {__version__}: {report.model}", format_table(rows, header)]
+    if report.budget.get("metric"):
+        limit = report.budget.get("max_drop")
+        out.append(f"budget: {report.budget['metric']}, " + ("no limit" if limit is None else f"at most {limit:g} points below the original"))
     for s in report.steps:
         for note in s.notes:
             out.append(f"  [{s.pass_}] {note}")

@@ -24,13 +24,24 @@ def cli(capsys, *args):
 def test_compress_writes_model_report_and_table(tmp_path, capsys):
     out, report = tmp_path / "r.onnx", tmp_path / "r.json"
     code, stdout, err = cli(capsys, "compress", RESNET, "-o", str(out), "--passes", "fold-bn,prune-weights(sparsity=0.5)",
-                            "--calib", CALIB, "--eval", TEST, "--report", str(report), "--runs", "3")
+                            "--calib", CALIB, "--eval", TEST, "--report", str(report), "--runs", "3", "--max-drop", "none")
     assert code == 0, err
     assert "fold-bn" in stdout and "prune-weights" in stdout and "accuracy" in stdout
+    assert "budget: accuracy, no limit" in stdout
     steps = json.loads(report.read_text())["steps"]
     assert [s["pass"] for s in steps] == ["original", "fold-bn", "prune-weights"]
     assert steps[2]["sparsity"] > 0.45 and steps[2]["accuracy"] > 90
     onnx.checker.check_model(str(out))
+
+
+def test_default_budget_rolls_back_a_destructive_pass(tmp_path, capsys):
+    """Without --max-drop, a budget of 1 point protects the user: prune-weights(0.9) is rolled back."""
+    out = tmp_path / "r.onnx"
+    code, stdout, err = cli(capsys, "compress", RESNET, "-o", str(out), "--passes", "prune-weights(sparsity=0.9)",
+                            "--eval", TEST, "--no-latency")
+    assert code == 1 and "budget of 1 points of accuracy not met" in err and "'none' lifts it" in err
+    assert "rolled back" in stdout and "budget: accuracy, at most 1 points below the original" in stdout
+    assert out.exists()   # holds the passes that fit: here, none
 
 
 def test_recipe_and_budget_failure_exit_1(tmp_path, capsys):

@@ -248,3 +248,30 @@ def test_gzip_size_of_a_model_over_the_protobuf_limit_streams_its_initializers(m
     monkeypatch.setattr(oio, "EXTERNAL_DATA_THRESHOLD", 100)
     streamed = gzip_bytes(model)
     assert abs(streamed - whole) < 0.2 * whole and streamed < 0.5 * model.ByteSize()
+
+
+def test_ctc_greedy_decoding_and_sequence_agreement():
+    from onnxcompress.metrics import budget_metric, ctc_greedy
+
+    eye = np.eye(4)
+    steps = lambda labels: eye[labels]                      # one-hot [time, classes], class 0 is the blank
+    assert ctc_greedy(steps([1, 1, 0, 1, 2, 2, 0, 0, 3])) == (1, 1, 2, 3)      # repeats merge, a blank splits
+    assert ctc_greedy(steps([0, 0, 0])) == ()
+    ref = np.stack([steps([1, 1, 0, 2]), steps([3, 0, 3, 3])])
+    out = np.stack([steps([1, 0, 1, 2]), steps([3, 3, 0, 3])])  # sample 1 decodes to (1, 1, 2) != (1, 2)
+    fid = fidelity({"seq": ref}, {"seq": out})["seq"]
+    assert fid["position_agreement"] == 50.0 and fid["sequence_agreement"] == 50.0
+    assert budget_metric(None, {"seq": fid}) == ("sequence_agreement", 50.0)
+
+
+def test_dense_maps_agree_by_iou_of_thresholded_maps():
+    from onnxcompress.metrics import budget_metric
+
+    ref = np.zeros((1, 1, 4, 4), np.float32)
+    ref[0, 0, :2, :2] = 0.9                                 # 4 pixels of text
+    out = ref.copy()
+    out[0, 0, 0, 2] = 0.5                                   # one more above 0.3
+    out[0, 0, 0, 0] = 0.2                                   # one lost
+    fid = fidelity({"map": ref}, {"map": out})["map"]
+    assert fid["map_iou"] == pytest.approx(3 / 5 * 100)
+    assert budget_metric(None, {"map": fid})[0] == "map_iou"
