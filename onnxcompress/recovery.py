@@ -149,6 +149,11 @@ MIN_HELD_OUT = 32  # fewer held-out rows than this cannot tell a real gain from 
 MIN_HELD_OUT_SAMPLES = 5  # ... nor fewer held-out samples (rows of one image are alike)
 
 
+def holdout_by_rows(n_samples: int) -> bool:
+    """Too few calibration samples to hold whole ones out: hold out rows (positions) instead."""
+    return n_samples * HOLDOUT < MIN_HELD_OUT_SAMPLES
+
+
 def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], n_total: int,
                      max_rows: int, rng: np.random.Generator) -> tuple[list[NormalEquations], list[NormalEquations]] | None:
     """Normal equations per group (one for Gemm/MatMul), streamed over (student input, target)
@@ -163,18 +168,24 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
     eqs: list[NormalEquations] | None = None
     held: list[NormalEquations] | None = None
     held_samples = 0
+    by_rows = holdout_by_rows(n_total)
 
     def add(ne: NormalEquations, out: NormalEquations, xs: np.ndarray, ys: np.ndarray, aside: np.ndarray) -> None:
         ne.add(xs[~aside], ys[~aside])
         out.add(xs[aside], ys[aside])
 
+    def aside_rows(per_sample: np.ndarray, repeat: int) -> np.ndarray:
+        rows = np.repeat(per_sample, repeat)
+        return rng.random(len(rows)) < HOLDOUT if by_rows else rows
+
     for x, y in batches:
-        # Whole samples are held out (rows of one image are alike: holding out rows would flatter the fit).
+        # Whole samples are held out (rows of one image are alike: holding out rows would flatter the
+        # fit); with too few samples for that, rows (positions) are.
         aside_samples = rng.random(len(x)) < HOLDOUT
-        held_samples += int(aside_samples.sum())
+        held_samples += len(x) if by_rows else int(aside_samples.sum())
         if geo is None:
             xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-            aside = np.repeat(aside_samples, len(xs) // len(x))
+            aside = aside_rows(aside_samples, len(xs) // len(x))
             keep = int(np.ceil(max_rows * len(x) / n_total))
             if len(xs) > keep:
                 pick = rng.choice(len(xs), keep, replace=False)
@@ -190,7 +201,7 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
         positions = rng.random((n, hw)).argsort(1)[:, :per_image]
         ys = np.take_along_axis(y.reshape(n, m, hw), positions[:, None, :], 2).transpose(0, 2, 1).reshape(-1, m)
         rows = im2col(x, geo["kernel"], geo["strides"], geo["pads"], geo["dilations"], positions)
-        aside = np.repeat(aside_samples, per_image)
+        aside = aside_rows(aside_samples, per_image)
         cin_g, m_g, k = cin // g, m // g, rows.shape[1] // cin
         eqs = eqs or [NormalEquations(cin_g * k, m_g) for _ in range(g)]
         held = held or [NormalEquations(cin_g * k, m_g) for _ in range(g)]
@@ -265,7 +276,7 @@ def _write(graph: gs.Graph, node: gs.Node, constraint: Constraint, rows: np.ndar
 
 
 def refit_batchnorm(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]],
-                    seed: int = 0) -> Fit | Skipped:
+                    seed: int = 0, n_total: int | None = None) -> Fit | Skipped:
     """Re-estimate an inference BatchNormalization from the student's inputs: per channel, the
     affine map a * x + d that best matches the reference's output (1-D least squares), written back
     as new scale and bias over the node's own mean and variance. Checked on held-out samples like
@@ -278,12 +289,13 @@ def refit_batchnorm(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.n
     a0, d0 = scale / std, beta - scale * mean / std       # the current map: y = a0 * x + d0
     rng = np.random.default_rng(seed)
     fit, held = np.zeros((6, len(scale))), np.zeros((6, len(scale)))   # n, Sx, Sy, Sxx, Sxy, Syy per channel
-    held_samples = 0
+    held_samples, by_rows = 0, n_total is not None and holdout_by_rows(n_total)
     for x, y in batches:
-        aside = rng.random(len(x)) < HOLDOUT
-        held_samples += int(aside.sum())
-        fit += _affine_sums(x[~aside], y[~aside], len(scale))
-        held += _affine_sums(x[aside], y[aside], len(scale))
+        shape = (len(x),) + x.shape[2:] if by_rows else (len(x),)
+        aside = rng.random(shape) < HOLDOUT   # whole samples, or positions when samples are few
+        held_samples += len(x) if by_rows else int(aside.sum())
+        fit += _affine_sums(x, y, len(scale), ~aside)
+        held += _affine_sums(x, y, len(scale), aside)
     if held_samples < MIN_HELD_OUT_SAMPLES:
         return Skipped(f"{held_samples} held-out calibration samples are too few to check a refit "
                        f"(at least {MIN_HELD_OUT_SAMPLES} needed)")
@@ -296,9 +308,10 @@ def refit_batchnorm(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.n
     return result
 
 
-def _affine_sums(x: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
-    xc = np.moveaxis(x, 1, 0).reshape(c, -1).astype(np.float64)
-    yc = np.moveaxis(y, 1, 0).reshape(c, -1).astype(np.float64)
+def _affine_sums(x: np.ndarray, y: np.ndarray, c: int, mask: np.ndarray) -> np.ndarray:
+    """Per-channel sums over the samples (or positions) where `mask` is set."""
+    xc = np.moveaxis(x, 1, -1)[mask].reshape(-1, c).T.astype(np.float64)
+    yc = np.moveaxis(y, 1, -1)[mask].reshape(-1, c).T.astype(np.float64)
     return np.stack([np.full(c, xc.shape[1]), xc.sum(1), yc.sum(1), (xc * xc).sum(1), (xc * yc).sum(1), (yc * yc).sum(1)])
 
 
@@ -477,7 +490,7 @@ class _Walk:
         batches = None if scale is None else self._targets(node, 1, len(scale))
         if batches is None:
             return
-        result = refit_batchnorm(self.graph, node, batches, self.settings.seed)
+        result = refit_batchnorm(self.graph, node, batches, self.settings.seed, len(self.data))
         self._record(node, result, self.bn_fits)
 
     def _record(self, node: gs.Node, result: Fit | Skipped, fits: list[Fit]) -> None:

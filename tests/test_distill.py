@@ -131,3 +131,31 @@ def test_pruning_again_in_a_later_run_composes_the_maps(resnet, calib, test_set)
     # ...and a third run can still recover against the very first model through the composed maps.
     third = PassManager([Distill()], calib=calib, eval_data=test_set, teachers=[resnet], latency=NO_LATENCY).run(second.model)
     assert not any("outputs vs" in n for n in third.report.steps[1].notes)
+
+
+def test_few_large_samples_refit_late_1x1_convs_on_held_out_rows():
+    """8 calibration images of 64 x 64 are too few to hold whole images out: rows (positions) are
+    held out instead, and the damaged late 1 x 1 convs are refit."""
+    from onnx import helper
+    from conftest import make_model, rand, tensor
+    from onnxcompress import Dataset, graph as G
+    from onnxcompress.recovery import RecoverySettings, recover
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("Conv", ["ra", "w2"], ["b"]), helper.make_node("Relu", ["b"], ["rb"]),
+             helper.make_node("Conv", ["rb", "w3"], ["y"])]
+    inits = {"w1": rand(8, 3, 3, 3), "w2": rand(8, 8, 1, 1, seed=1), "w3": rand(4, 8, 1, 1, seed=2)}
+    teacher = make_model(nodes, [tensor("x", ["N", 3, 64, 64])], [tensor("y", ["N", 4, 64, 64])], inits)
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    for t in student.graph.initializer:
+        if t.name in ("w2", "w3"):
+            a = onnx.numpy_helper.to_array(t).copy()
+            a[np.abs(a) < np.median(np.abs(a))] = 0          # half of each late conv zeroed
+            t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
+    data = Dataset({"x": rand(8, 3, 64, 64, seed=3)})
+    ctx = Context(calib=data, original=teacher, teachers=[teacher])
+    graph = G.to_graph(student)
+    result = recover(graph, ctx, data, RecoverySettings(head=False))
+    assert result.stats["layers_refit"] == 2 and not any("too few" in n for n in result.notes)
+    assert result.stats["layer_mse_after"] < 0.7 * result.stats["layer_mse_before"]   # zeros stay zero
