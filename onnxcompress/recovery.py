@@ -30,7 +30,7 @@ from .solvers import NormalEquations, fit_soft_head, im2col, soft_targets, softm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Fit", "Skipped", "teacher_logits", "reference_model", "paired_batches", "student_activations", "changed_layers",
+__all__ = ["Fit", "Skipped", "Head", "HeadFit", "teacher_logits", "reference_model", "paired_batches", "student_activations", "changed_layers",
            "refit_layer", "refit_batchnorm", "find_head", "refit_head", "recover", "RecoverySettings",
            "RecoveryResult", "RECOVERABLE_OPS"]
 
@@ -54,8 +54,10 @@ class Skipped:
 # -- data the solvers need ----------------------------------------------------------------------
 
 def _logits_of(outputs: np.ndarray) -> np.ndarray:
-    """Teacher outputs as logits: probabilities (non-negative rows summing to 1) are turned into logs."""
-    out = outputs.reshape(len(outputs), -1).astype(np.float64)
+    """Teacher outputs as rows of logits, one per sample (one per time step of a sequence output
+    [batch, time, classes]); probabilities (non-negative rows summing to 1) are turned into logs."""
+    out = (outputs.reshape(-1, outputs.shape[-1]) if outputs.ndim == 3 else outputs.reshape(len(outputs), -1))
+    out = out.astype(np.float64)
     if np.all(out >= 0) and np.allclose(out.sum(1), 1.0, atol=1e-3):
         return np.log(np.clip(out, 1e-12, None))
     return out
@@ -332,16 +334,54 @@ def _affine_err(sums: np.ndarray, a: np.ndarray, d: np.ndarray) -> float:
 
 # -- head ---------------------------------------------------------------------------------------
 
-def find_head(graph: gs.Graph) -> gs.Node | None:
-    """The Gemm that produces the first graph output, directly or through a per-tensor
-    QuantizeLinear/DequantizeLinear pair (a quantized model's output), if any."""
+@dataclass
+class Head:
+    """The layer that produces the first graph output's logits: a Gemm, or a MatMul with constant
+    weights and an optional Add of a constant bias, possibly followed by Softmax/LogSoftmax over the
+    classes and per-tensor QuantizeLinear/DequantizeLinear pairs."""
+    node: gs.Node
+    add: gs.Node | None = None          # MatMul + Add: where the bias lives
+    add_index: int = 1
+
+    @property
+    def features(self) -> str:
+        return self.node.inputs[0].name
+
+
+_AFTER_HEAD = ("Softmax", "LogSoftmax", "QuantizeLinear", "DequantizeLinear", "Identity")
+
+
+def find_head(graph: gs.Graph) -> Head | None:
+    """The head of the first graph output, if it has one a refit can handle."""
     node = G.producer(graph.outputs[0])
-    while node is not None and node.op in ("QuantizeLinear", "DequantizeLinear") and W.value_of(node.inputs[1]) is not None \
-            and W.value_of(node.inputs[1]).size == 1:
+    while node is not None and node.op in _AFTER_HEAD and _last_axis_only(node):
         node = G.producer(node.inputs[0])
-    if node is not None and node.op == "Gemm" and W.layer_weight(node) is not None and not node.attrs.get("transA", 0):
-        return node
-    return None
+    add = None
+    if node is not None and node.op == "Add":
+        add, node = node, next((G.producer(t) for t in node.inputs if W.value_of(t) is None), None)
+    if node is None or W.layer_weight(node) is None or node.op not in ("Gemm", "MatMul"):
+        return None
+    if node.op == "Gemm" and (node.attrs.get("transA", 0) or add is not None):
+        return None
+    if add is None:
+        return Head(node)
+    index = next((i for i, t in enumerate(add.inputs) if W.value_of(t) is not None), None)
+    bias = W.value_of(add.inputs[index]) if index is not None else None
+    n_out = out_rows(node, W.layer_weight(node).value).shape[0]
+    if bias is None or bias.size != n_out:
+        return None
+    return Head(node, add, index)
+
+
+def _last_axis_only(node: gs.Node) -> bool:
+    """A softmax over the last (class) axis, or a per-tensor Q/DQ: the head's logits pass through."""
+    if node.op in ("Softmax", "LogSoftmax"):
+        return int(node.attrs.get("axis", -1)) == -1 or node.outputs[0].shape is not None and \
+            int(node.attrs.get("axis", -1)) == len(node.outputs[0].shape) - 1
+    if node.op in ("QuantizeLinear", "DequantizeLinear"):
+        scale = W.value_of(node.inputs[1])
+        return scale is not None and scale.size == 1
+    return True
 
 
 @dataclass(frozen=True)
@@ -351,35 +391,55 @@ class HeadFit:
     agreement_after: float
 
 
-def refit_head(graph: gs.Graph, head: gs.Node, features: np.ndarray, targets: np.ndarray, temperature: float,
+def refit_head(graph: gs.Graph, head: Head, features: np.ndarray, targets: np.ndarray, temperature: float,
                alpha: float = 0.0, labels: np.ndarray | None = None, constraint: Constraint | None = None,
                seed: int = 0) -> HeadFit | Skipped:
-    """Refit the classifier head on soft targets (warm start from its weights). The fit is checked
-    on held-out samples (HOLDOUT of them), with the storage's rounding included: kept, refit on all
-    samples, only if it lowers their soft cross-entropy without lowering their top-1 agreement."""
-    rows, b = _current(head)
-    constraint = constraint or C.infer(head)
+    """Refit the classifier head on soft targets (warm start from its weights), one row per sample,
+    or per time step of a sequence. The fit is checked on held-out rows (HOLDOUT of them), with the
+    storage's rounding included: kept, refit on all rows, only if it lowers their soft
+    cross-entropy without lowering their top-1 agreement."""
+    rows, b = _current(head.node)
+    if head.add is not None:
+        b = b + W.value_of(head.add.inputs[head.add_index]).astype(np.float64).reshape(-1)
+    constraint = constraint or C.infer(head.node)
     if isinstance(constraint, (C.SharedCodebook, C.ChannelScales)):
         return Skipped(f"a head with {type(constraint).__name__} weights is refit layer-wise only")
-    H = features.reshape(len(features), -1).astype(np.float64)
+    H = (features.reshape(-1, features.shape[-1]) if features.ndim == 3 else features.reshape(len(features), -1))
+    H = H.astype(np.float64)
+    if len(H) != len(targets):
+        return Skipped(f"{len(H)} feature rows for {len(targets)} target rows")
+    labels = labels if labels is not None and len(labels) == len(H) else None
+    alpha = alpha if labels is not None else 0.0   # no per-row labels (a sequence): soft targets only
     aside = np.random.default_rng(seed).random(len(H)) < HOLDOUT
     need = max(MIN_HELD_OUT, int(np.ceil(2 * (H.shape[1] + 1) / (1 - HOLDOUT) * HOLDOUT)))
     if len(H) < 2 * (H.shape[1] + 1) or aside.sum() < MIN_HELD_OUT:  # it would memorize, or luck would decide
         return Skipped(f"{len(H)} calibration samples are too few to refit a head of {H.shape[1]} "
                        f"features (at least {max(2 * (H.shape[1] + 1), int(need / HOLDOUT))} needed)")
     mask = constraint.head_mask(rows.shape)
+    has_bias = head.node.op == "Gemm" or head.add is not None
     fit = lambda idx, W0, b0: fit_soft_head(H[idx], targets[idx], temperature, alpha,
-                                            None if labels is None else labels[idx], W0=W0, b0=b0, mask=mask)
+                                            None if labels is None else labels[idx], W0=W0, b0=b0, mask=mask,
+                                            fit_bias=has_bias)
     Wn, bn = fit(~aside, rows, b)
-    Wq = constraint.encoded(head, Wn)
+    Wq = constraint.encoded(head.node, Wn)
     held_ce = lambda W_, b_: -float(np.sum(targets[aside] * np.log(softmax(H[aside] @ W_.T + b_, temperature) + 1e-300)))
     agree = lambda W_, b_: float(np.mean((H[aside] @ W_.T + b_).argmax(1) == targets[aside].argmax(1)) * 100)
     if held_ce(Wq, bn) < held_ce(rows, b) and agree(Wq, bn) >= agree(rows, b):
         result = HeadFit(agree(rows, b), agree(Wq, bn))
         Wn, bn = fit(slice(None), Wn, bn)
-        _write(graph, head, constraint, Wn, bn)
+        _write_head(graph, head, constraint, Wn, bn)
         return result
     return HeadFit(agree(rows, b), agree(rows, b))
+
+
+def _write_head(graph: gs.Graph, head: Head, constraint: Constraint, rows: np.ndarray, b: np.ndarray) -> None:
+    """A head's new weights, and its bias where it lives (the Gemm, or the Add after a MatMul)."""
+    if head.add is None:
+        _write(graph, head.node, constraint, rows, b if head.node.op == "Gemm" else None)
+        return
+    _write(graph, head.node, constraint, rows, None)
+    old = W.stored(head.add.inputs[head.add_index])
+    W.write(graph, head.add, head.add_index, old, b.reshape(old.value.shape))
 
 
 def ensemble_targets(ctx: Context, data: Dataset, temperature: float) -> np.ndarray:
@@ -426,14 +486,15 @@ def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySett
     stats = _summary(walk.fits, "layer") | _summary(walk.bn_fits, "bn")
     head = find_head(graph) if settings.head else None
     if settings.head and head is None:
-        walk.notes.append("no Gemm produces the first output: head refit skipped")
+        walk.notes.append("the first output is not made by a Gemm or a MatMul (+ Add) with constant weights "
+                          "(optionally followed by Softmax): head refit skipped")
     if head is not None:
         probs = ensemble_targets(ctx, data, settings.temperature)
-        feats = student_activations(graph, ctx, data, [head.inputs[0].name])[head.inputs[0].name]
+        feats = student_activations(graph, ctx, data, [head.features])[head.features]
         result = refit_head(graph, head, feats, probs, settings.temperature, settings.alpha, data.labels,
-                            _constraint(ctx, head), settings.seed)
+                            _constraint(ctx, head.node), settings.seed)
         if isinstance(result, Skipped):
-            walk.notes.append(f"head '{G.display_name(head)}' left as is: {result.reason}")
+            walk.notes.append(f"head '{G.display_name(head.node)}' left as is: {result.reason}")
         else:
             stats.update(head_agreement_before=result.agreement_before, head_agreement_after=result.agreement_after)
     return RecoveryResult(bool(walk.fits or walk.bn_fits or "head_agreement_after" in stats), stats, walk.notes)

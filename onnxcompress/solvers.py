@@ -183,12 +183,13 @@ def soft_targets(teacher_logits: list[np.ndarray], temperature: float) -> np.nda
 
 def fit_soft_head(H: np.ndarray, targets: np.ndarray, temperature: float = 4.0, alpha: float = 0.0,
                   labels: np.ndarray | None = None, W0: np.ndarray | None = None, b0: np.ndarray | None = None,
-                  mask: np.ndarray | None = None, l2: float = 1e-4, max_iter: int = 300) -> tuple[np.ndarray, np.ndarray]:
+                  mask: np.ndarray | None = None, l2: float = 1e-4, max_iter: int = 300,
+                  fit_bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Fit a linear head z = H W^T + b (W [classes, features]) to softened teacher probabilities.
 
     Loss (Hinton et al.): alpha * CE(labels, softmax(z)) + (1 - alpha) * T^2 * CE(targets, softmax(z / T)),
     plus l2 * ||W||^2 / 2, averaged over samples. Convex in (W, b); solved by L-BFGS. Entries where
-    `mask` is False are held at zero."""
+    `mask` is False are held at zero; without `fit_bias` the bias stays at b0."""
     from scipy.optimize import minimize
 
     n, d = H.shape
@@ -218,7 +219,7 @@ def fit_soft_head(H: np.ndarray, targets: np.ndarray, temperature: float = 4.0, 
             dz += alpha * (p - onehot) / n
         loss += 0.5 * l2 * np.sum(W * W)
         gW = (dz.T @ Hs + l2 * W) * m
-        return loss, np.concatenate([gW.ravel(), dz.sum(0)])
+        return loss, np.concatenate([gW.ravel(), dz.sum(0) if fit_bias else np.zeros(k)])
 
     theta0 = np.concatenate([(W0 / scale * m).ravel(), b0])
     res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})

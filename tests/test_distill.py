@@ -159,3 +159,27 @@ def test_few_large_samples_refit_late_1x1_convs_on_held_out_rows():
     result = recover(graph, ctx, data, RecoverySettings(head=False))
     assert result.stats["layers_refit"] == 2 and not any("too few" in n for n in result.notes)
     assert result.stats["layer_mse_after"] < 0.7 * result.stats["layer_mse_before"]   # zeros stay zero
+
+
+def test_a_matmul_softmax_sequence_head_is_refit_per_time_step():
+    """[batch, time, features] -> MatMul -> Add -> Softmax: the head is found through the Softmax
+    and refit on the teacher's per-step probabilities."""
+    from onnxcompress import graph as G
+    from onnxcompress.metrics import fidelity
+    from onnxcompress.recovery import RecoverySettings, recover
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Add", ["z", "b"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["y"], axis=-1)]
+    w, b = rand(16, 6, seed=1), rand(6, seed=2)
+    teacher = make_model(nodes, [tensor("x", ["N", 20, 16])], [tensor("y", ["N", 20, 6])], {"w": w, "b": b})
+    damaged = w + rand(16, 6, seed=3, scale=1.5)
+    student = make_model(nodes, [tensor("x", ["N", 20, 16])], [tensor("y", ["N", 20, 6])], {"w": damaged, "b": b * 0})
+    calib, test = Dataset({"x": rand(40, 20, 16, seed=4)}), {"x": rand(40, 20, 16, seed=5)}
+    agree = lambda m: fidelity({"y": run(teacher, test)[0]}, {"y": run(m, test)[0]})["y"]["position_agreement"]
+    assert agree(student) < 80
+    graph = G.to_graph(student)
+    ctx = Context(calib=calib, original=teacher, teachers=[teacher])
+    result = recover(graph, ctx, calib, RecoverySettings(layers="changed", temperature=1.0))
+    refit = G.to_model(G.tidy(graph), like=student)
+    assert result.stats["head_agreement_after"] > result.stats["head_agreement_before"]
+    assert agree(refit) >= 99.0
