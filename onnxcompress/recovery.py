@@ -10,6 +10,7 @@ input channels stay dropped.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
@@ -20,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from . import constraints as C, graph as G, weights as W
 from .constraints import Constraint
+from .correspondence import match_tensors
 from .data import Dataset
 from .errors import OptionError
 from .layers import conv_geometry, gemm_rows, out_rows
@@ -116,15 +118,18 @@ def _tensor_names(model: onnx.ModelProto) -> set[str]:
     return {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
 
 
-def changed_layers(graph: gs.Graph, ctx: Context, reference: onnx.ModelProto) -> list[gs.Node]:
-    """Weighted layers (front to back) whose output differs from the reference's tensor of the same name."""
+def changed_layers(graph: gs.Graph, ctx: Context, reference: onnx.ModelProto,
+                   mapping: dict[str, str] | None = None) -> list[gs.Node]:
+    """Weighted layers (front to back) whose output differs from the reference's matching tensor
+    (by name, or through `mapping`: student tensor -> teacher tensor)."""
     ref_graph = G.to_graph(reference)
     ref_by_output = {n.outputs[0].name: n for n in ref_graph.nodes if n.outputs}
+    mapping = mapping or {}
     changed = []
     for node in graph.toposort().nodes:
         if not _recoverable(node):
             continue
-        ref = ref_by_output.get(node.outputs[0].name)
+        ref = ref_by_output.get(mapping.get(node.outputs[0].name, node.outputs[0].name))
         if G.layer_id(node) in ctx.state.constraints or ref is None or ref.op != node.op or not _same_params(node, ref):
             changed.append(node)
     return changed
@@ -474,8 +479,9 @@ def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySett
     if settings.alpha > 0 and data.labels is None:
         raise OptionError("distillation with alpha > 0 needs labels in the calibration data")
     reference = reference_model(ctx, graph)
-    walk = _Walk(graph, ctx, data, reference, static_shapes(reference), settings)
-    targets = {id(n) for n in changed_layers(graph, ctx, reference)} if settings.layers == "changed" else None
+    mapping = match_tensors(G.to_model(G.tidy(graph.copy()), like=ctx.original), reference)
+    walk = _Walk(graph, ctx, data, reference, static_shapes(reference), settings, mapping)
+    targets = {id(n) for n in changed_layers(graph, ctx, reference, mapping)} if settings.layers == "changed" else None
     dirty = False  # once a layer changed, everything after it sees different inputs
     for node in list(graph.toposort().nodes):
         if _recoverable(node) and (targets is None or id(node) in targets):
@@ -508,30 +514,38 @@ class _Walk:
     reference: onnx.ModelProto
     shapes: dict[str, list[int]]
     settings: RecoverySettings
+    mapping: dict[str, str] = field(default_factory=dict)   # student tensor -> the teacher's (by structure)
     fits: list[Fit] = field(default_factory=list)
     bn_fits: list[Fit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def _targets(self, node: gs.Node, axis: int, n_out: int) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
         """(student input, teacher output) batches for a node, mapped to its kept channels; None
-        (with a note) when the teacher has no matching tensor."""
+        (with a note) when the teacher has no matching tensor. The teacher's channel count comes
+        from shape inference, or from its first batch where inference cannot tell (dynamic shapes)."""
         y_name = node.outputs[0].name
-        shape = self.shapes.get(y_name)
-        if shape is None and G.layer_id(node) in self.ctx.state.pairs.values():
+        t_name = self.mapping.get(y_name)
+        if t_name is None and G.layer_id(node) in self.ctx.state.pairs.values():
             self.notes.append(f"{node.op} '{G.display_name(node)}': first of a factored pair, fixed; the second "
                               "is refit onto the teacher's output of the pair")
             return None
-        if shape is None:
-            self.notes.append(f"{node.op} '{G.display_name(node)}': the teacher has no tensor '{y_name}' to match; "
-                              "left as is")
+        if t_name is None:
+            self.notes.append(f"{node.op} '{G.display_name(node)}': the teacher has no tensor named '{y_name}' nor "
+                              "one computed the same way; left as is")
             return None
+        batches = paired_batches(self.graph, self.ctx, self.reference, self.data, node.inputs[0].name, t_name)
+        shape = self.shapes.get(t_name)
+        if shape is None or len(shape) <= axis % max(len(shape), 1) or shape[axis] <= 0:
+            first = next(batches, None)
+            if first is None:
+                return None
+            shape, batches = list(first[1].shape), itertools.chain([first], batches)
         channels = shape[axis]
-        keep = None if channels <= 0 or channels == n_out else self.ctx.target_channels(y_name, channels, n_out)
-        if channels > 0 and channels != n_out and keep is None:
+        keep = None if channels == n_out else self.ctx.target_channels(y_name, channels, n_out)
+        if channels != n_out and keep is None:
             self.notes.append(f"{node.op} '{G.display_name(node)}': {n_out} outputs vs {channels} in the teacher; "
                               "left as is")
             return None
-        batches = paired_batches(self.graph, self.ctx, self.reference, self.data, node.inputs[0].name, y_name)
         if keep is None:
             return batches
         return ((x, np.take(y, keep, axis=axis)) for x, y in batches)
