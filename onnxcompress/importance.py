@@ -26,7 +26,7 @@ from .pass_api import Context
 from .runtime import capture_session, iter_outputs
 from .solvers import im2col
 
-__all__ = ["CRITERIA", "RANK_ONLY", "group_scores"]
+__all__ = ["CRITERIA", "RANK_ONLY", "group_scores", "input_norms"]
 
 CRITERIA = ("l1", "l2", "bn-scale", "mean-act", "apoz", "thinet", "lasso")
 RANK_ONLY = frozenset({"thinet", "lasso"})   # scores comparable inside one group only
@@ -112,6 +112,24 @@ def activation_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ctx: C
             _add(scores, an, g, t, sums[t] / max(count, 1) + 1e-12)
         result[g.id] = scores
     return result
+
+
+def input_norms(graph: gs.Graph, ctx: Context, data: Dataset, nodes: list[gs.Node]) -> dict[str, np.ndarray]:
+    """The L2 norm, over the calibration data, of each input feature of every node's first input
+    (per channel for Conv, the last axis otherwise), from one streamed run: what Wanda weighs
+    weights by."""
+    names = sorted({n.inputs[0].name for n in nodes})
+    axis = {n.inputs[0].name: 1 if n.op in ("Conv", "ConvTranspose") else -1 for n in nodes}
+    sums: dict[str, np.ndarray] = {}
+    inner = [t for t in names if t not in data.feeds]
+    model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
+    runs = iter_outputs(capture_session(model, inner, ctx.providers), data, ctx.batch_size, inner) if inner else None
+    for batch in data.batches(ctx.batch_size):
+        acts = {**{t: batch[t] for t in names if t in batch}, **(next(runs) if runs is not None else {})}
+        for t, a in acts.items():
+            moved = np.moveaxis(a.astype(np.float64), axis[t], -1)
+            sums[t] = sums.get(t, 0.0) + (moved.reshape(-1, moved.shape[-1]) ** 2).sum(0)
+    return {t: np.sqrt(v) for t, v in sums.items()}
 
 
 # -- reconstruction-based -----------------------------------------------------------------------

@@ -13,6 +13,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress import graph as G, weights as W
+from onnxcompress.importance import input_norms
+from onnxcompress.layers import from_out_rows, out_rows
 from onnxcompress.pass_api import Context, Pass, PassResult
 
 __all__ = ["PruneWeights", "magnitude_mask"]
@@ -28,19 +30,64 @@ def magnitude_mask(magnitudes: np.ndarray, sparsity: float) -> np.ndarray:
     return keep.reshape(magnitudes.shape)
 
 
+def capped_masks(mags: list[np.ndarray], sparsity: float, cap: float) -> list[np.ndarray]:
+    """Keep-masks zeroing round(sparsity * total) of the smallest magnitudes over all tensors, but at
+    most `cap` of any one tensor: a tensor that would lose more keeps its largest (1 - cap) share
+    and the rest of the budget goes to the others (so no layer is emptied)."""
+    sizes = np.array([m.size for m in mags])
+    budget = int(round(sparsity * sizes.sum()))
+    fixed: dict[int, int] = {}            # tensor -> zeros, for the tensors held at the cap
+    while True:
+        free = [i for i in range(len(mags)) if i not in fixed]
+        left = budget - sum(fixed.values())
+        pool = np.concatenate([mags[i].ravel() for i in free]) if free else np.zeros(0)
+        if not free or left <= 0 or pool.size == 0:
+            counts = {i: 0 for i in free}
+            break
+        t = np.partition(pool, min(left, pool.size) - 1)[min(left, pool.size) - 1]
+        counts = {i: int((mags[i] <= t).sum()) for i in free}
+        over = [i for i in free if counts[i] > cap * sizes[i]]
+        if not over:
+            break
+        fixed.update((i, int(np.floor(cap * sizes[i]))) for i in over)
+    masks = []
+    for i, m in enumerate(mags):
+        n = fixed.get(i)
+        masks.append(magnitude_mask(m, n / m.size) if n is not None else None)
+    free = [i for i in range(len(mags)) if masks[i] is None]
+    if free:
+        left = budget - sum(fixed.values())
+        flat = np.concatenate([mags[i].ravel() for i in free])
+        keep = magnitude_mask(flat, min(max(left, 0) / flat.size, 1.0))
+        offsets = np.cumsum([0] + [mags[i].size for i in free])
+        for i, a, b in zip(free, offsets, offsets[1:]):
+            masks[i] = keep[a:b].reshape(mags[i].shape)
+    return masks
+
+
 @dataclass
 class PruneWeights(Pass):
-    """Zero the smallest-magnitude weights (per layer or globally); smaller when compressed, not faster."""
+    """Zero the least important weights (magnitude or Wanda); smaller when compressed, not faster.
+
+    scope="global" (default): one threshold on raw magnitudes, with no layer losing more than
+    `max_layer_sparsity` (default (1 + sparsity) / 2), so a layer of small weights is never emptied;
+    "normalized": the same on magnitudes divided by each layer's RMS; "layer": the same sparsity in
+    every layer. criterion="wanda" scores
+    |weight| x input feature norm on the calibration data and prunes each output row alike."""
 
     name = "prune-weights"
     handles = frozenset(W.LAYERS)
     sparsity: float = 0.5
-    scope: Literal["layer", "global"] = "global"
+    scope: Literal["global", "normalized", "layer"] = "global"
+    criterion: Literal["magnitude", "wanda"] = "magnitude"
+    max_layer_sparsity: float | None = None   # global scopes: no layer loses more (default (1 + sparsity) / 2)
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.max_layer_sparsity is not None and not self.sparsity <= self.max_layer_sparsity <= 1.0:
+            raise ValueError(f"max_layer_sparsity must be in [sparsity, 1], got {self.max_layer_sparsity}")
 
     def weights(self, graph: gs.Graph) -> tuple[dict[tuple, list[tuple[gs.Node, W.Stored]]], list[str]]:
         """The distinct weights of the layers this pass handles, whatever their storage (layers
@@ -66,13 +113,15 @@ class PruneWeights(Pass):
             return PassResult(graph, False, {"sparsity": 0.0}, notes + ["no prunable weights found"])
         names = list(users)
         values = {n: users[n][0][1].value for n in names}
-        if self.scope == "global":
-            mags = np.concatenate([np.abs(values[n]).ravel() for n in names])
-            keep = magnitude_mask(mags, self.sparsity)
-            offsets = np.cumsum([0] + [values[n].size for n in names])
-            masks = [keep[a:b].reshape(values[n].shape) for n, a, b in zip(names, offsets, offsets[1:])]
-        else:
+        if self.criterion == "wanda":
+            masks = self._wanda_masks(graph, ctx, users, names)
+        elif self.scope == "layer":
             masks = [magnitude_mask(np.abs(values[n]), self.sparsity) for n in names]
+        else:   # one threshold for all layers, on raw or layer-normalised magnitudes
+            scale = {n: float(np.sqrt(np.mean(values[n].astype(np.float64) ** 2))) or 1.0 for n in names}
+            mags = [np.abs(values[n]) / (scale[n] if self.scope == "normalized" else 1.0) for n in names]
+            cap = self.max_layer_sparsity if self.max_layer_sparsity is not None else (1 + self.sparsity) / 2
+            masks = capped_masks(mags, self.sparsity, cap)
         total = zeros = 0
         for name, mask in zip(names, masks):
             pruned = np.where(mask, values[name], 0).astype(values[name].dtype)
@@ -83,4 +132,22 @@ class PruneWeights(Pass):
             zeros += int(s.value.size - np.count_nonzero(s.value))
         stats = {"tensors": len(names), "weights": total, "zeros": zeros, "weight_sparsity": zeros / total}
         return PassResult(graph, True, stats, notes)
+
+    def _wanda_masks(self, graph: gs.Graph, ctx: Context, users, names) -> list[np.ndarray]:
+        """Wanda (Sun et al. 2023): score |W_ij| x ||X_j|| (the input feature's norm over the
+        calibration data) and keep the best of each output row."""
+        data = ctx.require_calib(self.name)
+        nodes = [users[n][0][0] for n in names]
+        norms = input_norms(graph, ctx, data, [n for n in nodes if n.op != "Gather"])
+        masks = []
+        for name, node in zip(names, nodes):
+            w = users[name][0][1].value
+            rows = np.abs(out_rows(node, w)).astype(np.float64)
+            grouped = node.op == "Conv" and int(node.attrs.get("group", 1)) > 1   # rows see one group's channels
+            norm = norms.get(node.inputs[0].name) if node.op != "Gather" and not grouped else None
+            if norm is not None:
+                rows *= norm[np.arange(rows.shape[1]) * len(norm) // rows.shape[1]][None, :]   # fan_in: channel-major
+            keep = np.stack([magnitude_mask(r, self.sparsity) for r in rows])
+            masks.append(from_out_rows(node, keep, w.shape))
+        return masks
 

@@ -20,7 +20,7 @@ def weights(model):
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.97])
-@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("scope", ["layer", "global", "normalized"])
 def test_reaches_exactly_the_sparsity_asked(sparsity, scope):
     new, result = apply_pass(PruneWeights(sparsity=sparsity, scope=scope), two_layer_model())
     w = weights(new)
@@ -35,10 +35,38 @@ def test_reaches_exactly_the_sparsity_asked(sparsity, scope):
     assert np.count_nonzero(w["b1"]) == 8  # biases are never pruned
 
 
-def test_global_scope_prunes_the_small_layer_more():
-    new, _ = apply_pass(PruneWeights(sparsity=0.5, scope="global"), two_layer_model())
+def test_global_scope_prunes_the_small_layer_more_but_never_empties_it():
+    new, _ = apply_pass(PruneWeights(sparsity=0.5, scope="global", max_layer_sparsity=1.0), two_layer_model())
     w = weights(new)
     assert (w["w1"] == 0).mean() > 0.9 and (w["w2"] == 0).mean() < 0.5  # w1 was scaled by 0.1
+    new, result = apply_pass(PruneWeights(sparsity=0.5), two_layer_model())   # default cap: (1 + 0.5) / 2
+    w = weights(new)
+    assert (w["w1"] == 0).sum() == int(0.75 * w["w1"].size) and result.stats["zeros"] == round(0.5 * (w["w1"].size + w["w2"].size))
+
+
+def test_normalized_scope_prunes_layers_of_small_weights_alike():
+    """Layer-normalised magnitudes: w1 (scaled by 0.1) loses about as much as w2, not everything."""
+    new, _ = apply_pass(PruneWeights(sparsity=0.5, scope="normalized"), two_layer_model())
+    w = weights(new)
+    assert 0.3 < (w["w1"] == 0).mean() < 0.7 and 0.3 < (w["w2"] == 0).mean() < 0.7
+
+
+def test_wanda_weighs_weights_by_their_input_norm():
+    """Input feature 0 is 1000x larger than the others: Wanda keeps its (small) weights, magnitude
+    pruning drops them; every output row loses exactly its share."""
+    from onnxcompress import Context, Dataset
+
+    w = np.abs(rand(8, 4, seed=2)) + 0.5
+    w[0] = 0.01                                         # small weights on the loud feature
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [tensor("x", ["N", 8])],
+                       [tensor("y", ["N", 4])], {"w": w})
+    x = rand(64, 8, seed=3)
+    x[:, 0] *= 1000
+    ctx = Context(calib=Dataset({"x": x}))
+    wanda = weights(apply_pass(PruneWeights(sparsity=0.5, criterion="wanda"), model, ctx)[0])["w"]
+    plain = weights(apply_pass(PruneWeights(sparsity=0.5, scope="layer"), model)[0])["w"]
+    assert np.all(wanda[0] != 0) and np.all(plain[0] == 0)
+    assert np.all((wanda == 0).sum(0) == 4)            # each output (a column of a MatMul weight) loses half
 
 
 def test_kept_weights_are_the_largest_and_unchanged():
