@@ -234,13 +234,6 @@ def make_constant(name: str, value: np.ndarray, elem_type: int | None = None) ->
     return gs.Constant(name, value.astype(np_type))
 
 
-def weight_of(node: gs.Node, index: int = 1) -> np.ndarray | None:
-    """The constant input `index` of a node (e.g. a Conv/Gemm weight), or None if absent or not constant."""
-    if len(node.inputs) <= index:
-        return None
-    return constant_value(node.inputs[index])
-
-
 def ensure_inputs(node: gs.Node, n: int) -> None:
     """Pad a node's inputs with empty (omitted) ones up to `n`."""
     while len(node.inputs) < n:
