@@ -148,3 +148,22 @@ def test_sensitivity_table_allocation_and_report(tmp_path, capsys):
 def test_sensitivity_rejects_a_bad_criterion(capsys):
     code, _, err = cli(capsys, "sensitivity", RESNET, "--calib", CALIB, "--criterion", "magic")
     assert code == 2 and "option 'criterion' must be" in err
+
+
+def test_default_budget_protects_a_sequence_model_by_its_decoded_strings(tmp_path, capsys):
+    """A small CTC-style model [batch, time, classes] without labels: the default budget judges
+    whole decoded sequences, and rolls back a pass that destroys them."""
+    import numpy as np
+    from conftest import make_model, rand
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Add", ["z", "b"], ["l"]),
+             helper.make_node("Softmax", ["l"], ["y"], axis=-1)]
+    model = make_model(nodes, [tensor("x", ["N", 12, 16])], [tensor("y", ["N", 12, 5])],
+                       {"w": rand(16, 5, seed=1), "b": rand(5, seed=2)})
+    onnx.save(model, tmp_path / "seq.onnx")
+    np.savez(tmp_path / "seq.npz", x=rand(64, 12, 16, seed=3))
+    code, stdout, err = cli(capsys, "compress", str(tmp_path / "seq.onnx"), "-o", str(tmp_path / "o.onnx"),
+                            "--passes", "prune-weights(sparsity=0.9)", "--eval", str(tmp_path / "seq.npz"),
+                            "--no-latency")
+    assert code == 1 and "points of sequence_agreement not met" in err
+    assert "rolled back" in stdout and "budget: sequence_agreement, at most 1 points" in stdout
