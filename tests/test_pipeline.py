@@ -40,7 +40,7 @@ def test_unknown_pass_names_known_ones():
     ({"sparsity": "high"}, "option 'sparsity' must be float, got 'high'"),
     ({"sparsity": True}, "option 'sparsity' must be float"),
     ({"sparsity": 1.5}, r"sparsity must be in \[0, 1\)"),
-    ({"scope": "world"}, "option 'scope' must be 'layer'\\|'global'"),
+    ({"scope": "world"}, "option 'scope' must be 'global'\\|'normalized'\\|'layer'"),
     ({"exclude": [1]}, "option 'exclude' must be list of str"),
 ])
 def test_bad_options_fail_before_work(options, message):
