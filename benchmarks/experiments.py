@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["add_weight_noise", "ensemble_accuracy", "zero_counts", "digit_strips"]
+__all__ = ["add_weight_noise", "ensemble_accuracy", "zero_counts", "digit_strips", "clustered", "int32_bias_scales"]
 
 
 def add_weight_noise(model: onnx.ModelProto, scale: float, seed: int = 0) -> onnx.ModelProto:
@@ -50,3 +50,43 @@ def zero_counts(model: onnx.ModelProto) -> dict[str, int]:
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     return {n.name: int((inits[n.input[1]] == 0).sum()) for n in model.graph.node
             if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits}
+
+
+def clustered(model: onnx.ModelProto, k: int = 16) -> onnx.ModelProto:
+    """Every Conv/Gemm weight as a per-tensor codebook of k k-means centroids (uint8 index)."""
+    from sklearn.cluster import KMeans
+
+    from onnxcompress import graph as G, weights as W
+
+    graph = G.to_graph(model)
+    for node in [n for n in graph.nodes if n.op in ("Conv", "Gemm")]:
+        s = W.layer_weight(node)
+        km = KMeans(k, n_init=1, random_state=0).fit(s.value.reshape(-1, 1))
+        W.convert(graph, node, 1, s, W.as_codebook(s.value, km.cluster_centers_.ravel().astype(np.float32)))
+    return G.to_model(G.tidy(graph), like=model)
+
+
+def int32_bias_scales(model: onnx.ModelProto, rtol: float = 1e-6) -> tuple[int, int]:
+    """(layers whose int32 bias scale is input scale x weight scale per output channel, layers with
+    a 32-bit quantized bias behind a quantized input and weight): what onnxruntime's integer kernels
+    assume when they read the bias codes directly."""
+    from onnxcompress import graph as G, weights as W
+    from onnxcompress.layers import out_rows
+
+    ok = total = 0
+    for node in G.iter_nodes(G.to_graph(model)):
+        if not W.is_layer(node):
+            continue
+        w, b, x = W.layer_weight(node), W.layer_bias(node), G.producer(node.inputs[0])
+        if (b is None or w is None or x is None or x.op != "DequantizeLinear"
+                or not isinstance(b.storage, W.Quantized) or b.storage.bits < 32
+                or not isinstance(w.storage, W.Quantized)):
+            continue
+        sx = W.value_of(x.inputs[1])
+        if sx is None or sx.size != 1:
+            continue
+        total += 1
+        want = float(sx.reshape(-1)[0]) * out_rows(node, w.storage.scale.astype(np.float64))[:, 0]
+        have = np.broadcast_to(b.storage.scale.astype(np.float64).reshape(-1), want.shape)
+        ok += bool(np.allclose(have, want, rtol=rtol, atol=0))
+    return ok, total

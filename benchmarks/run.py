@@ -1,7 +1,7 @@
 """The benchmark suite: every pass and pipeline on the reference models, beside the original and
 onnxruntime's own quantizer, measured in one run. Writes BENCHMARKS.md.
 
-    python benchmarks/run.py                 # all reference models (a few minutes on 2 cores)
+    python benchmarks/run.py                 # all reference models (about 30 minutes on 2 cores)
     python benchmarks/run.py --models resnet --runs 50 --output /tmp/B.md
     python -m benchmarks.run                 # the same, as a module
 """
@@ -11,6 +11,7 @@ import argparse
 import logging
 import platform
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ def measure(rows: list[Row], test, cfg: LatencyConfig, rounds: int) -> None:
 
 def table(rows: list[Row], batches: tuple[int, ...]) -> str:
     base = rows[0].step
-    header = ["variant", "accuracy", "agreement", "size", "gzip size", "params", "sparsity", "MACs"]
+    header = ["variant", "accuracy", "agreement", "size", "gzip size", "params", "sparsity", "bits/w", "MACs"]
     header += [f"latency b{b}" for b in batches] + ["compress time"]
     out = []
     for row in rows:
@@ -97,7 +98,8 @@ def table(rows: list[Row], batches: tuple[int, ...]) -> str:
         cells = [row.label, f"{s.accuracy:.2f}%", f"{agree:.1f}%",
                  f"{human_bytes(s.size_bytes)} ({s.size_bytes / base.size_bytes:.2f}x)",
                  f"{human_bytes(s.gzip_bytes)} ({s.gzip_bytes / base.gzip_bytes:.2f}x)",
-                 human_count(s.params), f"{s.sparsity * 100:.1f}%", f"{human_count(s.macs)} ({s.macs / base.macs:.2f}x)"]
+                 human_count(s.params), f"{s.sparsity * 100:.1f}%", f"{s.bits_per_weight:.1f}",
+                 f"{human_count(s.macs)} ({s.macs / base.macs:.2f}x)"]
         cells += [f"{s.latency_ms[b] / base.latency_ms[b]:.2f}x" for b in batches]
         cells.append(f"{row.seconds:.1f}s")
         out.append(cells)
@@ -169,7 +171,8 @@ STRUCTURED = dict(round_to=16, target_macs=0.5)
 CRITERION = {"resnet": "l1", "vgg": "l1", "mobilenet": "lasso"}
 
 
-def structured_section(calib, test, cfg: LatencyConfig, rounds: int, models=STRUCTURED_MODELS) -> str:
+def structured_section(calib, test, cfg: LatencyConfig, rounds: int, models=STRUCTURED_MODELS,
+                       facts: dict | None = None) -> str:
     """At >= 2x fewer MACs: one-shot without and with recovery, iterative with recovery, and
     unstructured pruning at the same parameter count, all measured in one run."""
     from onnxcompress.metrics import count_params
@@ -203,11 +206,25 @@ def structured_section(calib, test, cfg: LatencyConfig, rounds: int, models=STRU
         rows.append(Row(f"unstructured, same parameter count (prune-weights {sparsity:.0%} + distill)", same,
                         time.perf_counter() - t0))
         measure(rows, test, cfg, rounds)
+        if facts is not None:
+            base = rows[0].step
+            facts.setdefault("no_recovery_drop", []).append(base.accuracy - rows[1].step.accuracy)
+            b1 = min(cfg.batch_sizes)
+            facts.setdefault("speedup_per_mac", {})[name] = (
+                base.latency_ms[b1] / rows[2].step.latency_ms[b1] / (base.macs / rows[2].step.macs), b1)
         spec = f"prune-channels(ratios={ratios}, criterion='{criterion}', round_to={STRUCTURED['round_to']})"
         parts.append(f"### {name}\n\nAllocation (sensitivity with recovery at 0.25/0.5/0.75, 300 calibration and 500 "
                      f"test digits, then greedy, "
                      f"{alloc_s:.0f}s): `{spec}`\n\n" + structured_table(rows, cfg.batch_sizes))
     return "\n\n".join(parts)
+
+
+def _nonzero_params(row: Row) -> int:
+    """Parameters less the exact zeros among the layer weights (`Step.sparsity` is a share of the
+    layer weights only, so params x (1 - sparsity) would also discount biases and BatchNorm)."""
+    from onnxcompress import graph as G, weights as W
+
+    return row.step.params - W.storage_summary(G.to_graph(row.model)).zeros
 
 
 def structured_table(rows: list[Row], batches: tuple[int, ...]) -> str:
@@ -218,7 +235,7 @@ def structured_table(rows: list[Row], batches: tuple[int, ...]) -> str:
     for row in rows:
         s = row.step
         mac_red = base.macs / s.macs
-        nonzero = s.params * (1 - s.sparsity)
+        nonzero = _nonzero_params(row)
         cells = [row.label, f"{s.accuracy:.2f}%", f"{base.accuracy - s.accuracy:+.2f}", f"{human_count(s.macs)} ({mac_red:.2f}x fewer)",
                  f"{human_count(nonzero)} ({base.params / nonzero:.2f}x fewer)",
                  f"{human_bytes(s.size_bytes)} ({s.size_bytes / base.size_bytes:.2f}x)",
@@ -240,6 +257,108 @@ re-estimation, soft-target head refit), and in 3 steps with recovery after each.
 unstructured pruning (`prune-weights` + `distill`) leaving the same number of nonzero parameters as
 the structured model. "speedup / MAC reduction" is the latency speedup divided by the MAC
 reduction (1.0 = latency falls exactly as MACs do)."""
+
+
+# -- composition ---------------------------------------------------------------------------------
+
+COMPOSE_MODELS = ("resnet", "vgg", "mobilenet")
+
+
+def _run(passes, model: onnx.ModelProto, calib) -> onnx.ModelProto:
+    return PassManager(passes, calib=calib, latency=LatencyConfig(enabled=False)).run(model).model
+
+
+def _timed(fn, *args) -> tuple[onnx.ModelProto, float]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def compose_section(calib, test, cfg: LatencyConfig, rounds: int, models=COMPOSE_MODELS) -> str:
+    """Compressed models compressed again: onnxruntime's QDQ output pruned (and the other order),
+    a 16-centroid clustered model pruned; storage kinds and the int32 bias rule checked per row."""
+    from benchmarks.experiments import clustered, int32_bias_scales
+    from onnxcompress.passes import PruneChannels
+
+    prune_qdq = lambda: [PruneChannels(ratio=0.5, round_to=16)]
+    parts = [COMPOSE_TEXT]
+    for name in models:
+        print(f"  compose {name} ...", flush=True)
+        model = io.load_model(ROOT / "models" / f"{name}.onnx")
+        qdq, t_q = _timed(ort_quantize_static, model, calib.take(200))
+        qdq_pruned, t_qp = _timed(_run, prune_qdq(), qdq, calib)
+        pruned, t_p = _timed(_run, prune_qdq(), model, calib)
+        pruned_qdq, t_pq = _timed(ort_quantize_static, pruned, calib.take(200))
+        clust, t_c = _timed(clustered, model)
+        clust_pruned, t_cp = _timed(_run, [PruneChannels(ratio=0.3)], clust, calib)
+        # (row, short name for the notes, storage kinds its layer weights must have)
+        rows = [(Row("original (fp32)", model, 0.0), "original", {"dense"}),
+                (Row("onnxruntime quantize_static (QDQ int8, per-channel)", qdq, t_q), "quantized", {"qdq"}),
+                (Row("QDQ, then prune-channels 50% (round_to=16) + recovery", qdq_pruned, t_q + t_qp),
+                 "quantized then pruned", {"qdq"}),
+                (Row("prune-channels 50% (round_to=16) + recovery, then quantize_static", pruned_qdq, t_p + t_pq),
+                 "pruned then quantized", {"qdq"}),
+                (Row("clustered (16-centroid codebook per tensor)", clust, t_c), "clustered", {"codebook"}),
+                (Row("clustered, then prune-channels 30% + recovery", clust_pruned, t_c + t_cp),
+                 "clustered then pruned", {"codebook"})]
+        measure([r for r, _, _ in rows], test, cfg, rounds)
+        checks = []
+        for row, short, kinds in rows:
+            got = set(row.step.weight_bytes)
+            print(f"    {row.label}: layer weights stored as {', '.join(sorted(got))}", flush=True)
+            assert got == kinds, f"{name} / {row.label}: layer weights stored as {sorted(got)}, expected {sorted(kinds)}"
+            ok, total = int32_bias_scales(row.model)
+            assert ok == total, f"{name} / {row.label}: {total - ok} of {total} int32 biases off input x weight scale"
+            if total:
+                checks.append(f"{short} {ok} of {total}")
+        note = ("Storage kinds of the layer weights checked in every row (as in the \"weight bytes\" column). "
+                "int32 biases stored at input scale x weight scale: " + ", ".join(checks) + ".")
+        rows = [r for r, _, _ in rows]
+        parts.append(f"### {name}\n\n{note}\n\n" + compose_table(rows, cfg.batch_sizes))
+    return "\n\n".join(parts)
+
+
+def compose_table(rows: list[Row], batches: tuple[int, ...]) -> str:
+    base = rows[0].step
+    header = ["variant", "accuracy", "drop", "MACs", "params", "bits/w", "weight bytes", "size", "gzip size"]
+    header += [f"latency b{b}" for b in batches] + ["compress time"]
+    out = []
+    for row in rows:
+        s = row.step
+        kinds = ", ".join(f"{k} {human_bytes(v)}" for k, v in s.weight_bytes.items())
+        cells = [row.label, f"{s.accuracy:.2f}%", f"{base.accuracy - s.accuracy:+.2f}",
+                 f"{human_count(s.macs)} ({s.macs / base.macs:.2f}x)", human_count(s.params),
+                 f"{s.bits_per_weight:.1f}", kinds,
+                 f"{human_bytes(s.size_bytes)} ({s.size_bytes / base.size_bytes:.2f}x)",
+                 f"{human_bytes(s.gzip_bytes)} ({s.gzip_bytes / base.gzip_bytes:.2f}x)"]
+        cells += [f"{s.latency_ms[b] / base.latency_ms[b]:.2f}x" for b in batches]
+        cells.append(f"{row.seconds:.1f}s")
+        out.append(cells)
+    return markdown_table(header, out)
+
+
+COMPOSE_TEXT = """## Compressed models compose
+
+Every pass reads and writes a layer's weight through one view (`onnxcompress.weights`), whatever
+its storage, so a compressed model can be compressed again. Each table below starts from the fp32
+reference model and measures, in one run: onnxruntime's `quantize_static` (QDQ, int8 weights per
+channel, int8 activations, calibrated on 200 digits); that QDQ model pruned with
+`prune-channels(ratio=0.5, round_to=16)` (recovery on by default, 1,000 calibration digits); the
+other order (the same pruning on the fp32 model, then `quantize_static`); every Conv/Gemm weight
+clustered to a per-tensor 16-centroid k-means codebook; and that clustered model pruned with
+`prune-channels(ratio=0.3)`. Pruning a QDQ model removes channels from the int8 codes, scales and
+zero points and refits within the same storage, so the model stays QDQ; a refit int32 bias is
+stored at input scale x weight scale, the convention onnxruntime's integer kernels assume. A
+clustered layer stays a codebook. The storage kind of every layer weight and the int32 bias scales
+are checked in every row. The
+clustered model is pruned without `round_to`: its widths (11, 22 and 45 channels in ResNet) are not
+multiples of onnxruntime's 16-channel blocks, so its latency does not follow its MACs (see the
+structured pruning section); MobileNet's depthwise convolutions at such widths are slower than the
+original's, which holds for the fp32 model pruned the same way too. "drop" is
+accuracy lost against the fp32 original; "bits/w" is stored bits per layer weight (codes, scales,
+codebooks and indices included); "weight bytes" are the layer weights' bytes by storage kind
+(biases and BatchNormalization excluded); latency is a ratio to the fp32 original; "compress time"
+counts every stage from the fp32 model (quantize, prune, cluster) and excludes measurement."""
 
 
 def ocr_section(cfg: LatencyConfig, rounds: int) -> str:
@@ -322,6 +441,7 @@ def main() -> None:
     ap.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--skip-distill", action="store_true", help="skip the distillation experiments")
     ap.add_argument("--skip-structured", action="store_true", help="skip the structured pruning experiments")
+    ap.add_argument("--skip-compose", action="store_true", help="skip the composition experiments")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
@@ -330,12 +450,16 @@ def main() -> None:
     calib = load_dataset(str(ROOT / "models" / "mnist_calib.npz"), ["input"])
     test = load_dataset(str(ROOT / "models" / "mnist_test.npz"), ["input"])
     sections = []
+    facts: dict = {}
     for name in args.models:
         print(f"benchmarking {name} ...", flush=True)
         model = io.load_model(ROOT / "models" / f"{name}.onnx")
         rows = compress_variants(model, calib, test)
         measure(rows, test, cfg, args.rounds)
         base = rows[0].step
+        q = rows[-1].step   # onnxruntime's quantize_static
+        facts.setdefault("qdq_size", []).append(q.size_bytes / base.size_bytes)
+        facts.setdefault("qdq_latency", []).extend((q.latency_ms[b] / base.latency_ms[b], name, b) for b in batches)
         lat = ", ".join(f"b{b} {base.latency_ms[b]:.3f} ms" for b in batches)
         sections.append(f"### {name}\n\nOriginal latency this run (for scale only; compare ratios): {lat}.\n\n"
                         + table(rows, batches))
@@ -345,13 +469,17 @@ def main() -> None:
     if not args.skip_structured:
         print("structured pruning ...", flush=True)
         sections.append(structured_section(calib, test, cfg, args.rounds,
-                                           [m for m in STRUCTURED_MODELS if m in args.models]))
+                                           [m for m in STRUCTURED_MODELS if m in args.models], facts))
+    if not args.skip_compose:
+        print("composition ...", flush=True)
+        sections.append(compose_section(calib, test, cfg, args.rounds,
+                                        [m for m in COMPOSE_MODELS if m in args.models]))
     if not args.skip_ocr:
         print("PP-OCR models ...", flush=True)
         sections.append(ocr_section(cfg, args.rounds))
     text = HEADER.format(version=onnxcompress.__version__, ort=ort.__version__, py=platform.python_version(),
                          runs=args.runs, rounds=args.rounds, threads=args.threads, date=time.strftime("%Y-%m-%d"))
-    io.write_text(args.output, text + "\n\n".join(sections) + "\n" + FOOTER)
+    io.write_text(args.output, text + "\n\n".join(sections) + "\n" + footer(facts))
     print(f"wrote {args.output}")
 
 
@@ -368,6 +496,32 @@ compression (what sparse or clustered weights save in storage); MACs are at batc
 
 """
 
+def footer(facts: dict) -> str:
+    """The closing notes; the numbers they quote come from this run's tables."""
+    qdq = ""
+    if facts.get("qdq_size"):
+        smaller = sorted(1 / r for r in facts["qdq_size"])
+        lo, hi = min(facts["qdq_latency"]), max(facts["qdq_latency"])
+        qdq = (f" Its QDQ models are {smaller[0]:.1f}-{smaller[-1]:.1f}x smaller here, but int8 QDQ is not automatically"
+               f" faster on this CPU: latency ranges from {lo[0]:.2f}x of the original ({lo[1]}, batch {lo[2]}) to"
+               f" {hi[0]:.2f}x ({hi[1]}, batch {hi[2]}).")
+    why = ""
+    per_mac = facts.get("speedup_per_mac", {})
+    if per_mac:
+        b1 = next(iter(per_mac.values()))[1]
+        listed = ", ".join(f"{v[0]:.2f} for {k}" for k, v in per_mac.items())
+        why = (f" Speedup / MAC reduction at batch {b1} after one-shot pruning with recovery in the structured"
+               f" section: {listed} (VGG's pruned layers are the largest).")
+    loses = ""
+    if facts.get("no_recovery_drop"):
+        d = facts["no_recovery_drop"]
+        loses = f"; without recovery the same structure loses {min(d):.0f} to {max(d):.0f} points"
+    text = FOOTER.format(qdq=qdq, why=why, loses=loses)
+    head, *items = text.split("\n- ")
+    fill = lambda item: textwrap.fill(" ".join(item.split()), 100, initial_indent="- ", subsequent_indent="  ")
+    return head + "\n" + "\n".join(fill(i) for i in items) + "\n"
+
+
 FOOTER = """
 ## Reading these numbers
 
@@ -378,22 +532,20 @@ FOOTER = """
 - `fold-bn` removes BatchNormalization nodes; onnxruntime already fuses Conv+BatchNormalization at
   load time, so the latency gain is small; the file shrinks by the BN parameters.
 - onnxruntime's `quantize_static` (QDQ, int8 weights per channel and int8 activations, MinMax
-  calibration on the same 1,000 calibration digits) is the peer every quantization pass must beat.
-  Its QDQ models are 2-4x smaller here, but int8 QDQ is not automatically faster on this CPU:
-  latency ranges from 0.84x of the original (VGG, batch 1) to 2.15x (MobileNet, batch 1).
+  calibration on the same 1,000 calibration digits) is the peer every quantization pass must beat.{qdq}
 - `prune-channels` is the pass that makes models faster, but latency falls less than MACs:
-  narrower convolutions run at fewer MACs per second (at batch 32 here, a 16-channel 3x3 conv on
-  28x28 runs at about 85 GMAC/s, a 64-channel one on 7x7 at about 125), the layers already at the
-  minimum width (16 with `round_to=16`: the first ResNet stage, about 36% of its MACs) keep their
-  cost, and at batch 1 onnxruntime's fixed cost per node does not shrink at all (MobileNet's
-  0.12 ms run at batch 1 spends about 45 us outside its kernels, and its kernels take 2-9 us each
-  whatever their width). That is why the batch-1 MobileNet and the ResNet rows stay near or under
-  0.8 of the MAC reduction while VGG, whose pruned layers are large, gets about 0.9.
+  narrower convolutions run at fewer MACs per second (at batch 32, in a separate measurement, a
+  16-channel 3x3 conv on 28x28 ran at about 85 GMAC/s, a 64-channel one on 7x7 at about 125), the
+  layers already at the minimum width (16 with `round_to=16`: the first ResNet stage, about 36% of
+  its MACs) keep their cost, and at batch 1 onnxruntime's fixed cost per node does not shrink at
+  all (MobileNet's kernels take a few microseconds each whatever their width, and a large share of
+  its batch-1 time is spent outside them).{why}
 - One shot with recovery vs three steps with recovery: neither wins consistently on these models
-  (within a few tenths of a point); without recovery the same structure loses 50 to 88 points.
+  (within a few tenths of a point){loses}.
   Unstructured pruning at the same nonzero parameter count keeps accuracy as well but gives no
   speedup at all.
 """
+
 
 if __name__ == "__main__":
     main()
