@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
+from benchmarks.experiments import clustered
 from benchmarks.peers import ort_quantize_static
 from conftest import make_model, rand, run, tensor
 from onnxcompress import Context, LatencyConfig, Pass, PassError, PassManager, PassResult, graph as G, weights as W
@@ -21,18 +22,6 @@ from onnxcompress.passes import Distill, PruneChannels, PruneWeights
 from onnxcompress.recovery import RecoverySettings, recover
 
 NO_LATENCY = LatencyConfig(enabled=False)
-
-
-def clustered(model: onnx.ModelProto, k: int = 16) -> onnx.ModelProto:
-    """Every Conv/Gemm weight as a per-tensor codebook of k k-means centroids (uint8 index)."""
-    from sklearn.cluster import KMeans
-
-    graph = G.to_graph(model)
-    for node in [n for n in graph.nodes if n.op in ("Conv", "Gemm")]:
-        s = W.layer_weight(node)
-        km = KMeans(k, n_init=1, random_state=0).fit(s.value.reshape(-1, 1))
-        W.convert(graph, node, 1, s, W.as_codebook(s.value, km.cluster_centers_.ravel().astype(np.float32)))
-    return G.to_model(G.tidy(graph), like=model)
 
 
 def conv_channels(model: onnx.ModelProto) -> list[int]:
