@@ -395,7 +395,11 @@ def ocr_section(cfg: LatencyConfig, rounds: int) -> str:
         measure(rows, held_out, LatencyConfig(batch_sizes=(1,), runs=max(5, cfg.runs // 5), warmup=2, threads=cfg.threads), rounds)
         base, s = rows[0].step, rows[1].step
         fid = next(iter(s.fidelity.values()))
-        fid_text = f"cosine {fid['cosine']:.3f}" + (f", top-1 agreement {fid['top1_agreement']:.1f}%" if "top1_agreement" in fid else "")
+        fid_text = f"cosine {fid['cosine']:.3f}" + "".join(
+            f", {label} {fid[key]:.1f}%" for key, label in (("top1_agreement", "top-1 agreement"),
+                                                            ("position_agreement", "per-position agreement"),
+                                                            ("sequence_agreement", "decoded-sequence agreement"),
+                                                            ("map_iou", "map IoU")) if key in fid)
         try:
             validate_model(result.model)
             valid = "yes"
