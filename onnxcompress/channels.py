@@ -182,12 +182,10 @@ def _weight_indexer(node: gs.Node, in_keep: np.ndarray | None, out_keep: np.ndar
     g = int(node.attrs.get("group", 1))
     if node.op == "ConvTranspose":  # [C_in, C_out/g, k...]
         if g > 1:
-            node.attrs["group"] = _groups_kept(in_keep, g)
             return lambda w: w[_sel(in_keep)][:, _in_block(out_keep, g)]
         return lambda w: w[_sel(in_keep)][:, _sel(out_keep)]
     if node.op == "Conv":  # [C_out, C_in/g, k...]
         if g > 1:
-            node.attrs["group"] = _groups_kept(out_keep, g)
             return lambda w: w[_sel(out_keep)]
         return lambda w: w[_sel(out_keep)][:, _sel(in_keep)]
     if node.op == "Gemm" and node.attrs.get("transB", 0):  # [N, K]
@@ -202,6 +200,9 @@ def _layer_cut(graph, node, an, removed) -> None:
         return
     spec = W.LAYERS[node.op]
     W.take(graph, node, spec.weight, W.layer_weight(node), _weight_indexer(node, in_keep, out_keep))
+    g = int(node.attrs.get("group", 1))
+    if g > 1:   # whole groups go: the count left follows the channels on the group's side
+        node.attrs["group"] = _groups_kept(in_keep if node.op == "ConvTranspose" else out_keep, g)
     bias = W.layer_bias(node)
     if bias is not None and out_keep is not None and bias.value.shape[-1] == len(out_keep):
         W.take(graph, node, spec.bias, bias, lambda b: b[..., out_keep])

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "to_graph", "to_model", "iter_nodes", "constant_value", "producer", "layer_id", "display_name",
+    "to_graph", "to_model", "default_opset", "iter_nodes", "constant_value", "producer", "layer_id", "display_name",
     "set_constant", "make_constant", "elem_type", "ensure_inputs", "unique_name", "tidy", "input_names", "output_names",
     "FOLDABLE",
 ]
@@ -67,7 +67,7 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
         model.producer_version = like.producer_version
         del model.metadata_props[:]
         model.metadata_props.extend(like.metadata_props)
-        opset = max(_default_opset(like), int(graph.opset or 0))
+        opset = max(default_opset(like), int(graph.opset or 0))
         del model.opset_import[:]
         model.opset_import.extend(like.opset_import)
         for o in model.opset_import:
@@ -93,7 +93,8 @@ def _drop_outer_value_info(g: onnx.GraphProto, top: bool = False) -> None:
     g.value_info.extend(kept)
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset of the default ONNX domain (0 if it declares none)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 

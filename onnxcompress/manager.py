@@ -188,8 +188,8 @@ class PassManager:
         changed = _boundary_changes(current, new)
         if changed:
             raise PassError(p.name, f"changed the graph's {changed}; inputs and outputs must stay as they are", previous)
-        if _opset(new) > _opset(current):
-            step.notes.append(f"raised the opset from {_opset(current)} to {_opset(new)}"
+        if G.default_opset(new) > G.default_opset(current):
+            step.notes.append(f"raised the opset from {G.default_opset(current)} to {G.default_opset(new)}"
                               + (f" (the pass needs {p.required_opset()})" if raised else ""))
         try:
             evaluator.measure(new, step, ctx.state.branch_probs)
@@ -199,19 +199,15 @@ class PassManager:
         return step, new
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _with_opset(model: onnx.ModelProto, p: Pass, previous: tuple[str, ...]) -> tuple[onnx.ModelProto, bool]:
     """The model at the opset the pass needs (converted by onnx's version converter when lower)."""
     need = p.required_opset()
-    if _opset(model) >= need:
+    if G.default_opset(model) >= need:
         return model, False
     try:
         converted = onnx.version_converter.convert_version(model, need)
     except Exception as e:
-        raise PassError(p.name, f"needs opset {need}; converting the model from opset {_opset(model)} failed: "
+        raise PassError(p.name, f"needs opset {need}; converting the model from opset {G.default_opset(model)} failed: "
                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", previous) from e
     return converted, True
 

@@ -391,10 +391,6 @@ class _MacsWalk:
         return None
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _check_probs(branch_probs: Mapping[str, float] | None) -> dict[str, float]:
     probs = dict(branch_probs or {})
     bad = {k: p for k, p in probs.items() if not 0.0 <= float(p) <= 1.0}
@@ -410,7 +406,7 @@ def macs_breakdown(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[i
     an If without one counts its costlier branch. Works above 2 GiB."""
     probs = _check_probs(branch_probs)
     inferred = _inferred(model, input_shapes)
-    walk = _MacsWalk(_all_shapes(inferred), _int_scalars(inferred), probs, _default_opset(model))
+    walk = _MacsWalk(_all_shapes(inferred), _int_scalars(inferred), probs, G.default_opset(model))
     result = walk.graph(inferred.graph)
     unknown = sorted(set(probs) - walk.seen_ifs)
     if unknown:

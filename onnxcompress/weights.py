@@ -43,7 +43,6 @@ __all__ = ["LAYERS", "LayerSpec", "Stored", "Dense", "Quantized", "Codebook", "N
 class LayerSpec:
     weight: int                 # input index of the weight
     bias: int | None            # input index of the bias (None: the op has none)
-    domain: str = ""
 
 
 # The one table of weighted layers: which input holds the weight and which the bias.
@@ -53,7 +52,7 @@ LAYERS: dict[str, LayerSpec] = {
     "Gemm": LayerSpec(1, 2),
     "MatMul": LayerSpec(1, None),
     "Gather": LayerSpec(0, None),           # an embedding: constant table, token ids as input 1
-    "MatMulNBits": LayerSpec(1, 5, "com.microsoft"),
+    "MatMulNBits": LayerSpec(1, 5),          # com.microsoft (onnxruntime)
 }
 
 _LAYOUT_OPS = frozenset({"Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})

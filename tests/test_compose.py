@@ -118,7 +118,7 @@ class NeedsOpset21(Pass):
 def test_a_pass_that_raises_the_opset_keeps_it_and_says_so():
     model = _named_cnn(True)
     result = PassManager([NeedsOpset21(), PruneWeights(sparsity=0.3)], latency=NO_LATENCY).run(model)
-    assert G._default_opset(result.model) == 21 and result.model.ir_version >= 10
+    assert G.default_opset(result.model) == 21 and result.model.ir_version >= 10
     assert any("raised the opset from 17 to 21 (the pass needs 21)" in n for n in result.report.steps[1].notes)
     assert result.report.steps[2].status == "applied" and not any("opset" in n for n in result.report.steps[2].notes)
 
