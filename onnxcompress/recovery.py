@@ -55,11 +55,15 @@ class Skipped:
 
 # -- data the solvers need ----------------------------------------------------------------------
 
+def _rows(a: np.ndarray) -> np.ndarray:
+    """One row per sample, or per time step of a sequence [batch, time, features]."""
+    return a.reshape(-1, a.shape[-1]) if a.ndim == 3 else a.reshape(len(a), -1)
+
+
 def _logits_of(outputs: np.ndarray) -> np.ndarray:
     """Teacher outputs as rows of logits, one per sample (one per time step of a sequence output
     [batch, time, classes]); probabilities (non-negative rows summing to 1) are turned into logs."""
-    out = (outputs.reshape(-1, outputs.shape[-1]) if outputs.ndim == 3 else outputs.reshape(len(outputs), -1))
-    out = out.astype(np.float64)
+    out = _rows(outputs).astype(np.float64)
     if np.all(out >= 0) and np.allclose(out.sum(1), 1.0, atol=1e-3):
         return np.log(np.clip(out, 1e-12, None))
     return out
@@ -409,8 +413,7 @@ def refit_head(graph: gs.Graph, head: Head, features: np.ndarray, targets: np.nd
     constraint = constraint or C.infer(head.node)
     if isinstance(constraint, (C.SharedCodebook, C.ChannelScales)):
         return Skipped(f"a head with {type(constraint).__name__} weights is refit layer-wise only")
-    H = (features.reshape(-1, features.shape[-1]) if features.ndim == 3 else features.reshape(len(features), -1))
-    H = H.astype(np.float64)
+    H = _rows(features).astype(np.float64)
     if len(H) != len(targets):
         return Skipped(f"{len(H)} feature rows for {len(targets)} target rows")
     labels = labels if labels is not None and len(labels) == len(H) else None

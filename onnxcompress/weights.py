@@ -27,7 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import graph as G
-from .layers import out_rows
+from .layers import from_out_rows, out_rows
 from .storage import (INT_RANGES, Codebook, Dense, NBits, Quantized, Storage, _qrange, add_node, as_codebook,
                       as_quantized, constant, unpack_bits)
 
@@ -349,8 +349,6 @@ def take(graph: gs.Graph, node: gs.Node, index: int, s: Stored, indexer: Callabl
 
 def write_rows(graph: gs.Graph, node: gs.Node, rows: np.ndarray, refit: bool | None = None) -> Stored:
     """Write a layer's weight given as [out, fan_in] rows (in its own layout and storage)."""
-    from .layers import from_out_rows
-
     s = layer_weight(node)
     return write(graph, node, LAYERS[node.op].weight, s, from_out_rows(node, rows, s.value.shape), refit)
 
