@@ -447,7 +447,16 @@ def main() -> None:
     ap.add_argument("--skip-structured", action="store_true", help="skip the structured pruning experiments")
     ap.add_argument("--skip-compose", action="store_true", help="skip the composition experiments")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
+    ap.add_argument("--only-ocr-passes", action="store_true",
+                    help="run only the PP-OCR every-pass section and replace it in --output (rest untouched)")
     args = ap.parse_args()
+    if args.only_ocr_passes:
+        from benchmarks.ocr import ocr_passes_section, replace_section
+        section = ocr_passes_section()
+        path = Path(args.output)
+        io.write_text(str(path), replace_section(path.read_text() if path.exists() else "", section))
+        print(f"wrote {args.output}")
+        return
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
     batches = tuple(int(b) for b in args.batch_sizes.split(","))
     cfg = LatencyConfig(batch_sizes=batches, runs=args.runs, warmup=10, threads=args.threads)
