@@ -490,6 +490,8 @@ def main() -> None:
     if not args.skip_ocr:
         print("PP-OCR models ...", flush=True)
         sections.append(ocr_section(cfg, args.rounds))
+        from benchmarks.ocr import ocr_passes_section
+        sections.append(ocr_passes_section())
     text = HEADER.format(version=onnxcompress.__version__, ort=ort.__version__, py=platform.python_version(),
                          runs=args.runs, rounds=args.rounds, threads=args.threads, date=time.strftime("%Y-%m-%d"))
     io.write_text(args.output, text + "\n\n".join(sections) + "\n" + footer(facts))
