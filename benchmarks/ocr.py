@@ -172,7 +172,8 @@ def user_metric(kind: str, out: np.ndarray, ref: np.ndarray, truth, chars) -> st
         got, base = ctc_decode(out, chars), ctc_decode(ref, chars)
         vs_truth = 100.0 * np.mean([g == t for g, t in zip(got, truth)])
         vs_fp32 = 100.0 * np.mean([g == b for g, b in zip(got, base)])
-        return f"exact {vs_truth:.1f}% vs truth, {vs_fp32:.1f}% vs fp32"
+        steps = 100.0 * np.mean(out.argmax(-1) == ref.argmax(-1))
+        return f"exact {vs_truth:.1f}% vs truth, {vs_fp32:.1f}% vs fp32; per step {steps:.1f}%"
     if kind == "det":
         m, r = out[:, 0] > DET_THRESHOLD, ref[:, 0] > DET_THRESHOLD
         return f"map IoU {_iou(m, r):.1f}% vs fp32, {_iou(m, truth):.1f}% vs truth"
@@ -184,8 +185,11 @@ def _variants():
     from onnxcompress.passes import Distill, FoldBatchNorm, PruneChannels, PruneWeights
     return [("fold-bn", lambda: [FoldBatchNorm()]),
             ("prune-weights", lambda: [PruneWeights()]),
-            ("prune-channels", lambda: [PruneChannels()]),
-            ("prune-weights + distill(samples=8)", lambda: [PruneWeights(), Distill(samples=8)])]
+            ("prune-channels (ratio 0.3, recovery)", lambda: [PruneChannels()]),
+            ("prune-weights(0.5) + distill", lambda: [PruneWeights(sparsity=0.5), Distill()]),
+            ("prune-weights(0.5, wanda) + distill", lambda: [PruneWeights(sparsity=0.5, criterion="wanda"), Distill()]),
+            ("prune-weights(0.5, sparsegpt) + distill",
+             lambda: [PruneWeights(sparsity=0.5, criterion="sparsegpt"), Distill()])]
 
 
 def _compress_child(conn, model_bytes: bytes, label: str, calib_x: np.ndarray, eval_x: np.ndarray) -> None:
@@ -232,7 +236,7 @@ def _gzip(model: onnx.ModelProto) -> int:
 
 OCR_PASS_MODELS = [("ch_PP-OCRv4_rec_infer.onnx", "rec"), ("ch_ppocr_mobile_v2.0_cls_infer.onnx", "cls"),
                    ("ch_PP-OCRv4_det_infer.onnx", "det")]
-METRIC_HEADER = {"rec": "exact match (vs truth, vs fp32)", "det": "map IoU @0.3 (vs fp32, vs truth boxes)",
+METRIC_HEADER = {"rec": "exact match (vs truth, vs fp32); per-step top-1 vs fp32", "det": "map IoU @0.3 (vs fp32, vs truth boxes)",
                  "cls": "accuracy (vs labels), agreement (vs fp32)"}
 
 

@@ -69,6 +69,19 @@ def conv_geometry(node: gs.Node, w: np.ndarray) -> dict | None:
                 group=int(node.attrs.get("group", 1)))
 
 
+def tiling_geometry(node: gs.Node, w: np.ndarray) -> dict | None:
+    """A 2-D ConvTranspose whose stride equals its kernel, without padding or dilation (the
+    upsampling heads of detectors): each input pixel paints its own kernel-sized output tile.
+    Its kernel, strides and group, else None."""
+    a = node.attrs
+    kernel = tuple(w.shape[2:])
+    if node.op != "ConvTranspose" or w.ndim != 4 or tuple(a.get("strides", [1, 1])) != kernel or \
+            any(a.get("pads", [0] * 4)) or any(d != 1 for d in a.get("dilations", [1, 1])) or \
+            any(a.get("output_padding", [0, 0])) or "output_shape" in a or a.get("auto_pad", "NOTSET") != "NOTSET":
+        return None
+    return dict(kernel=kernel, strides=kernel, group=int(a.get("group", 1)))
+
+
 def conv_output_hw(h: int, w: int, geo: dict) -> tuple[int, int]:
     """Output height and width of a 2-D conv with geometry `geo` on an h x w input."""
     (kh, kw), (sh, sw), (dh, dw), p = geo["kernel"], geo["strides"], geo["dilations"], geo["pads"]

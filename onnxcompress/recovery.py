@@ -24,20 +24,21 @@ from .constraints import Constraint
 from .correspondence import match_tensors
 from .data import Dataset
 from .errors import OptionError
-from .layers import conv_geometry, gemm_rows, out_rows
+from .layers import conv_geometry, conv_output_hw, tiling_geometry, from_out_rows, gemm_rows, out_rows
 from .metrics import static_shapes
 from .pass_api import Context
-from .runtime import capture, capture_session, iter_outputs, make_session, run_model
-from .solvers import NormalEquations, fit_soft_head, im2col, soft_targets, softmax
+from .runtime import Stepper, StepError, capture, capture_session, iter_outputs, make_session, run_model
+from .solvers import NormalEquations, fit_soft_head, im2col, tile_rows, soft_targets, softmax, sparsegpt
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Fit", "Skipped", "Head", "HeadFit", "teacher_logits", "reference_model", "paired_batches", "student_activations", "changed_layers",
-           "refit_layer", "refit_batchnorm", "find_head", "refit_head", "recover", "RecoverySettings",
+           "refit_layer", "refit_batchnorm", "prune_sequential", "find_head", "refit_head", "recover", "RecoverySettings",
            "RecoveryResult", "RECOVERABLE_OPS"]
 
-# Layers the least-squares refit knows how to sample (im2col for Conv, rows for Gemm/MatMul).
-RECOVERABLE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+# Layers the least-squares refit knows how to sample (im2col for Conv, tiles for a ConvTranspose
+# with stride = kernel, rows for Gemm/MatMul).
+RECOVERABLE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 @dataclass(frozen=True)
@@ -165,16 +166,17 @@ def holdout_by_rows(n_samples: int) -> bool:
     return n_samples * HOLDOUT < MIN_HELD_OUT_SAMPLES
 
 
-def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], n_total: int,
+def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray | None]], n_total: int,
                      max_rows: int, rng: np.random.Generator) -> tuple[list[NormalEquations], list[NormalEquations]] | None:
     """Normal equations per group (one for Gemm/MatMul), streamed over (student input, target)
-    batches: (fit, held-out) pairs, HOLDOUT of the rows going to the held-out ones.
+    batches: (fit, held-out) pairs, HOLDOUT of the rows going to the held-out ones. Targets None:
+    the inputs' Gram matrices only.
 
     At most `max_rows` rows in all: conv layers sample output positions per image, Gemm/MatMul rows."""
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return None
-    geo = conv_geometry(node, w) if node.op == "Conv" else None
-    if node.op == "Conv" and geo is None:
+    geo = conv_geometry(node, w) if node.op == "Conv" else tiling_geometry(node, w) if node.op == "ConvTranspose" else None
+    if node.op in ("Conv", "ConvTranspose") and geo is None:
         return None
     eqs: list[NormalEquations] | None = None
     held: list[NormalEquations] | None = None
@@ -195,7 +197,8 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
         aside_samples = rng.random(len(x)) < HOLDOUT
         held_samples += len(x) if by_rows else int(aside_samples.sum())
         if geo is None:
-            xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            xs = x.reshape(-1, x.shape[-1])
+            ys = np.zeros((len(xs), 0), x.dtype) if y is None else y.reshape(-1, y.shape[-1])
             aside = aside_rows(aside_samples, len(xs) // len(x))
             keep = int(np.ceil(max_rows * len(x) / n_total))
             if len(xs) > keep:
@@ -206,12 +209,17 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
             add(eqs[0], held[0], xs, ys, aside)
             continue
         n, cin = x.shape[:2]
-        m, hw = y.shape[1], y.shape[2] * y.shape[3]
+        tiles = node.op == "ConvTranspose"
+        hw = x.shape[2] * x.shape[3] * int(np.prod(geo["kernel"])) if tiles else \
+            int(np.prod(conv_output_hw(x.shape[2], x.shape[3], geo)))
+        m = 0 if y is None else y.shape[1]
         g = geo["group"]
         per_image = int(min(hw, max(1, max_rows // n_total)))
         positions = rng.random((n, hw)).argsort(1)[:, :per_image]
-        ys = np.take_along_axis(y.reshape(n, m, hw), positions[:, None, :], 2).transpose(0, 2, 1).reshape(-1, m)
-        rows = im2col(x, geo["kernel"], geo["strides"], geo["pads"], geo["dilations"], positions)
+        ys = np.zeros((n * per_image, 0), x.dtype) if y is None else \
+            np.take_along_axis(y.reshape(n, m, hw), positions[:, None, :], 2).transpose(0, 2, 1).reshape(-1, m)
+        rows = tile_rows(x, geo["kernel"], positions) if tiles else \
+            im2col(x, geo["kernel"], geo["strides"], geo["pads"], geo["dilations"], positions)
         aside = aside_rows(aside_samples, per_image)
         cin_g, m_g, k = cin // g, m // g, rows.shape[1] // cin
         eqs = eqs or [NormalEquations(cin_g * k, m_g) for _ in range(g)]
@@ -219,6 +227,39 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
         for gi, (ne, out) in enumerate(zip(eqs, held)):
             add(ne, out, rows[:, gi * cin_g * k:(gi + 1) * cin_g * k], ys[:, gi * m_g:(gi + 1) * m_g], aside)
     return None if eqs is None else (eqs, held, held_samples)
+
+
+def prune_sequential(graph: gs.Graph, ctx: Context, data: Dataset, layers: list[tuple[gs.Node, np.ndarray]],
+                     max_rows: int = 20000, seed: int = 0) -> dict[int, np.ndarray]:
+    """SparseGPT front to back: each (layer, keep-mask) loses as many weights as its mask drops
+    (per group), chosen and compensated by `sparsegpt` on the Gram matrix of the layer's inputs in
+    the model as pruned so far (one streamed forward pass in all). Returns the pruned weight per
+    layer (by node id), in the weight's layout, for the caller to write; layers whose layout the
+    row sampling does not support get their mask as it is."""
+    wanted = {id(node): keep for node, keep in layers}
+    stepper = Stepper(graph, ctx.original, data, ctx.providers, ctx.batch_size)
+    rng = np.random.default_rng(seed)
+    pruned: dict[int, np.ndarray] = {}
+    for node in list(stepper.order):
+        if id(node) not in wanted:
+            continue
+        keep, s = wanted[id(node)], W.layer_weight(node)
+        w = s.value
+        split = None
+        if node.op in RECOVERABLE_OPS:
+            xs = stepper.fetch(node.inputs[0].name)
+            split = _layer_equations(node, w, ((x, None) for x in xs), len(data), max_rows, rng)
+        if split is None:
+            pruned[id(node)] = np.where(keep, w, 0).astype(w.dtype)
+        else:
+            eqs = [ne.merged(out) for ne, out in zip(*split[:2])]
+            rows, drop = out_rows(node, w), ~out_rows(node, keep)
+            m_g = rows.shape[0] // len(eqs)
+            new = np.concatenate([sparsegpt(rows[g * m_g:(g + 1) * m_g], ne.G[:-1, :-1],
+                                            int(drop[g * m_g:(g + 1) * m_g].sum())) for g, ne in enumerate(eqs)])
+            pruned[id(node)] = from_out_rows(node, new, w.shape).astype(w.dtype)
+        W.write(graph, node, W.LAYERS[node.op].weight, s, pruned[id(node)], refit=False, suffix="_pruned", in_place=True)
+    return pruned
 
 
 def _current(node: gs.Node) -> tuple[np.ndarray, np.ndarray]:
@@ -485,6 +526,7 @@ def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySett
     mapping = match_tensors(G.to_model(G.tidy(graph.copy()), like=ctx.original), reference)
     walk = _Walk(graph, ctx, data, reference, static_shapes(reference), settings, mapping)
     targets = {id(n) for n in changed_layers(graph, ctx, reference, mapping)} if settings.layers == "changed" else None
+    walk.start(targets)
     dirty = False  # once a layer changed, everything after it sees different inputs
     for node in list(graph.toposort().nodes):
         if _recoverable(node) and (targets is None or id(node) in targets):
@@ -499,7 +541,7 @@ def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySett
                           "(optionally followed by Softmax): head refit skipped")
     if head is not None:
         probs = ensemble_targets(ctx, data, settings.temperature)
-        feats = student_activations(graph, ctx, data, [head.features])[head.features]
+        feats = walk.student_tensor(head.features)
         result = refit_head(graph, head, feats, probs, settings.temperature, settings.alpha, data.labels,
                             _constraint(ctx, head.node), settings.seed)
         if isinstance(result, Skipped):
@@ -521,6 +563,36 @@ class _Walk:
     fits: list[Fit] = field(default_factory=list)
     bn_fits: list[Fit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    student: Stepper | None = None     # activations streamed front to back (None: prefix runs per layer)
+    teacher: Stepper | None = None
+
+    def start(self, targets: set[int] | None) -> None:
+        """Stream the student's and the reference's activations: one forward pass each in all."""
+        ctx, bs = self.ctx, self.ctx.batch_size
+        wanted = {self.mapping.get(n.outputs[0].name) for n in self.graph.nodes
+                  if (_recoverable(n) and (targets is None or id(n) in targets)) or n.op == "BatchNormalization"}
+        self.student = Stepper(self.graph, ctx.original, self.data, ctx.providers, bs)
+        self.teacher = Stepper(G.to_graph(self.reference), self.reference, self.data, ctx.providers, bs,
+                               keep=wanted - {None})
+
+    def student_tensor(self, name: str) -> np.ndarray:
+        if self.student is not None:
+            try:
+                return np.concatenate(self.student.fetch(name))
+            except StepError as e:
+                log.debug("streaming capture stopped: %s", e)
+                self.student = None
+        return student_activations(self.graph, self.ctx, self.data, [name])[name]
+
+    def _pairs(self, x_name: str, t_name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(student input, teacher output) batches, streamed when the steppers can, else by prefix runs."""
+        if self.student is not None and self.teacher is not None:
+            try:
+                return iter(list(zip(self.student.fetch(x_name), self.teacher.fetch(t_name))))
+            except StepError as e:
+                log.debug("streaming capture stopped: %s", e)
+                self.student = self.teacher = None
+        return paired_batches(self.graph, self.ctx, self.reference, self.data, x_name, t_name)
 
     def _targets(self, node: gs.Node, axis: int, n_out: int) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
         """(student input, teacher output) batches for a node, mapped to its kept channels; None
@@ -536,7 +608,7 @@ class _Walk:
             self.notes.append(f"{node.op} '{G.display_name(node)}': the teacher has no tensor named '{y_name}' nor "
                               "one computed the same way; left as is")
             return None
-        batches = paired_batches(self.graph, self.ctx, self.reference, self.data, node.inputs[0].name, t_name)
+        batches = self._pairs(node.inputs[0].name, t_name)
         shape = self.shapes.get(t_name)
         if shape is None or len(shape) <= axis % max(len(shape), 1) or shape[axis] <= 0:
             first = next(batches, None)
@@ -555,7 +627,7 @@ class _Walk:
 
     def layer(self, node: gs.Node) -> None:
         n_out = out_rows(node, W.layer_weight(node).value).shape[0]
-        batches = self._targets(node, 1 if node.op == "Conv" else -1, n_out)
+        batches = self._targets(node, 1 if node.op in ("Conv", "ConvTranspose") else -1, n_out)
         if batches is None:
             return
         s = self.settings

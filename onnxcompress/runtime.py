@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from . import io
+from . import graph as G, io
 from .data import Dataset
 from .errors import InputError
 from .progress import progress
@@ -16,7 +17,7 @@ from .progress import progress
 log = logging.getLogger(__name__)
 
 __all__ = ["check_providers", "make_session", "run_model", "iter_outputs", "fixed_batch", "capture",
-           "capture_session"]
+           "capture_session", "Stepper", "StepError"]
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -147,3 +148,108 @@ def capture(model: onnx.ModelProto, data: Dataset, names: Sequence[str],
     if max_samples is not None:
         data = data.take(max_samples)
     return run_model(capture_session(model, names, providers), data, batch_size, outputs=names, desc="capture")
+
+
+class StepError(RuntimeError):
+    """A tensor a Stepper cannot give any more (its producer ran and no later node needed it)."""
+
+
+class Stepper:
+    """Runs a graph front to back over a dataset, in segments, batch by batch: `fetch(name)` runs
+    just the nodes not run yet that `name` needs, and keeps only the activations later nodes (or
+    `keep`) still read. Capturing every layer's input this way costs one forward pass in all,
+    however deep the model, where a prefix run per layer costs depth x forward passes.
+
+    The graph may change between fetches (a layer refit after its input was fetched): a segment is
+    built from the graph as it is when it runs, so later activations see the new weights. Values
+    are lists with one array per batch (shape tensors computed per batch stay consistent)."""
+
+    def __init__(self, graph: gs.Graph, like: onnx.ModelProto, data: Dataset,
+                 providers: Sequence[str] = DEFAULT_PROVIDERS, batch_size: int = 64, keep: Iterable[str] = ()):
+        self.graph, self.like, self.providers = graph, like, providers
+        self.order = list(graph.toposort().nodes)
+        self.produced_at = {t.name: i for i, n in enumerate(self.order) for t in n.outputs}
+        end = len(self.order)
+        self.last_use: dict[str, int] = {t.name: end for t in graph.outputs}
+        for i, node in enumerate(self.order):
+            for name in _reads(node):
+                self.last_use[name] = max(self.last_use.get(name, -1), i)
+        self.env: dict[str, list[np.ndarray]] = {name: [] for name in data.feeds}
+        self.n_batches = 0
+        for batch in data.batches(batch_size):
+            self.n_batches += 1
+            for name, value in batch.items():
+                self.env[name].append(value)
+        self.keep, self.pos = set(keep), 0
+
+    def fetch(self, name: str) -> list[np.ndarray]:
+        """The tensor `name` for every batch of the dataset."""
+        if name in self.env:
+            self.keep.discard(name)
+            return self.env[name]
+        p = self.produced_at.get(name)
+        if p is None or p < self.pos:
+            raise StepError(f"tensor '{name}' is no longer held")
+        wanted = [name] + [t.name for n in self.order[self.pos:p + 1] for t in n.outputs
+                           if t.name != name and (self.last_use.get(t.name, -1) > p or t.name in self.keep)]
+        self._run(list(dict.fromkeys(wanted)))
+        self.pos = p + 1
+        self.keep.discard(name)
+        for held in [n for n in self.env if n != name and self.last_use.get(n, -1) <= p and n not in self.keep]:
+            del self.env[held]
+        return self.env[name]
+
+    def _run(self, wanted: list[str]) -> None:
+        tensors = self.graph.tensors()
+        nodes: list[gs.Node] = []            # in dependency order (post-order of the walk back)
+        seen: set[int] = set()
+        feeds: dict[str, tuple[np.dtype, list]] = {}   # held tensors the segment reads
+        stack: list[tuple[gs.Tensor | gs.Node, bool]] = [(tensors[n], False) for n in reversed(wanted)]
+        while stack:
+            item, done = stack.pop()
+            if done:
+                nodes.append(item)
+                continue
+            t = item
+            if not t.name or isinstance(t, gs.Constant):
+                continue   # an optional input left out, or a weight
+            if t.name in self.env:
+                first = self.env[t.name][0]
+                feeds[t.name] = (first.dtype, [None, *first.shape[1:]] if first.ndim else [])
+            elif len(t.inputs) == 1:
+                node = t.inputs[0]
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                stack.append((node, True))
+                outer = [tensors[n] for n in _reads(node) - {i.name for i in node.inputs} if n in tensors]
+                stack.extend((i, False) for i in reversed([*node.inputs, *outer]))
+            else:
+                raise StepError(f"tensor '{t.name}' is neither computed nor held")
+        inputs = [tensors[n] for n in feeds]
+        saved = [(t.dtype, t.shape) for t in inputs]   # typed for the segment's export, then restored
+        for t, (dtype, shape) in zip(inputs, feeds.values()):
+            t.dtype, t.shape = dtype, shape
+        try:
+            segment = gs.Graph(nodes=nodes, inputs=inputs, outputs=[tensors[n] for n in wanted],
+                               opset=self.graph.opset, import_domains=self.graph.import_domains)
+            model = G.to_model(segment, like=self.like)
+        finally:
+            for t, (dtype, shape) in zip(inputs, saved):
+                t.dtype, t.shape = dtype, shape
+        session = make_session(model, self.providers)
+        for name in wanted:
+            self.env[name] = []
+        for b in range(self.n_batches):
+            values = session.run(wanted, {n: self.env[n][b] for n in feeds})
+            for name, value in zip(wanted, values):
+                self.env[name].append(value)
+
+
+def _reads(node: gs.Node) -> set[str]:
+    """Names a node reads: its inputs and, for If/Loop/Scan, every name its bodies read."""
+    names = {t.name for t in node.inputs}
+    for sub in node.subgraphs():
+        for inner in sub.nodes:
+            names |= _reads(inner)
+    return names

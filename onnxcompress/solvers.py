@@ -12,7 +12,8 @@ import numpy as np
 
 __all__ = [
     "NormalEquations", "ridge_fit", "solve_free", "solve_support", "solve_columns", "solve_codebook",
-    "solve_scales", "solve_codebook_groups", "solve_codebook_rows", "softmax", "soft_targets", "fit_soft_head", "im2col",
+    "solve_scales", "solve_codebook_groups", "solve_codebook_rows", "softmax", "soft_targets", "fit_soft_head", "im2col", "tile_rows",
+    "sparsegpt",
 ]
 
 
@@ -176,6 +177,14 @@ def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+HEAD_WORK = 2e8   # rows x classes x features a head fit spends its full iteration count on
+
+
 def soft_targets(teacher_logits: list[np.ndarray], temperature: float) -> np.ndarray:
     """An ensemble's target: the average of the members' temperature-softened probabilities."""
     return np.mean([softmax(z, temperature) for z in teacher_logits], axis=0)
@@ -204,27 +213,78 @@ def fit_soft_head(H: np.ndarray, targets: np.ndarray, temperature: float = 4.0, 
             raise ValueError("alpha > 0 needs labels")
         onehot = np.eye(k)[labels.reshape(-1)]
     scale = 1.0 / max(float(np.abs(H).mean()), 1e-12)  # condition the problem: work on scaled features
-    Hs = H * scale
+    Hs = (H * scale).astype(np.float32)
+    targets = targets.astype(np.float32)
+    onehot = None if onehot is None else onehot.astype(np.float32)
+    # a large head (a sequence over thousands of classes) gets fewer iterations: the warm start is close
+    max_iter = int(np.clip(max_iter * HEAD_WORK / max(n * k * d, 1), 30, max_iter))
 
     def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        W = theta[:k * d].reshape(k, d) * m
-        b = theta[k * d:]
+        # float32 where the work is (the [rows, classes] products), float64 for the optimizer
+        W = (theta[:k * d].reshape(k, d) * m).astype(np.float32)
+        b = theta[k * d:].astype(np.float32)
         z = Hs @ W.T + b
-        p_t = softmax(z, temperature)
-        loss = -(1 - alpha) * temperature ** 2 * np.sum(targets * np.log(p_t + 1e-300)) / n
-        dz = (1 - alpha) * temperature * (p_t - targets) / n
+        log_p = _log_softmax(z / temperature)
+        loss = -(1 - alpha) * temperature ** 2 * float(np.sum(targets * log_p, dtype=np.float64)) / n
+        dz = (1 - alpha) * temperature * (np.exp(log_p) - targets) / n
         if onehot is not None:
-            p = softmax(z)
-            loss += -alpha * np.sum(onehot * np.log(p + 1e-300)) / n
-            dz += alpha * (p - onehot) / n
-        loss += 0.5 * l2 * np.sum(W * W)
-        gW = (dz.T @ Hs + l2 * W) * m
-        return loss, np.concatenate([gW.ravel(), dz.sum(0) if fit_bias else np.zeros(k)])
+            log_p = _log_softmax(z)
+            loss += -alpha * float(np.sum(onehot * log_p, dtype=np.float64)) / n
+            dz += alpha * (np.exp(log_p) - onehot) / n
+        loss += 0.5 * l2 * float(np.sum(theta[:k * d] ** 2 * m.ravel()))
+        gW = (dz.T @ Hs).astype(np.float64) * m + l2 * theta[:k * d].reshape(k, d) * m
+        return loss, np.concatenate([gW.ravel(), dz.sum(0, dtype=np.float64) if fit_bias else np.zeros(k)])
 
     theta0 = np.concatenate([(W0 / scale * m).ravel(), b0])
     res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
     W = res.x[:k * d].reshape(k, d) * m * scale
     return W, res.x[k * d:]
+
+
+# -- pruning with reconstruction ---------------------------------------------------------------
+
+def sparsegpt(rows: np.ndarray, gram: np.ndarray, n_zero: int, damp: float = 0.01, block: int = 128) -> np.ndarray:
+    """SparseGPT (Frantar & Alistarh, 2023): zero `n_zero` of `rows` [out, fan_in] while updating
+    the weights that stay, so that rows @ x changes least over inputs with Gram matrix `gram`
+    (X^T X, [fan_in, fan_in]). Columns go left to right in blocks; in each block the weights with
+    the lowest OBS saliency w^2 / [H^-1]_cc^2 are zeroed (the block's share of `n_zero`), and the
+    error of each zeroed weight is spread over the later columns through the Cholesky factor of
+    H^-1 (H damped by `damp` x its mean diagonal)."""
+    W = rows.astype(np.float64).copy()
+    cols = W.shape[1]
+    H = gram.astype(np.float64).copy()
+    dead = np.diag(H) <= 0          # inputs that are always zero: their weights do nothing
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    for attempt in range(4):
+        try:
+            Hd = H + damp * 10 ** attempt * np.mean(np.diag(H)) * np.eye(cols)
+            U = np.linalg.cholesky(np.linalg.inv(Hd)).T     # upper: U^T U = H^-1
+            break
+        except np.linalg.LinAlgError:
+            continue
+    else:
+        raise np.linalg.LinAlgError("the inputs' Gram matrix cannot be factored")
+    done = 0
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, U1 = W[:, i1:i2].copy(), U[i1:i2, i1:i2]
+        E = np.zeros_like(W1)
+        k = int(round(n_zero * i2 / cols)) - done
+        done += k
+        prune = np.zeros(W1.shape, dtype=bool)
+        if k > 0:
+            score = W1 ** 2 / np.diag(U1)[None, :] ** 2
+            prune.flat[np.argpartition(score.ravel(), k - 1)[:k]] = True
+        for j in range(i2 - i1):
+            q = np.where(prune[:, j], 0.0, W1[:, j])
+            err = (W1[:, j] - q) / U1[j, j]
+            W1[:, j:] -= np.outer(err, U1[j, j:])
+            W1[:, j] = q
+            E[:, j] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+    return W
 
 
 # -- convolution as rows ------------------------------------------------------------------------
@@ -250,6 +310,21 @@ def im2col(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pad
     patches = xp[np.arange(n)[:, None, None, None], np.arange(c)[None, None, :, None],
                  rows[:, :, None, :], cols[:, :, None, :]]   # [N, P, C, K]
     return patches.reshape(n * positions.shape[1], c * kh * kw)
+
+
+def tile_rows(x: np.ndarray, kernel: tuple[int, int], positions: np.ndarray) -> np.ndarray:
+    """Rows of a tiling ConvTranspose (stride = kernel, see `layers.tiling_geometry`) in the
+    layout of its `out_rows`, [N * P, C * kh * kw]: output position (oy, ox) reads input pixel
+    (oy // kh, ox // kw) through kernel tap (oy % kh, ox % kw), every other column zero.
+    `positions` [N, P] are flat indices into the output's (H * kh) * (W * kw)."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    oy, ox = np.divmod(positions, w * kw)
+    pixels = x[np.arange(n)[:, None, None], np.arange(c)[None, None, :], (oy // kh)[:, :, None], (ox // kw)[:, :, None]]
+    tap = ((oy % kh) * kw + ox % kw).reshape(-1)                  # [N * P]
+    rows = np.zeros((n * positions.shape[1], c, kh * kw), x.dtype)
+    rows[np.arange(len(tap)), :, tap] = pixels.reshape(-1, c)
+    return rows.reshape(len(tap), c * kh * kw)
 
 
 def _codebook_rows(ne: NormalEquations, index_row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

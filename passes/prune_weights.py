@@ -16,6 +16,7 @@ from onnxcompress import graph as G, weights as W
 from onnxcompress.importance import input_norms
 from onnxcompress.layers import from_out_rows, out_rows
 from onnxcompress.pass_api import Context, Pass, PassResult
+from onnxcompress.recovery import prune_sequential
 
 __all__ = ["PruneWeights", "magnitude_mask"]
 
@@ -79,7 +80,7 @@ class PruneWeights(Pass):
     handles = frozenset(W.LAYERS)
     sparsity: float = 0.5
     scope: Literal["global", "normalized", "layer"] = "global"
-    criterion: Literal["magnitude", "wanda"] = "magnitude"
+    criterion: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
     max_layer_sparsity: float | None = None   # global scopes: no layer loses more (default (1 + sparsity) / 2)
     exclude: tuple[str, ...] = ()
 
@@ -114,7 +115,7 @@ class PruneWeights(Pass):
         names = list(users)
         values = {n: users[n][0][1].value for n in names}
         if self.criterion == "wanda":
-            masks = self._wanda_masks(graph, ctx, users, names)
+            masks = self._wanda_masks(graph, ctx, users, names)   # sparsegpt: the scope's masks give the counts
         elif self.scope == "layer":
             masks = [magnitude_mask(np.abs(values[n]), self.sparsity) for n in names]
         else:   # one threshold for all layers, on raw or layer-normalised magnitudes
@@ -122,16 +123,29 @@ class PruneWeights(Pass):
             mags = [np.abs(values[n]) / (scale[n] if self.scope == "normalized" else 1.0) for n in names]
             cap = self.max_layer_sparsity if self.max_layer_sparsity is not None else (1 + self.sparsity) / 2
             masks = capped_masks(mags, self.sparsity, cap)
+        done = self._sparsegpt(graph, ctx, users, names, masks) if self.criterion == "sparsegpt" else {}
         total = zeros = 0
         for name, mask in zip(names, masks):
-            pruned = np.where(mask, values[name], 0).astype(values[name].dtype)
-            for node, s in users[name]:   # in the weight's own storage: codes and scales are kept
-                s = W.write(graph, node, W.LAYERS[node.op].weight, s, pruned, refit=False, suffix="_pruned",
-                            in_place=True)
-            total += s.value.size
-            zeros += int(s.value.size - np.count_nonzero(s.value))
+            value = done.get(name)
+            if value is None:
+                pruned = np.where(mask, values[name], 0).astype(values[name].dtype)
+                for node, s in users[name]:   # in the weight's own storage: codes and scales are kept
+                    s = W.write(graph, node, W.LAYERS[node.op].weight, s, pruned, refit=False, suffix="_pruned",
+                                in_place=True)
+                value = s.value
+            total += value.size
+            zeros += int(value.size - np.count_nonzero(value))
         stats = {"tensors": len(names), "weights": total, "zeros": zeros, "weight_sparsity": zeros / total}
         return PassResult(graph, True, stats, notes)
+
+    def _sparsegpt(self, graph: gs.Graph, ctx: Context, users, names, masks) -> dict[tuple, np.ndarray]:
+        """SparseGPT on the layers with a weight of their own: the scope's masks say how many
+        weights each loses; which ones, and how the rest compensate, come from the inputs'
+        statistics, front to back (`recovery.prune_sequential`). Shared weights keep their masks."""
+        data = ctx.require_calib(self.name)
+        own = [(users[n][0][0], m, n) for n, m in zip(names, masks) if len(users[n]) == 1]
+        pruned = prune_sequential(graph, ctx, data, [(node, m) for node, m, _ in own])
+        return {name: pruned[id(node)] for node, _, name in own}
 
     def _wanda_masks(self, graph: gs.Graph, ctx: Context, users, names) -> list[np.ndarray]:
         """Wanda (Sun et al. 2023): score |W_ij| x ||X_j|| (the input feature's norm over the
