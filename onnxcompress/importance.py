@@ -23,7 +23,7 @@ from .channels import Analysis, Group
 from .data import Dataset
 from .layers import conv_geometry, conv_output_hw, out_rows
 from .pass_api import Context
-from .runtime import capture_session, iter_outputs
+from .runtime import Stepper, capture_session, iter_outputs
 from .solvers import im2col
 
 __all__ = ["CRITERIA", "RANK_ONLY", "group_scores", "input_norms"]
@@ -173,33 +173,37 @@ def _contributions(node: gs.Node, an: Analysis, group: Group, batches: Iterator[
 
 def reconstruction_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ctx: Context, data: Dataset,
                           criterion: str, budget: int = 4_000_000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per group, the units ranked by what the consumers' outputs lose without them. The
+    consumers' inputs come from one streamed forward pass (`runtime.Stepper`), in graph order."""
     nodes = _nodes(graph)
-    model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
     rng = np.random.default_rng(seed)
+    by_input: dict[str, list[tuple[Group, gs.Node]]] = {}
+    for g in groups:
+        for name in g.consumers:
+            by_input.setdefault(nodes[name].inputs[0].name, []).append((g, nodes[name]))
+    stepper = Stepper(graph, ctx.original, data, ctx.providers, ctx.batch_size)
+    position = {t.name: i for i, n in enumerate(stepper.order) for t in n.outputs}
+    parts: dict[str, list[np.ndarray]] = {g.id: [] for g in groups}   # thinet: U x U Gram; lasso: Z
+    for x_name in sorted(by_input, key=lambda t: position.get(t, -1)):
+        batches = stepper.fetch(x_name)
+        for g, node in by_input[x_name]:
+            z = _contributions(node, an, g, iter(batches), budget, rng)
+            if z is None:
+                continue
+            z = z / max(np.sqrt((z.sum(1) ** 2).mean()), 1e-12)   # consumers weigh alike
+            parts[g.id].append(np.einsum("ruo,rvo->uv", z, z) if criterion == "thinet" else z)
     result = {}
     for g in groups:
-        zs = []
-        for name in g.consumers:
-            node = nodes[name]
-            x_name = node.inputs[0].name
-            if x_name in data.feeds:
-                batches = (b[x_name] for b in data.batches(ctx.batch_size))
-            else:
-                sess = capture_session(model, [x_name], ctx.providers)
-                batches = (o[x_name] for o in iter_outputs(sess, data, ctx.batch_size, [x_name]))
-            z = _contributions(node, an, g, batches, budget, rng)
-            if z is not None:
-                zs.append(z / max(np.sqrt((z.sum(1) ** 2).mean()), 1e-12))  # consumers weigh alike
-        if not zs:
+        if not parts[g.id]:
             result[g.id] = norm_scores(graph, an, g, 1)
-            continue
-        result[g.id] = _thinet_rank(zs) if criterion == "thinet" else _lasso_rank(zs)
+        else:
+            result[g.id] = _thinet_rank(sum(parts[g.id])) if criterion == "thinet" else _lasso_rank(parts[g.id])
     return result
 
 
-def _thinet_rank(zs: list[np.ndarray]) -> np.ndarray:
-    """Greedy (ThiNet): repeatedly remove the unit that adds least to ||sum of removed contributions||^2."""
-    M = sum(np.einsum("ruo,rvo->uv", z, z) for z in zs)
+def _thinet_rank(M: np.ndarray) -> np.ndarray:
+    """Greedy (ThiNet): repeatedly remove the unit that adds least to ||sum of removed contributions||^2,
+    from M, the units' contributions' Gram matrix [units, units] summed over consumers."""
     n = len(M)
     removed: list[int] = []
     acc = np.zeros(n)  # sum over removed s of M[s, u]

@@ -38,7 +38,7 @@ class PruneChannels(Pass):
     name = "prune-channels"
     handles = frozenset(RULES)
     ratio: float = 0.3                       # share of each group's channels removed (scope="layer")
-    criterion: Criterion = "l1"
+    criterion: Criterion | None = None       # default: "thinet" given calibration data and scope="layer", else "l1"
     steps: int = 1                           # reach the target in this many cuts
     recover: bool = True                     # least-squares refit + head refit after each cut
     round_to: int = 1                        # kept channel counts are multiples of this
@@ -62,6 +62,7 @@ class PruneChannels(Pass):
         data = ctx.require_calib(self.name) if needs_data else ctx.calib
         if data is not None and self.samples:
             data = data.take(self.samples)
+        criterion = self._criterion(data)
         shapes = None if data is None else {k: [1, *v.shape[1:]] for k, v in data.feeds.items()}
         analyze_now = lambda: analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original), shapes)
         an = analyze_now()
@@ -71,12 +72,15 @@ class PruneChannels(Pass):
         start = {g.id: len(g.units) for g in self._prunable(an)}
         stats: dict[str, float] = {"groups": len(an.groups), "groups_prunable": len(targets),
                                    "channels_before": sum(start.values())}
+        if self.criterion is None:
+            notes.append(f"channels ranked by {criterion} (the default "
+                         f"{'with calibration data' if criterion == 'thinet' else 'without calibration data or with scope=global'})")
         removed_total = 0
         for step in range(1, self.steps + 1):
             if step > 1:
                 an = analyze_now()
             goal = {n: c - round((c - targets[n]) * step / self.steps) for n, c in start.items()}
-            removed = self._choose(graph, an, goal, ctx, data)
+            removed = self._choose(graph, an, goal, ctx, data, criterion)
             removed_total += len(removed)
             _update_channel_maps(ctx, an, removed)
             apply_removal(graph, an, removed)
@@ -96,14 +100,21 @@ class PruneChannels(Pass):
         names = group.names(an)
         return next((r for key, r in self.ratios.items() if key in names), self.ratio)
 
-    def _choose(self, graph: gs.Graph, an: Analysis, goal: dict[str, int], ctx: Context, data) -> set[int]:
+    def _criterion(self, data) -> str:
+        """ThiNet when there is data to rank by (recovery needs it anyway) and ranks stay inside a
+        group: on PP-OCRv4 rec it keeps 79-83% exact match where l1 keeps 52% (fp32: 77%)."""
+        if self.criterion is not None:
+            return self.criterion
+        return "thinet" if data is not None and self.scope == "layer" else "l1"
+
+    def _choose(self, graph: gs.Graph, an: Analysis, goal: dict[str, int], ctx: Context, data, criterion: str) -> set[int]:
         """The units to remove this step: per group, the lowest-scored down to its goal; with
         scope="global", the lowest normalized scores across groups decide how many each loses."""
         groups = [g for g in self._prunable(an) if g.id in goal and len(g.units) > goal[g.id]]
         if not groups:
             return set()
         try:
-            scores = group_scores(graph, an, groups, self.criterion, ctx, data)
+            scores = group_scores(graph, an, groups, criterion, ctx, data)
         except ValueError as e:
             raise OptionError(f"{self.name}: {e}") from None
         counts = {g.id: len(g.units) - goal[g.id] for g in groups}
