@@ -42,6 +42,8 @@ VARIANTS = [
     ("prune-weights 90%", "prune-weights(sparsity=0.9)"),
     ("fold-bn + prune-weights 50%", "fold-bn,prune-weights(sparsity=0.5)"),
     ("prune-weights 90% + distill", "prune-weights(sparsity=0.9),distill"),
+    ("prune-weights 90% (Wanda) + distill", "prune-weights(sparsity=0.9,criterion='wanda'),distill"),
+    ("prune-weights 90% (SparseGPT) + distill", "prune-weights(sparsity=0.9,criterion='sparsegpt'),distill"),
     ("prune-channels 50% (round_to=16) + recovery", "prune-channels(ratio=0.5, round_to=16)"),
 ]
 
