@@ -151,7 +151,8 @@ def capture(model: onnx.ModelProto, data: Dataset, names: Sequence[str],
 
 
 class StepError(RuntimeError):
-    """A tensor a Stepper cannot give any more (its producer ran and no later node needed it)."""
+    """A tensor a Stepper cannot give: dropped (its producer ran and no later node needed it), or
+    in a segment onnxruntime does not run."""
 
 
 class Stepper:
@@ -237,13 +238,13 @@ class Stepper:
         finally:
             for t, (dtype, shape) in zip(inputs, saved):
                 t.dtype, t.shape = dtype, shape
-        session = make_session(model, self.providers)
-        for name in wanted:
-            self.env[name] = []
-        for b in range(self.n_batches):
-            values = session.run(wanted, {n: self.env[n][b] for n in feeds})
-            for name, value in zip(wanted, values):
-                self.env[name].append(value)
+        try:
+            session = make_session(model, self.providers)
+            out = [session.run(wanted, {n: self.env[n][b] for n in feeds}) for b in range(self.n_batches)]
+        except Exception as e:   # onnxruntime refusing a segment: callers fall back to whole-model runs
+            raise StepError(f"a segment ending at '{wanted[0]}' does not run: {e}") from e
+        for i, name in enumerate(wanted):
+            self.env[name] = [values[i] for values in out]
 
 
 def _reads(node: gs.Node) -> set[str]:

@@ -124,3 +124,36 @@ def test_a_dense_map_head_is_refit_onto_the_teachers_maps():
     feeds = {"x": rand(32, 3, 8, 8, seed=10)}
     agree = lambda m: float(np.mean((run(m, feeds)[0] > 0.5) == (run(teacher, feeds)[0] > 0.5)))
     assert agree(student) < 0.9 and agree(recovered) >= 0.99
+
+
+def test_stepper_runs_an_if_whose_branches_read_an_outer_tensor():
+    then_g = helper.make_graph([helper.make_node("Relu", ["c"], ["t"])], "then", [], [tensor("t", ["N", 4, 6, 6])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["c"], ["e"])], "else", [], [tensor("e", ["N", 4, 6, 6])])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="c1"),
+             helper.make_node("Conv", ["x", "w0"], ["side"], name="c0"),
+             helper.make_node("If", ["cond"], ["i"], name="branch", then_branch=then_g, else_branch=else_g),
+             helper.make_node("Add", ["i", "side"], ["s"], name="add"),
+             helper.make_node("Conv", ["s", "w2"], ["y"], name="c2")]
+    inits = {"w1": rand(4, 2, 1, 1, seed=1), "w0": rand(4, 2, 1, 1, seed=2), "w2": rand(3, 4, 1, 1, seed=3),
+             "cond": np.array(True)}
+    model = make_model(nodes, [tensor("x", ["N", 2, 6, 6])], [tensor("y", ["N", 3, 6, 6])], inits)
+    data = Dataset({"x": rand(5, 2, 6, 6, seed=4)})
+    ref = capture(model, data, ["side", "s"])
+    stepper = Stepper(G.to_graph(model), model, data, batch_size=2)
+    np.testing.assert_allclose(np.concatenate(stepper.fetch("side")), ref["side"], rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate(stepper.fetch("s")), ref["s"], rtol=1e-6)   # c, read in the If, was held
+
+
+def test_recovery_falls_back_to_whole_model_runs_when_a_segment_fails(monkeypatch):
+    teacher = tiling_head()
+    student = add_weight_noise(teacher, 0.5, seed=3)
+    ctx = lambda: Context(calib=Dataset({"x": rand(64, 3, 8, 8, seed=9)}), original=teacher, teachers=[teacher])
+    streamed, result = apply_pass(Distill(head=False), student, ctx())
+
+    def refuse(self, wanted):
+        raise StepError("refused")
+    monkeypatch.setattr(Stepper, "_run", refuse)
+    fallback, again = apply_pass(Distill(head=False), student, ctx())
+    assert again.stats["layers_refit"] == result.stats["layers_refit"] == 2
+    feeds = {"x": rand(8, 3, 8, 8, seed=10)}
+    np.testing.assert_allclose(run(fallback, feeds)[0], run(streamed, feeds)[0], atol=1e-4)
