@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import weights as W
-from .layers import from_out_rows, out_rows
+from .layers import from_out_rows, out_axis, out_rows
 from .solvers import (NormalEquations, solve_codebook_groups, solve_codebook_rows, solve_columns, solve_free,
                       solve_scales, solve_support)
 
@@ -58,6 +58,10 @@ class Constraint:
     def head_mask(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """Entries a gradient-based head refit may change (None: all)."""
         return None
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether the constraint still describes a layer whose rows have this shape."""
+        return True
 
     def encoded(self, node: gs.Node, rows: np.ndarray) -> np.ndarray:
         """The rows the layer will really hold once written (its storage's rounding included)."""
@@ -114,6 +118,9 @@ class SharedCodebook(Constraint):
     def joint(self) -> bool:   # one codebook for the whole layer: solved over every group at once
         return self.book.ndim == 1
 
+    def fits(self, shape):
+        return self.index.shape == tuple(shape)
+
     def solve(self, ne, rows, b, sl, ridge, bias):
         book, new_b = solve_codebook_rows(ne, self.index[sl], self.book[sl], ridge, bias)
         return np.take_along_axis(book, self.index[sl], 1), new_b
@@ -132,7 +139,7 @@ class SharedCodebook(Constraint):
     def write(self, graph, node, rows):
         """Centroids read back from the solved rows (tied by construction), index unchanged."""
         s = W.layer_weight(node)
-        if not isinstance(s.storage, W.Codebook) or s.storage.axis not in (None, _out_axis(node)):
+        if not isinstance(s.storage, W.Codebook) or s.storage.axis not in (None, out_axis(node)):
             return W.write_rows(graph, node, rows)
         book = self.book.astype(np.float64).copy()
         if book.ndim == 1:
@@ -186,20 +193,13 @@ class ChannelScales(Constraint):
         return s[:, None] * self.codes[sl], new_b
 
 
-def _out_axis(node: gs.Node) -> int:
-    """The axis of a layer's weight that holds its output channels."""
-    if node.op in ("Conv",) or (node.op == "Gemm" and node.attrs.get("transB", 0)):
-        return 0
-    return 1
-
-
 def infer(node: gs.Node) -> Constraint:
     """The constraint that keeps what the layer's storage says: a codebook's index and centroids,
     the zeros of a pruned layer (dense: any zero; quantized: when they are a real share)."""
     s = W.layer_weight(node)
     rows = out_rows(node, s.value)
     st = s.storage
-    if isinstance(st, W.Codebook) and st.axis in (None, _out_axis(node)):
+    if isinstance(st, W.Codebook) and st.axis in (None, out_axis(node)):
         return Reclustered(node=node)
     zeros = float(np.mean(rows == 0)) if rows.size else 0.0
     if zeros > 0 and (st.kind == "dense" or zeros >= QUANTIZED_SUPPORT):

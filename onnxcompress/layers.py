@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["out_rows", "from_out_rows", "gemm_rows", "conv_geometry", "conv_output_hw"]
+__all__ = ["out_rows", "out_axis", "from_out_rows", "gemm_rows", "conv_geometry", "tiling_geometry", "conv_output_hw"]
 
 # Layouts whose rows are the transpose of the weight: [fan_in, out] (MatMul, MatMulNBits's logical
 # weight, an embedding table [vocab, dim] whose "outputs" are its dim columns).
@@ -29,6 +29,13 @@ def out_rows(node: gs.Node, w: np.ndarray) -> np.ndarray:
     if node.op in _TRANSPOSED:
         return w.T
     raise ValueError(f"no weight layout known for {node.op}")
+
+
+def out_axis(node: gs.Node) -> int:
+    """The axis of a layer's weight that holds its output channels."""
+    if node.op in ("Conv",) or (node.op == "Gemm" and node.attrs.get("transB", 0)):
+        return 0
+    return 1
 
 
 def from_out_rows(node: gs.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -659,5 +659,7 @@ def _summary(fits: list[Fit], prefix: str) -> dict[str, float]:
 
 
 def _constraint(ctx: Context, node: gs.Node) -> Constraint | None:
-    """The constraint a pass recorded for this layer in the run state, if any."""
-    return ctx.state.constraints.get(G.layer_id(node))
+    """The constraint a pass recorded for this layer in the run state, if any (and if it still
+    fits the layer: a later pass may have cut it)."""
+    c = ctx.state.constraints.get(G.layer_id(node))
+    return c if c is not None and c.fits(out_rows(node, W.layer_weight(node).value).shape) else None

@@ -13,7 +13,7 @@ import numpy as np
 __all__ = [
     "NormalEquations", "ridge_fit", "solve_free", "solve_support", "solve_columns", "solve_codebook",
     "solve_scales", "solve_codebook_groups", "solve_codebook_rows", "softmax", "soft_targets", "fit_soft_head", "im2col", "tile_rows",
-    "sparsegpt",
+    "sparsegpt", "kmeans_1d", "nearest",
 ]
 
 
@@ -239,6 +239,41 @@ def fit_soft_head(H: np.ndarray, targets: np.ndarray, temperature: float = 4.0, 
     res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
     W = res.x[:k * d].reshape(k, d) * m * scale
     return W, res.x[k * d:]
+
+
+# -- weight sharing -------------------------------------------------------------------------------
+
+KMEANS_SAMPLE = 200_000   # values k-means fits on (all are assigned): enough for 256 centroids in 1-D
+
+
+def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", seed: int = 0) -> np.ndarray:
+    """At most k sorted centroids for scalar values (scikit-learn's Lloyd k-means). `init`:
+    "linear" (evenly spaced over [min, max], what Deep Compression found best: large weights keep
+    their own centroids), "density" (the values' quantiles) or "k-means++". Values with at most k
+    distinct entries get exactly those."""
+    from sklearn.cluster import KMeans
+
+    v = values.astype(np.float64).ravel()
+    distinct = np.unique(v)
+    if len(distinct) <= k:
+        return distinct
+    if len(v) > KMEANS_SAMPLE:
+        v = np.random.default_rng(seed).choice(v, KMEANS_SAMPLE, replace=False)
+    if init == "linear":
+        start = np.linspace(v.min(), v.max(), k).reshape(-1, 1)
+    elif init == "density":
+        start = np.quantile(v, (np.arange(k) + 0.5) / k).reshape(-1, 1)
+    else:
+        start = "k-means++"
+    km = KMeans(k, init=start, n_init=1, random_state=seed).fit(v.reshape(-1, 1))
+    return np.unique(km.cluster_centers_.ravel())
+
+
+def nearest(values: np.ndarray, book: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid of a sorted `book` for every value (same shape)."""
+    book = np.asarray(book, dtype=np.float64)
+    mid = (book[1:] + book[:-1]) / 2
+    return np.searchsorted(mid, values.astype(np.float64), side="left")
 
 
 # -- pruning with reconstruction ---------------------------------------------------------------

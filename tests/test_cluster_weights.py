@@ -1,0 +1,110 @@
+"""cluster-weights: k-means codebooks decoded by standard ops, folded by onnxruntime at load."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import apply_pass, make_model, max_abs_diff, rand, run, tensor
+from onnxcompress import Context, Dataset, LatencyConfig, OptionError, PassManager
+from onnxcompress import graph as G, weights as W
+from onnxcompress.layers import out_rows
+from onnxcompress.pass_api import default_registry
+from onnxcompress.passes import ClusterWeights, Distill, PruneWeights
+from passes.cluster_weights import cluster_values
+
+NO_LATENCY = LatencyConfig(enabled=False)
+
+
+def distinct_per_layer(model: onnx.ModelProto, per_channel: bool = False) -> dict[str, int]:
+    """Distinct decoded values of every Conv/Gemm weight (the most of any output channel)."""
+    out = {}
+    for node in G.to_graph(model).nodes:
+        if node.op in ("Conv", "Gemm"):
+            rows = out_rows(node, W.layer_weight(node).value)
+            out[node.name] = max(len(np.unique(r)) for r in rows) if per_channel else len(np.unique(rows))
+    return out
+
+
+def test_a_tensor_with_k_distinct_values_gets_exactly_them():
+    values = np.array([-1.5, 0.25, 3.0, 7.0], np.float32)[np.random.default_rng(0).integers(0, 4, 500)]
+    book, index = cluster_values(values, 4)
+    np.testing.assert_array_equal(book, [-1.5, 0.25, 3.0, 7.0])
+    np.testing.assert_array_equal(book[index], values)
+
+
+def test_zeros_are_a_centroid_of_their_own():
+    v = np.concatenate([np.zeros(300), np.random.default_rng(1).normal(size=700) * 1e-3 + 0.002])
+    book, index = cluster_values(v.astype(np.float32), 4)
+    assert 0.0 in book and len(book) <= 4
+    np.testing.assert_array_equal(book[index] == 0, v == 0)   # no tiny weight falls into the zero centroid
+
+
+@pytest.mark.parametrize("per", ["tensor", "channel"])
+def test_at_most_k_values_before_and_after_recovery(resnet, calib, per):
+    ctx = Context(calib=calib, original=resnet, teachers=[resnet])
+    clustered, result = apply_pass(ClusterWeights(bits=3, per=per, min_size=0), resnet, ctx)
+    assert result.stats["layers_clustered"] == len(distinct_per_layer(resnet))
+    assert max(distinct_per_layer(clustered, per == "channel").values()) <= 8
+    recovered, _ = apply_pass(Distill(), clustered, ctx)
+    assert max(distinct_per_layer(recovered, per == "channel").values()) <= 8
+
+
+def test_decoded_model_matches_a_dense_model_with_the_same_values(resnet):
+    clustered, _ = apply_pass(ClusterWeights(bits=4), resnet)
+    graph = G.to_graph(clustered)
+    dense = G.to_graph(clustered)
+    for node in dense.nodes:            # every clustered weight written back as a plain initializer
+        s = W.layer_weight(node) if node.op in ("Conv", "Gemm") else None
+        if s is not None and s.kind == "codebook":
+            W.convert(dense, node, 1, s, W.Dense(s.value))
+    dense_model = G.to_model(G.tidy(dense), like=resnet)
+    assert not any(n.op_type == "Gather" for n in dense_model.graph.node)
+    feeds = {"input": rand(16, 1, 28, 28, seed=3)}
+    assert max_abs_diff(clustered, dense_model, feeds) <= 1e-6
+    assert any(n.op_type == "Gather" for n in G.to_model(graph).graph.node)
+
+
+def test_onnxruntime_folds_the_decode_at_load(resnet, tmp_path):
+    clustered, _ = apply_pass(ClusterWeights(bits=4), resnet)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC   # constant folding
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(clustered.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert sum(n.op_type in ("Gather", "GatherElements", "Cast") for n in clustered.graph.node) >= 26
+    assert [n.op_type for n in optimized.graph.node if n.op_type in ("Gather", "GatherElements", "Cast")] == []
+
+
+def test_packed_indices_raise_the_opset_to_4_bit_types(resnet, calib, test_set):
+    result = PassManager([ClusterWeights(bits=4, packed=True)], eval_data=test_set, latency=NO_LATENCY).run(resnet)
+    model = result.model
+    assert G.default_opset(model) >= 21
+    index_types = {t.data_type for t in model.graph.initializer if t.name.endswith("_index")}
+    assert index_types == {onnx.TensorProto.UINT4}
+    assert result.report.steps[-1].accuracy >= result.report.steps[0].accuracy - 1.0
+    assert result.report.steps[-1].bits_per_weight < 5
+
+
+def test_sparsity_survives_clustering_and_distillation(resnet, calib):
+    ctx = Context(calib=calib, original=resnet, teachers=[resnet])
+    pruned, _ = apply_pass(PruneWeights(sparsity=0.8, scope="layer"), resnet)
+    clustered, _ = apply_pass(ClusterWeights(bits=4), pruned, ctx)
+    recovered, _ = apply_pass(Distill(), clustered, ctx)
+    zeros = lambda m: {n.name: out_rows(n, W.layer_weight(n).value) == 0
+                       for n in G.to_graph(m).nodes if n.op in ("Conv", "Gemm")}
+    before, after = zeros(pruned), zeros(recovered)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_two_bit_clusters_recover_with_distillation(resnet, calib, test_set):
+    steps = PassManager([ClusterWeights(bits=2), Distill()], calib=calib, eval_data=test_set,
+                        latency=NO_LATENCY).run(resnet).report.steps
+    assert steps[1].accuracy < 50 and steps[2].accuracy >= steps[0].accuracy - 1.0
+
+
+@pytest.mark.parametrize("options, message", [({"bits": 9}, "bits must be in 1..8"), ({"k": 1}, "k must be in 2..256"),
+                                              ({"per": "row"}, "must be 'tensor'|'channel'")])
+def test_bad_options(options, message):
+    with pytest.raises(OptionError, match=message):
+        default_registry().create("cluster-weights", options)
