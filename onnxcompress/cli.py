@@ -16,7 +16,7 @@ from typing import Sequence
 
 import onnx
 
-from . import graph as G, io, weights as W
+from . import container, graph as G, io, weights as W
 from ._version import __version__
 from .data import conform, load_dataset
 from .errors import BudgetError, CompressError, InputError
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", help="write a PNG plot (needs matplotlib: pip install onnxcompress[plot])")
     s.add_argument("--report", help="write the table and allocation as JSON")
     _runtime_args(s)
+
+    k = sub.add_parser("pack", help="write a model as an entropy-coded container (see onnxcompress.container)")
+    k.add_argument("input", help="the .onnx model (never modified)")
+    k.add_argument("-o", "--output", required=True, help="where to write the container")
+    u = sub.add_parser("unpack", help="restore the .onnx model a container holds, bit for bit")
+    u.add_argument("input", help="the container")
+    u.add_argument("-o", "--output", required=True, help="where to write the .onnx model")
 
     sub.add_parser("passes", help="list every pass with its options")
     return ap
@@ -308,8 +315,37 @@ def cmd_passes(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def _output_path(args: argparse.Namespace) -> Path:
+    src, dst = Path(args.input), Path(args.output)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise InputError("the output path is the input file; onnxcompress never overwrites its input")
+    return dst
+
+
+def cmd_pack(args: argparse.Namespace, registry: Registry) -> int:
+    dst = _output_path(args)
+    model = io.load_model(args.input)
+    blob, stats = container.pack(model)
+    container.write(dst, blob)
+    original = Path(args.input).stat().st_size
+    bound = stats.entropy_bytes
+    print(f"{args.input}: {human_bytes(original)} -> {dst}: {human_bytes(stats.bytes)} ({original / stats.bytes:.1f}x smaller)")
+    print(f"entropy-coded streams: {human_bytes(stats.coded_bytes)}, their order-0 entropy {human_bytes(bound)}"
+          + (f" ({stats.coded_bytes / bound:.3f}x)" if bound else "")
+          + f"; tensors by codec: {', '.join(f'{k} {v}' for k, v in stats.tensors.items())}")
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace, registry: Registry) -> int:
+    dst = _output_path(args)
+    model = container.load(args.input)
+    io.save_model(model, dst)
+    print(f"{args.input} -> {dst}: {human_bytes(dst.stat().st_size)}")
+    return 0
+
+
 COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "bench": cmd_bench, "sensitivity": cmd_sensitivity,
-            "passes": cmd_passes}
+            "passes": cmd_passes, "pack": cmd_pack, "unpack": cmd_unpack}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

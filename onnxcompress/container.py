@@ -1,0 +1,303 @@
+"""The onnxcompress container: one file holding an ONNX model with its weights entropy-coded, for
+storage and download; `unpack` restores the model bit for bit.
+
+Layout (all integers little-endian):
+
+    offset 0   magic     8 bytes  b"ONNXCPK\\0"
+    offset 8   version   u16      1
+    offset 10  flags     u16      0
+    offset 12  manifest  u32      length in bytes of the manifest that follows
+    offset 16  crc       u32      CRC-32 of the manifest
+    offset 20  manifest  UTF-8 JSON: {"format", "version", "payload_bytes", "sections": [{"offset",
+               "length", "crc32"}, ...], "graph": array, "tensors": [...]}
+    then       payload   the sections back to back (offsets count from the payload's start)
+
+An array in the manifest is {"section": i, "dtype": "uint8", "shape": [...]} (raw bytes of
+section i). The graph is the model with the raw data of its large initializers removed, compressed
+with LZMA. Each removed initializer (`tensors`, by position) has a codec:
+
+- "entropy": integer tensors (8-, 4- and 2-bit codes: clustering indices, quantized weights): the
+  raw bytes read as a stream of 8-, 4- or 2-bit symbols, coded by `entropy.encode` (canonical
+  Huffman, or gaps plus symbols where one symbol dominates);
+- "sparse": float tensors at least half zeros: the nonzero positions as a gap stream (the same
+  coder) and the nonzero values compressed with LZMA;
+- "lzma": every other tensor's raw bytes.
+
+Every section is checked (bounds, CRC-32) and every size bounded before anything is decoded.
+"""
+from __future__ import annotations
+
+import json
+import lzma
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import entropy, io
+from .errors import InputError
+
+__all__ = ["MAGIC", "VERSION", "ContainerError", "PackStats", "pack", "unpack", "load", "session"]
+
+MAGIC = b"ONNXCPK\x00"
+VERSION = 1
+HEADER = struct.Struct("<8sHHII")
+MIN_BYTES = 256                          # smaller initializers stay in the graph
+MAX_EXPANSION = 4096                     # no section may decode to more than this x its stored size (+ 1 MB)
+CODE_BITS = {onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT4: 4}
+for _name in ("UINT2", "INT2"):
+    if hasattr(onnx.TensorProto, _name):
+        CODE_BITS[getattr(onnx.TensorProto, _name)] = 2
+FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64}
+
+
+class ContainerError(InputError):
+    """A container that cannot be read: wrong magic or version, truncated, corrupted, inconsistent."""
+
+
+@dataclass(frozen=True)
+class PackStats:
+    """What a container holds: its size, the part that is entropy-coded, and that part's bound."""
+    bytes: int
+    coded_bytes: int             # sections of entropy-coded streams (Huffman data, offsets, tables)
+    entropy_bytes: float         # their streams' empirical order-0 entropy
+    codebook_bytes: int          # float tensors of at most 256 values stored beside them (codebooks)
+    tensors: dict[str, int]      # tensors per codec
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+class _Writer:
+    def __init__(self) -> None:
+        self.sections: list[bytes] = []
+
+    def put(self, a: np.ndarray | bytes) -> dict:
+        arr = np.frombuffer(a, np.uint8) if isinstance(a, bytes) else np.ascontiguousarray(a)
+        self.sections.append(arr.tobytes())
+        return {"section": len(self.sections) - 1, "dtype": arr.dtype.str, "shape": list(arr.shape)}
+
+    def put_stream(self, stream: dict) -> dict:
+        return {k: (self.put_stream(v) if isinstance(v, dict) else self.put(v) if isinstance(v, np.ndarray) else v)
+                for k, v in stream.items()}
+
+
+def pack(model: onnx.ModelProto) -> tuple[bytes, PackStats]:
+    """The container's bytes for a model, and what they hold."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    w = _Writer()
+    tensors, counts = [], {"entropy": 0, "sparse": 0, "lzma": 0}
+    entropy_bits, coded_sections, codebook_bytes = 0.0, [], 0
+    for i, t in enumerate(m.graph.initializer):
+        raw = t.raw_data
+        if not t.HasField("raw_data") or len(raw) < MIN_BYTES or t.data_location == onnx.TensorProto.EXTERNAL:
+            if t.data_type in FLOATS and t.HasField("raw_data") and len(raw) // np.dtype(FLOATS[t.data_type]).itemsize <= 256:
+                codebook_bytes += len(raw)
+            continue
+        entry: dict = {"index": i, "name": t.name, "bytes": len(raw)}
+        if t.data_type in CODE_BITS:
+            symbols = _units(np.frombuffer(raw, np.uint8), CODE_BITS[t.data_type])
+            first = len(w.sections)
+            entry.update(codec="entropy", bits=CODE_BITS[t.data_type], stream=w.put_stream(entropy.encode(symbols)))
+            coded_sections += list(range(first, len(w.sections)))
+            entropy_bits += entropy.entropy_bits(symbols)
+        elif t.data_type in FLOATS and _zero_share(raw, FLOATS[t.data_type]) >= 0.5:
+            values = np.frombuffer(raw, FLOATS[t.data_type])
+            nonzero = values.view(np.dtype(f"u{values.itemsize}")) != 0      # +0.0 only: -0.0 is a value
+            entry.update(codec="sparse", positions=w.put_stream(entropy.encode(nonzero.astype(np.int64))),
+                         values=w.put(lzma.compress(values[nonzero].tobytes())))
+        else:
+            entry.update(codec="lzma", data=w.put(lzma.compress(raw)))
+        counts[entry["codec"]] += 1
+        tensors.append(entry)
+        t.ClearField("raw_data")
+    graph = w.put(lzma.compress(m.SerializeToString()))
+    offsets = np.cumsum([0] + [len(s) for s in w.sections])
+    manifest = {"format": "onnxcompress-container", "version": VERSION, "payload_bytes": int(offsets[-1]),
+                "sections": [{"offset": int(o), "length": len(s), "crc32": zlib.crc32(s)} for o, s in zip(offsets, w.sections)],
+                "graph": graph, "tensors": tensors}
+    text = json.dumps(manifest, separators=(",", ":")).encode()
+    blob = HEADER.pack(MAGIC, VERSION, 0, len(text), zlib.crc32(text)) + text + b"".join(w.sections)
+    stats = PackStats(len(blob), sum(len(w.sections[k]) for k in coded_sections), entropy_bits / 8, codebook_bytes, counts)
+    return blob, stats
+
+
+def _units(data: np.ndarray, bits: int) -> np.ndarray:
+    """Bytes as a stream of `bits`-bit units, lowest bits first (ONNX's packing order)."""
+    if bits == 8:
+        return data.astype(np.int64)
+    per = 8 // bits
+    shifts = np.arange(per) * bits
+    return ((data[:, None].astype(np.int64) >> shifts) & ((1 << bits) - 1)).reshape(-1)
+
+
+def _bytes(units: np.ndarray, bits: int) -> bytes:
+    if bits == 8:
+        return units.astype(np.uint8).tobytes()
+    per = 8 // bits
+    shifts = np.arange(per) * bits
+    return (units.reshape(-1, per) << shifts).sum(1).astype(np.uint8).tobytes()
+
+
+def _zero_share(raw: bytes, dtype) -> float:
+    a = np.frombuffer(raw, dtype)
+    return float(np.mean(a.view(np.dtype(f"u{a.itemsize}")) == 0)) if a.size else 0.0
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+class _Reader:
+    def __init__(self, blob: bytes):
+        if len(blob) < HEADER.size:
+            raise ContainerError(f"not an onnxcompress container: {len(blob)} bytes is shorter than the header")
+        magic, version, _, length, crc = HEADER.unpack_from(blob)
+        if magic != MAGIC:
+            raise ContainerError("not an onnxcompress container (wrong magic bytes)")
+        if version != VERSION:
+            raise ContainerError(f"container version {version} is not supported (this onnxcompress reads version {VERSION})")
+        if HEADER.size + length > len(blob):
+            raise ContainerError(f"truncated container: the header announces a {length}-byte manifest, "
+                                 f"{len(blob) - HEADER.size} bytes follow")
+        text = blob[HEADER.size:HEADER.size + length]
+        if zlib.crc32(text) != crc:
+            raise ContainerError("corrupted container: the manifest's checksum does not match")
+        try:
+            self.manifest = json.loads(text)
+            self.base = HEADER.size + length
+            sections = self.manifest["sections"]
+            payload = int(self.manifest["payload_bytes"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ContainerError(f"corrupted container: unreadable manifest ({e})") from None
+        if self.base + payload != len(blob):
+            raise ContainerError(f"truncated or padded container: the manifest announces {payload} payload bytes, "
+                                 f"the file has {len(blob) - self.base}")
+        self.blob, self.sections = blob, sections
+
+    def section(self, i: int) -> bytes:
+        try:
+            s = self.sections[i]
+            start, length = self.base + int(s["offset"]), int(s["length"])
+        except (IndexError, KeyError, TypeError, ValueError):
+            raise ContainerError(f"corrupted container: no section {i}") from None
+        if start < self.base or length < 0 or start + length > len(self.blob):
+            raise ContainerError(f"corrupted container: section {i} lies outside the file")
+        data = self.blob[start:start + length]
+        if zlib.crc32(data) != s.get("crc32"):
+            raise ContainerError(f"corrupted container: section {i} fails its checksum")
+        return data
+
+    def array(self, ref: dict) -> np.ndarray:
+        data = self.section(ref["section"])
+        dtype = np.dtype(ref["dtype"])
+        if dtype.kind not in "uif" or int(np.prod(ref["shape"])) * dtype.itemsize != len(data):
+            raise ContainerError(f"corrupted container: section {ref['section']} does not hold a {ref['dtype']} "
+                                 f"array of shape {ref['shape']}")
+        return np.frombuffer(data, dtype).reshape(ref["shape"])
+
+    def stream(self, ref: dict) -> dict:
+        return {k: (self.array(v) if isinstance(v, dict) and "section" in v else self.stream(v) if isinstance(v, dict) else v)
+                for k, v in ref.items()}
+
+    def lzma(self, ref: dict, limit: int) -> bytes:
+        """LZMA data that may not expand past `limit` bytes (a sane bound, checked as it decodes)."""
+        data = self.array(ref).tobytes()
+        try:
+            d = lzma.LZMADecompressor()
+            out = d.decompress(data, max_length=limit + 1)
+        except lzma.LZMAError as e:
+            raise ContainerError(f"corrupted container: section {ref['section']}: {e}") from None
+        if len(out) > limit or not d.eof:
+            raise ContainerError(f"corrupted container: section {ref['section']} expands beyond its announced size")
+        return out
+
+
+def unpack(blob: bytes) -> onnx.ModelProto:
+    """The model a container holds, bit for bit as it was packed."""
+    r = _Reader(blob)
+    man = r.manifest
+    graph_ref = man.get("graph") or {}
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(r.lzma(graph_ref, _bound(r, graph_ref)))
+    except ContainerError:
+        raise
+    except Exception as e:
+        raise ContainerError(f"corrupted container: the graph does not parse ({type(e).__name__})") from None
+    for entry in man.get("tensors", []):
+        try:
+            raw = _decode_tensor(r, entry)
+            t = model.graph.initializer[int(entry["index"])]
+        except ContainerError:
+            raise
+        except Exception as e:
+            raise ContainerError(f"corrupted container: tensor {entry.get('name', '?')!r} does not decode "
+                                 f"({type(e).__name__}: {e})") from None
+        if t.name != entry["name"] or len(raw) != int(entry["bytes"]):
+            raise ContainerError(f"corrupted container: tensor {entry['name']!r} does not match the graph")
+        t.raw_data = raw
+    return model
+
+
+def _bound(r: _Reader, ref: dict) -> int:
+    try:
+        stored = len(r.section(ref["section"]))
+    except (KeyError, TypeError):
+        raise ContainerError("corrupted container: the manifest names no graph section") from None
+    return stored * MAX_EXPANSION + (1 << 20)
+
+
+def _decode_tensor(r: _Reader, entry: dict) -> bytes:
+    size, codec = int(entry["bytes"]), entry["codec"]
+    if size < 0 or size > len(r.blob) * MAX_EXPANSION + (1 << 20):
+        raise ContainerError(f"corrupted container: tensor {entry['name']!r} announces {size} bytes")
+    if codec == "lzma":
+        return r.lzma(entry["data"], size)
+    if codec == "entropy":
+        bits = int(entry["bits"])
+        stream = r.stream(entry["stream"])
+        if bits not in (2, 4, 8) or int(stream["n"]) != size * 8 // bits:
+            raise ContainerError(f"corrupted container: tensor {entry['name']!r} has a stream of the wrong length")
+        units = entropy.decode(stream)
+        if units.size and int(units.max()) >= 1 << bits:
+            raise ContainerError(f"corrupted container: tensor {entry['name']!r} decodes to symbols wider than {bits} bits")
+        return _bytes(units, bits)
+    if codec == "sparse":
+        positions = r.stream(entry["positions"])
+        n = int(positions["n"])
+        if n <= 0 or size % n or size // n not in (2, 4, 8):
+            raise ContainerError(f"corrupted container: tensor {entry['name']!r} has a position stream of the wrong length")
+        dtype = np.dtype(f"f{size // n}")
+        nonzero = entropy.decode(positions).astype(bool)
+        values = np.frombuffer(r.lzma(entry["values"], int(nonzero.sum()) * dtype.itemsize), dtype)
+        if len(values) != int(nonzero.sum()):
+            raise ContainerError(f"corrupted container: tensor {entry['name']!r} has {len(values)} values for "
+                                 f"{int(nonzero.sum())} positions")
+        out = np.zeros(n, dtype)
+        out[nonzero] = values
+        return out.tobytes()
+    raise ContainerError(f"corrupted container: unknown codec {codec!r}")
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def load(path: str | Path) -> onnx.ModelProto:
+    """The ModelProto of a container file."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    return unpack(blob)
+
+
+def session(path: str | Path, providers=("CPUExecutionProvider",)):
+    """An onnxruntime session for a container file, without writing the model anywhere."""
+    from .runtime import make_session
+    return make_session(load(path), providers)
+
+
+def write(path: str | Path, blob: bytes) -> Path:
+    """Write a container atomically."""
+    return io.write_bytes(path, blob)
