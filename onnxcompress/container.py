@@ -7,9 +7,9 @@ Layout (all integers little-endian):
     offset 8   version   u16      1
     offset 10  flags     u16      0
     offset 12  manifest  u32      length in bytes of the manifest that follows
-    offset 16  crc       u32      CRC-32 of the manifest
-    offset 20  manifest  UTF-8 JSON: {"format", "version", "payload_bytes", "sections": [{"offset",
-               "length", "crc32"}, ...], "graph": array, "tensors": [...]}
+    offset 16  crc       u32      CRC-32 of the manifest (as stored)
+    offset 20  manifest  UTF-8 JSON, zlib-compressed: {"format", "version", "payload_bytes",
+               "sections": [[offset, length, crc32], ...], "graph": array, "tensors": [...]}
     then       payload   the sections back to back (offsets count from the payload's start)
 
 An array in the manifest is {"section": i, "dtype": "uint8", "shape": [...]} (raw bytes of
@@ -46,6 +46,7 @@ MAGIC = b"ONNXCPK\x00"
 VERSION = 1
 HEADER = struct.Struct("<8sHHII")
 MIN_BYTES = 256                          # smaller initializers stay in the graph
+MAX_MANIFEST = 64 << 20                  # bytes a manifest may decompress to
 MAX_EXPANSION = 4096                     # no section may decode to more than this x its stored size (+ 1 MB)
 CODE_BITS = {onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT4: 4}
 for _name in ("UINT2", "INT2"):
@@ -97,7 +98,7 @@ def pack(model: onnx.ModelProto) -> tuple[bytes, PackStats]:
             if t.data_type in FLOATS and t.HasField("raw_data") and len(raw) // np.dtype(FLOATS[t.data_type]).itemsize <= 256:
                 codebook_bytes += len(raw)
             continue
-        entry: dict = {"index": i, "name": t.name, "bytes": len(raw)}
+        entry: dict = {"index": i, "bytes": len(raw)}
         if t.data_type in CODE_BITS:
             symbols = _units(np.frombuffer(raw, np.uint8), CODE_BITS[t.data_type])
             first = len(w.sections)
@@ -117,9 +118,9 @@ def pack(model: onnx.ModelProto) -> tuple[bytes, PackStats]:
     graph = w.put(lzma.compress(m.SerializeToString()))
     offsets = np.cumsum([0] + [len(s) for s in w.sections])
     manifest = {"format": "onnxcompress-container", "version": VERSION, "payload_bytes": int(offsets[-1]),
-                "sections": [{"offset": int(o), "length": len(s), "crc32": zlib.crc32(s)} for o, s in zip(offsets, w.sections)],
+                "sections": [[int(o), len(s), zlib.crc32(s)] for o, s in zip(offsets, w.sections)],
                 "graph": graph, "tensors": tensors}
-    text = json.dumps(manifest, separators=(",", ":")).encode()
+    text = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
     blob = HEADER.pack(MAGIC, VERSION, 0, len(text), zlib.crc32(text)) + text + b"".join(w.sections)
     stats = PackStats(len(blob), sum(len(w.sections[k]) for k in coded_sections), entropy_bits / 8, codebook_bytes, counts)
     return blob, stats
@@ -165,11 +166,15 @@ class _Reader:
         if zlib.crc32(text) != crc:
             raise ContainerError("corrupted container: the manifest's checksum does not match")
         try:
-            self.manifest = json.loads(text)
+            d = zlib.decompressobj()
+            plain = d.decompress(text, MAX_MANIFEST)
+            if d.unconsumed_tail or not d.eof:
+                raise ValueError("the manifest does not end where announced")
+            self.manifest = json.loads(plain)
             self.base = HEADER.size + length
             sections = self.manifest["sections"]
             payload = int(self.manifest["payload_bytes"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, zlib.error) as e:
             raise ContainerError(f"corrupted container: unreadable manifest ({e})") from None
         if self.base + payload != len(blob):
             raise ContainerError(f"truncated or padded container: the manifest announces {payload} payload bytes, "
@@ -178,14 +183,14 @@ class _Reader:
 
     def section(self, i: int) -> bytes:
         try:
-            s = self.sections[i]
-            start, length = self.base + int(s["offset"]), int(s["length"])
+            offset, length, crc = self.sections[i]
+            start, length = self.base + int(offset), int(length)
         except (IndexError, KeyError, TypeError, ValueError):
             raise ContainerError(f"corrupted container: no section {i}") from None
         if start < self.base or length < 0 or start + length > len(self.blob):
             raise ContainerError(f"corrupted container: section {i} lies outside the file")
         data = self.blob[start:start + length]
-        if zlib.crc32(data) != s.get("crc32"):
+        if zlib.crc32(data) != crc:
             raise ContainerError(f"corrupted container: section {i} fails its checksum")
         return data
 
@@ -233,10 +238,10 @@ def unpack(blob: bytes) -> onnx.ModelProto:
         except ContainerError:
             raise
         except Exception as e:
-            raise ContainerError(f"corrupted container: tensor {entry.get('name', '?')!r} does not decode "
+            raise ContainerError(f"corrupted container: tensor {entry.get('index', '?')} does not decode "
                                  f"({type(e).__name__}: {e})") from None
-        if t.name != entry["name"] or len(raw) != int(entry["bytes"]):
-            raise ContainerError(f"corrupted container: tensor {entry['name']!r} does not match the graph")
+        if t.HasField("raw_data") or len(raw) != int(entry["bytes"]):
+            raise ContainerError(f"corrupted container: tensor {entry['index']} ('{t.name}') does not match the graph")
         t.raw_data = raw
     return model
 
@@ -252,28 +257,28 @@ def _bound(r: _Reader, ref: dict) -> int:
 def _decode_tensor(r: _Reader, entry: dict) -> bytes:
     size, codec = int(entry["bytes"]), entry["codec"]
     if size < 0 or size > len(r.blob) * MAX_EXPANSION + (1 << 20):
-        raise ContainerError(f"corrupted container: tensor {entry['name']!r} announces {size} bytes")
+        raise ContainerError(f"corrupted container: tensor {entry['index']!r} announces {size} bytes")
     if codec == "lzma":
         return r.lzma(entry["data"], size)
     if codec == "entropy":
         bits = int(entry["bits"])
         stream = r.stream(entry["stream"])
         if bits not in (2, 4, 8) or int(stream["n"]) != size * 8 // bits:
-            raise ContainerError(f"corrupted container: tensor {entry['name']!r} has a stream of the wrong length")
+            raise ContainerError(f"corrupted container: tensor {entry['index']!r} has a stream of the wrong length")
         units = entropy.decode(stream)
         if units.size and int(units.max()) >= 1 << bits:
-            raise ContainerError(f"corrupted container: tensor {entry['name']!r} decodes to symbols wider than {bits} bits")
+            raise ContainerError(f"corrupted container: tensor {entry['index']!r} decodes to symbols wider than {bits} bits")
         return _bytes(units, bits)
     if codec == "sparse":
         positions = r.stream(entry["positions"])
         n = int(positions["n"])
         if n <= 0 or size % n or size // n not in (2, 4, 8):
-            raise ContainerError(f"corrupted container: tensor {entry['name']!r} has a position stream of the wrong length")
+            raise ContainerError(f"corrupted container: tensor {entry['index']!r} has a position stream of the wrong length")
         dtype = np.dtype(f"f{size // n}")
         nonzero = entropy.decode(positions).astype(bool)
         values = np.frombuffer(r.lzma(entry["values"], int(nonzero.sum()) * dtype.itemsize), dtype)
         if len(values) != int(nonzero.sum()):
-            raise ContainerError(f"corrupted container: tensor {entry['name']!r} has {len(values)} values for "
+            raise ContainerError(f"corrupted container: tensor {entry['index']!r} has {len(values)} values for "
                                  f"{int(nonzero.sum())} positions")
         out = np.zeros(n, dtype)
         out[nonzero] = values

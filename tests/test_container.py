@@ -115,6 +115,8 @@ def corrupt(blob: bytes, how: str) -> bytes:
         return blob[:12] + struct.pack("<I", length + 10 ** 9) + blob[16:]
     if how == "manifest":
         return blob[:30] + bytes([blob[30] ^ 0xFF]) + blob[31:]
+    if how == "manifest-zlib":          # a manifest that is not zlib data, with a matching checksum
+        return blob[:12] + struct.pack("<II", 4, zlib.crc32(b"junk")) + b"junk" + blob[20 + length:]
     if how == "section":
         return blob[:-50] + bytes([blob[-50] ^ 0x01]) + blob[-49:]
     if how == "short":
@@ -125,7 +127,7 @@ def corrupt(blob: bytes, how: str) -> bytes:
 @pytest.mark.parametrize("how, message", [
     ("magic", "wrong magic"), ("version", "version 9 is not supported"), ("truncated", "truncated or padded"),
     ("header-size", "truncated container"), ("manifest", "manifest's checksum"), ("section", "fails its checksum"),
-    ("short", "shorter than the header")])
+    ("short", "shorter than the header"), ("manifest-zlib", "unreadable manifest")])
 def test_corrupt_containers_are_refused(blob, how, message):
     with pytest.raises(ContainerError, match=message):
         container.unpack(corrupt(blob, how))
@@ -133,7 +135,7 @@ def test_corrupt_containers_are_refused(blob, how, message):
 
 def test_a_manifest_announcing_a_huge_tensor_is_refused_before_decoding(blob):
     length = struct.unpack_from("<I", blob, 12)[0]
-    text = blob[20:20 + length].replace(b'"bytes":', b'"bytes":9', 1)     # 9 in front of the first size
+    text = zlib.compress(zlib.decompress(blob[20:20 + length]).replace(b'"bytes":', b'"bytes":9', 1))   # 9 in front of the first size
     bad = blob[:12] + struct.pack("<II", len(text), zlib.crc32(text)) + text + blob[20 + length:]
     with pytest.raises(ContainerError, match="does not match the graph|announces|expands"):
         container.unpack(bad)
