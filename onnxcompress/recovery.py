@@ -229,6 +229,9 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
     return None if eqs is None else (eqs, held, held_samples)
 
 
+MIN_OBS_COLUMNS = 16   # rows with fewer weights than this keep their magnitude mask in prune_sequential
+
+
 def prune_sequential(graph: gs.Graph, ctx: Context, data: Dataset, layers: list[tuple[gs.Node, np.ndarray]],
                      max_rows: int = 20000, seed: int = 0) -> dict[int, np.ndarray]:
     """SparseGPT front to back: each (layer, keep-mask) loses as many weights as its mask drops
@@ -249,7 +252,7 @@ def prune_sequential(graph: gs.Graph, ctx: Context, data: Dataset, layers: list[
         if node.op in RECOVERABLE_OPS:
             xs = stepper.fetch(node.inputs[0].name)
             split = _layer_equations(node, w, ((x, None) for x in xs), len(data), max_rows, rng)
-        if split is None:
+        if split is None or split[0][0].n_in <= MIN_OBS_COLUMNS:   # a depthwise conv's 9 taps: magnitude it is
             pruned[id(node)] = np.where(keep, w, 0).astype(w.dtype)
         else:
             eqs = [ne.merged(out) for ne, out in zip(*split[:2])]

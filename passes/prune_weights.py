@@ -20,6 +20,8 @@ from onnxcompress.recovery import prune_sequential
 
 __all__ = ["PruneWeights", "magnitude_mask"]
 
+SPARSEGPT_UP_TO = 0.6   # the default criterion is SparseGPT up to this sparsity when calibration data is given
+
 
 def magnitude_mask(magnitudes: np.ndarray, sparsity: float) -> np.ndarray:
     """Boolean keep-mask zeroing exactly round(sparsity * size) of the smallest magnitudes."""
@@ -80,7 +82,7 @@ class PruneWeights(Pass):
     handles = frozenset(W.LAYERS)
     sparsity: float = 0.5
     scope: Literal["global", "normalized", "layer"] = "global"
-    criterion: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
+    criterion: Literal["magnitude", "wanda", "sparsegpt"] | None = None   # default: see `_criterion`
     max_layer_sparsity: float | None = None   # global scopes: no layer loses more (default (1 + sparsity) / 2)
     exclude: tuple[str, ...] = ()
 
@@ -114,7 +116,8 @@ class PruneWeights(Pass):
             return PassResult(graph, False, {"sparsity": 0.0}, notes + ["no prunable weights found"])
         names = list(users)
         values = {n: users[n][0][1].value for n in names}
-        if self.criterion == "wanda":
+        criterion = self._criterion(ctx)
+        if criterion == "wanda":
             masks = self._wanda_masks(graph, ctx, users, names)   # sparsegpt: the scope's masks give the counts
         elif self.scope == "layer":
             masks = [magnitude_mask(np.abs(values[n]), self.sparsity) for n in names]
@@ -123,7 +126,7 @@ class PruneWeights(Pass):
             mags = [np.abs(values[n]) / (scale[n] if self.scope == "normalized" else 1.0) for n in names]
             cap = self.max_layer_sparsity if self.max_layer_sparsity is not None else (1 + self.sparsity) / 2
             masks = capped_masks(mags, self.sparsity, cap)
-        done = self._sparsegpt(graph, ctx, users, names, masks) if self.criterion == "sparsegpt" else {}
+        done = self._sparsegpt(graph, ctx, users, names, masks) if criterion == "sparsegpt" else {}
         total = zeros = 0
         for name, mask in zip(names, masks):
             value = done.get(name)
@@ -136,7 +139,19 @@ class PruneWeights(Pass):
             total += value.size
             zeros += int(value.size - np.count_nonzero(value))
         stats = {"tensors": len(names), "weights": total, "zeros": zeros, "weight_sparsity": zeros / total}
+        if self.criterion is None:
+            notes.append(f"weights chosen by {criterion} (the default: sparsegpt with calibration data up to "
+                         f"sparsity {SPARSEGPT_UP_TO}, else magnitude)")
         return PassResult(graph, True, stats, notes)
+
+    def _criterion(self, ctx: Context) -> str:
+        """SparseGPT when there is calibration data and the sparsity is moderate (where layer-wise
+        reconstruction holds accuracy without retraining: PP-OCRv4 rec at 50% + distill keeps 80.5%
+        exact matches where magnitude keeps 68.0%, fp32 76.6%); magnitude otherwise (at 90% on the
+        MNIST models magnitude + distill is as good or better)."""
+        if self.criterion is not None:
+            return self.criterion
+        return "sparsegpt" if ctx.calib is not None and self.sparsity <= SPARSEGPT_UP_TO else "magnitude"
 
     def _sparsegpt(self, graph: gs.Graph, ctx: Context, users, names, masks) -> dict[tuple, np.ndarray]:
         """SparseGPT on the layers with a weight of their own: the scope's masks say how many
