@@ -448,6 +448,7 @@ def main() -> None:
     ap.add_argument("--skip-distill", action="store_true", help="skip the distillation experiments")
     ap.add_argument("--skip-structured", action="store_true", help="skip the structured pruning experiments")
     ap.add_argument("--skip-compose", action="store_true", help="skip the composition experiments")
+    ap.add_argument("--skip-cluster", action="store_true", help="skip the clustering and container experiments")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
     ap.add_argument("--only-ocr-passes", action="store_true",
                     help="run only the PP-OCR every-pass section and replace it in --output (rest untouched)")
@@ -489,6 +490,11 @@ def main() -> None:
         print("composition ...", flush=True)
         sections.append(compose_section(calib, test, cfg, args.rounds,
                                         [m for m in COMPOSE_MODELS if m in args.models]))
+    if not args.skip_cluster:
+        from benchmarks.cluster import cluster_section
+        print("clustering and container ...", flush=True)
+        sections.append(cluster_section(calib, test, cfg, args.rounds,
+                                        {m: io.load_model(ROOT / "models" / f"{m}.onnx") for m in args.models}))
     if not args.skip_ocr:
         print("PP-OCR models ...", flush=True)
         sections.append(ocr_section(cfg, args.rounds))
