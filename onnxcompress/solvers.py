@@ -251,7 +251,10 @@ def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", seed: int = 0) -
     "linear" (evenly spaced over [min, max], what Deep Compression found best: large weights keep
     their own centroids), "density" (the values' quantiles) or "k-means++". Values with at most k
     distinct entries get exactly those."""
+    import warnings
+
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     v = values.astype(np.float64).ravel()
     distinct = np.unique(v)
@@ -265,7 +268,9 @@ def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", seed: int = 0) -
         start = np.quantile(v, (np.arange(k) + 0.5) / k).reshape(-1, 1)
     else:
         start = "k-means++"
-    km = KMeans(k, init=start, n_init=1, random_state=seed).fit(v.reshape(-1, 1))
+    with warnings.catch_warnings():   # fewer distinct clusters than k (duplicate values): fine here
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(k, init=start, n_init=1, random_state=seed).fit(v.reshape(-1, 1))
     return np.unique(km.cluster_centers_.ravel())
 
 
