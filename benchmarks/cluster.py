@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import onnx
 
+from benchmarks.run import accuracy, median_latency
 from onnxcompress import LatencyConfig, PassManager, container
-from onnxcompress.metrics import latency_ms
 from onnxcompress.passes import ClusterWeights, Distill
 from onnxcompress.report import human_bytes, markdown_table
 
@@ -23,7 +22,7 @@ def cluster_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[s
         print(f"  cluster {name} ...", flush=True)
         original = len(model.SerializeToString())
         packed, _ = container.pack(model)
-        rows = [["original (fp32)", "-", "-", f"{_accuracy(model, test):.2f}%", f"{human_bytes(original)} (1.00x)",
+        rows = [["original (fp32)", "-", "-", f"{accuracy(model, test):.2f}%", f"{human_bytes(original)} (1.00x)",
                  f"{human_bytes(len(packed))} ({original / len(packed):.1f}x smaller)", "-", "-"]]
         timed = {"original": model}
         for bits in BITS:
@@ -51,21 +50,11 @@ def cluster_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[s
     return SECTION + "\n\n".join(parts) + "\n"
 
 
-def _accuracy(model: onnx.ModelProto, test) -> float:
-    from onnxcompress.manager import Evaluator
-    from onnxcompress.report import Step
-    return Evaluator(model, test, latency=LatencyConfig(enabled=False)).measure(model, Step("", "")).accuracy
-
-
 def _latency_ratios(models: dict[str, onnx.ModelProto], cfg: LatencyConfig, rounds: int, test) -> str:
-    samples: dict[str, dict[int, list[float]]] = {k: {} for k in models}
-    for _ in range(rounds):
-        for label, m in models.items():
-            for batch, ms in latency_ms(m, cfg, test).items():
-                samples[label].setdefault(batch, []).append(ms)
-    base = {b: float(np.median(v)) for b, v in samples["original"].items()}
-    return "; ".join(f"{label} " + ", ".join(f"b{b} {float(np.median(v)) / base[b]:.2f}x" for b, v in s.items())
-                     for label, s in samples.items() if label != "original")
+    medians = dict(zip(models, median_latency(list(models.values()), test, cfg, rounds)))
+    base = medians["original"]
+    return "; ".join(f"{label} " + ", ".join(f"b{b} {ms / base[b]:.2f}x" for b, ms in m.items())
+                     for label, m in medians.items() if label != "original")
 
 
 SECTION = """## Weight clustering and the container

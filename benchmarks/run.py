@@ -76,39 +76,54 @@ def compress_variants(model: onnx.ModelProto, calib, test) -> list[Row]:
 
 
 def measure(rows: list[Row], test, cfg: LatencyConfig, rounds: int) -> None:
-    """Quality once per model; latency in interleaved rounds so drift on a shared machine hits all alike."""
+    """Quality once per model; latency in interleaved rounds (`median_latency`)."""
     evaluator = Evaluator(rows[0].model, test, latency=LatencyConfig(enabled=False))
     for row in rows:
         row.step = evaluator.measure(row.model, Step(row.label, "measured"))
-    samples: dict[int, dict[int, list[float]]] = {i: {} for i in range(len(rows))}
+    for row, latency in zip(rows, median_latency([r.model for r in rows], test, cfg, rounds)):
+        row.step.latency_ms = latency
+
+
+def median_latency(models: list[onnx.ModelProto], test, cfg: LatencyConfig, rounds: int) -> list[dict[int, float]]:
+    """Median latency per batch size of each model, measured in interleaved rounds so that drift
+    on a shared machine hits all alike."""
+    samples: list[dict[int, list[float]]] = [{} for _ in models]
     for _ in range(rounds):
-        for i, row in enumerate(rows):
-            for batch, ms in latency_ms(row.model, cfg, test).items():
-                samples[i].setdefault(batch, []).append(ms)
-    for i, row in enumerate(rows):
-        row.step.latency_ms = {b: float(np.median(v)) for b, v in samples[i].items()}
+        for model, per_batch in zip(models, samples):
+            for batch, ms in latency_ms(model, cfg, test).items():
+                per_batch.setdefault(batch, []).append(ms)
+    return [{b: float(np.median(v)) for b, v in per_batch.items()} for per_batch in samples]
 
 
-def table(rows: list[Row], batches: tuple[int, ...]) -> str:
+def _vs(text: str, value: float, base: float) -> str:
+    """A cell showing a value and its ratio to the original's: "12.3 KB (0.45x)"."""
+    return f"{text} ({value / base:.2f}x)"
+
+
+def _timed_table(rows: list[Row], batches: tuple[int, ...], header: list[str], cells) -> str:
+    """A table of measured rows: `cells(row, the original's step)` per row, then latency over the
+    original's per batch size and the compress time."""
     base = rows[0].step
-    header = ["variant", "accuracy", "agreement", "size", "gzip size", "params", "sparsity", "bits/w", "MACs"]
-    header += [f"latency b{b}" for b in batches] + ["compress time"]
-    out = []
-    for row in rows:
-        s = row.step
-        agree = next(iter(s.fidelity.values())).get("top1_agreement", float("nan"))
-        cells = [row.label, f"{s.accuracy:.2f}%", f"{agree:.1f}%",
-                 f"{human_bytes(s.size_bytes)} ({s.size_bytes / base.size_bytes:.2f}x)",
-                 f"{human_bytes(s.gzip_bytes)} ({s.gzip_bytes / base.gzip_bytes:.2f}x)",
-                 human_count(s.params), f"{s.sparsity * 100:.1f}%", f"{s.bits_per_weight:.1f}",
-                 f"{human_count(s.macs)} ({s.macs / base.macs:.2f}x)"]
-        cells += [f"{s.latency_ms[b] / base.latency_ms[b]:.2f}x" for b in batches]
-        cells.append(f"{row.seconds:.1f}s")
-        out.append(cells)
+    header = header + [f"latency b{b}" for b in batches] + ["compress time"]
+    out = [cells(r, base) + [f"{r.step.latency_ms[b] / base.latency_ms[b]:.2f}x" for b in batches]
+           + [f"{r.seconds:.1f}s"] for r in rows]
     return markdown_table(header, out)
 
 
-def _accuracy(model: onnx.ModelProto, test) -> float:
+def table(rows: list[Row], batches: tuple[int, ...]) -> str:
+    def cells(row: Row, base: Step) -> list[str]:
+        s = row.step
+        agree = next(iter(s.fidelity.values())).get("top1_agreement", float("nan"))
+        return [row.label, f"{s.accuracy:.2f}%", f"{agree:.1f}%",
+                _vs(human_bytes(s.size_bytes), s.size_bytes, base.size_bytes),
+                _vs(human_bytes(s.gzip_bytes), s.gzip_bytes, base.gzip_bytes),
+                human_count(s.params), f"{s.sparsity * 100:.1f}%", f"{s.bits_per_weight:.1f}",
+                _vs(human_count(s.macs), s.macs, base.macs)]
+    return _timed_table(rows, batches, ["variant", "accuracy", "agreement", "size", "gzip size", "params", "sparsity",
+                                        "bits/w", "MACs"], cells)
+
+
+def accuracy(model: onnx.ModelProto, test) -> float:
     return Evaluator(model, test, latency=LatencyConfig(enabled=False)).measure(model, Step("", "")).accuracy
 
 
@@ -130,7 +145,7 @@ def distill_section(calib, test) -> str:
         else:
             student = PassManager([PruneWeights(sparsity=level)], latency=LatencyConfig(enabled=False)).run(clean).model
             label = f"prune-weights {level:.0%}"
-        orig, damaged = _accuracy(clean, test), _accuracy(student, test)
+        orig, damaged = accuracy(clean, test), accuracy(student, test)
         cells = [name, label, f"{orig:.2f}%", f"{damaged:.2f}%"]
         zeros_before = zero_counts(student)
         kept = True
@@ -240,8 +255,8 @@ def structured_table(rows: list[Row], batches: tuple[int, ...]) -> str:
         nonzero = _nonzero_params(row)
         cells = [row.label, f"{s.accuracy:.2f}%", f"{base.accuracy - s.accuracy:+.2f}", f"{human_count(s.macs)} ({mac_red:.2f}x fewer)",
                  f"{human_count(nonzero)} ({base.params / nonzero:.2f}x fewer)",
-                 f"{human_bytes(s.size_bytes)} ({s.size_bytes / base.size_bytes:.2f}x)",
-                 f"{human_bytes(s.gzip_bytes)} ({s.gzip_bytes / base.gzip_bytes:.2f}x)"]
+                 _vs(human_bytes(s.size_bytes), s.size_bytes, base.size_bytes),
+                 _vs(human_bytes(s.gzip_bytes), s.gzip_bytes, base.gzip_bytes)]
         speed = [base.latency_ms[b] / s.latency_ms[b] for b in batches]
         cells += [f"{x:.2f}x" for x in speed] + [f"{x / mac_red:.2f}" for x in speed] + [f"{row.seconds:.1f}s"]
         out.append(cells)
@@ -321,22 +336,16 @@ def compose_section(calib, test, cfg: LatencyConfig, rounds: int, models=COMPOSE
 
 
 def compose_table(rows: list[Row], batches: tuple[int, ...]) -> str:
-    base = rows[0].step
-    header = ["variant", "accuracy", "drop", "MACs", "params", "bits/w", "weight bytes", "size", "gzip size"]
-    header += [f"latency b{b}" for b in batches] + ["compress time"]
-    out = []
-    for row in rows:
+    def cells(row: Row, base: Step) -> list[str]:
         s = row.step
         kinds = ", ".join(f"{k} {human_bytes(v)}" for k, v in s.weight_bytes.items())
-        cells = [row.label, f"{s.accuracy:.2f}%", f"{base.accuracy - s.accuracy:+.2f}",
-                 f"{human_count(s.macs)} ({s.macs / base.macs:.2f}x)", human_count(s.params),
-                 f"{s.bits_per_weight:.1f}", kinds,
-                 f"{human_bytes(s.size_bytes)} ({s.size_bytes / base.size_bytes:.2f}x)",
-                 f"{human_bytes(s.gzip_bytes)} ({s.gzip_bytes / base.gzip_bytes:.2f}x)"]
-        cells += [f"{s.latency_ms[b] / base.latency_ms[b]:.2f}x" for b in batches]
-        cells.append(f"{row.seconds:.1f}s")
-        out.append(cells)
-    return markdown_table(header, out)
+        return [row.label, f"{s.accuracy:.2f}%", f"{base.accuracy - s.accuracy:+.2f}",
+                _vs(human_count(s.macs), s.macs, base.macs), human_count(s.params),
+                f"{s.bits_per_weight:.1f}", kinds,
+                _vs(human_bytes(s.size_bytes), s.size_bytes, base.size_bytes),
+                _vs(human_bytes(s.gzip_bytes), s.gzip_bytes, base.gzip_bytes)]
+    return _timed_table(rows, batches, ["variant", "accuracy", "drop", "MACs", "params", "bits/w", "weight bytes",
+                                        "size", "gzip size"], cells)
 
 
 COMPOSE_TEXT = """## Compressed models compose

@@ -572,8 +572,12 @@ class _Walk:
     def start(self, targets: set[int] | None) -> None:
         """Stream the student's and the reference's activations: one forward pass each in all."""
         ctx, bs = self.ctx, self.ctx.batch_size
-        wanted = {self.mapping.get(n.outputs[0].name) for n in self.graph.nodes
-                  if (_recoverable(n) and (targets is None or id(n) in targets)) or n.op == "BatchNormalization"}
+        nodes = list(self.graph.toposort().nodes)
+        layers = [i for i, n in enumerate(nodes) if _recoverable(n) and (targets is None or id(n) in targets)]
+        # the teacher holds the tensors refits will ask for: targeted layers, and BatchNorms after the first
+        first, chosen = (layers[0] if layers else len(nodes)), set(layers)
+        wanted = {self.mapping.get(n.outputs[0].name) for i, n in enumerate(nodes)
+                  if i in chosen or (n.op == "BatchNormalization" and i > first)}
         self.student = Stepper(self.graph, ctx.original, self.data, ctx.providers, bs)
         self.teacher = Stepper(G.to_graph(self.reference), self.reference, self.data, ctx.providers, bs,
                                keep=wanted - {None})

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = ["LAYERS", "LayerSpec", "Stored", "Dense", "Quantized", "Codebook", "NBits",
            "stored", "layer_weight", "layer_bias", "value_of", "write", "take", "write_rows", "write_bias", "set_codebook",
            "is_layer", "StorageSummary", "storage_summary", "as_codebook", "as_quantized", "convert",
-           "rows_of"]
+           "rows_of", "distinct_weights"]
 
 
 @dataclass(frozen=True)
@@ -429,6 +429,28 @@ class StorageSummary:
     @property
     def sparsity(self) -> float:
         return self.zeros / self.weights if self.weights else 0.0
+
+
+def distinct_weights(graph: gs.Graph, ops: frozenset[str], exclude: tuple[str, ...] = ()
+                     ) -> tuple[dict[tuple, list[tuple[gs.Node, Stored]]], list[str]]:
+    """The distinct constant weights of the layers whose op is in `ops`, whatever their storage,
+    keyed by their sources (layers sharing one weight are listed together); layers named in
+    `exclude` (node name or output tensor) and Gathers that are not embeddings are skipped. Notes
+    name the layers whose weight is not a constant."""
+    users: dict[tuple, list[tuple[gs.Node, Stored]]] = {}
+    notes = []
+    for node in graph.nodes:
+        if node.op not in ops or exclude and {node.name, G.layer_id(node)} & set(exclude):
+            continue
+        s = layer_weight(node)
+        if s is None or (node.op == "Gather" and not is_layer(node)):
+            if node.op != "Gather":
+                src = G.producer(node.inputs[LAYERS[node.op].weight]) if len(node.inputs) > 1 else None
+                notes.append(f"{node.op} '{G.display_name(node)}': weight is not a constant"
+                             f"{f' (made by {src.op})' if src else ''}; left as is")
+            continue
+        users.setdefault(s.sources, []).append((node, s))
+    return users, notes
 
 
 def storage_summary(graph: gs.Graph) -> StorageSummary:

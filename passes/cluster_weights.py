@@ -86,18 +86,13 @@ class ClusterWeights(Pass):
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         data = ctx.require_calib(self.name) if self.recover else None
         elem = self.index_type(int(graph.opset or 0))
-        users: dict[tuple, list[gs.Node]] = {}
-        for node in graph.nodes:
-            if node.op in self.handles and W.layer_weight(node) is not None and (node.op != "Gather" or W.is_layer(node)):
-                users.setdefault(W.layer_weight(node).sources, []).append(node)
-        notes, clustered, weights = [], 0, 0
-        for nodes in users.values():
-            node = nodes[0]
-            s, label = W.layer_weight(node), f"{node.op} '{G.display_name(node)}'"
-            if self.exclude and {node.name, G.layer_id(node)} & set(self.exclude):
-                continue
-            if len(nodes) > 1:
-                notes.append(f"{label}: weight shared by {len(nodes)} layers; left as is")
+        users, notes = W.distinct_weights(graph, self.handles, self.exclude)
+        clustered, weights = 0, 0
+        for pairs in users.values():
+            node, s = pairs[0]
+            label = f"{node.op} '{G.display_name(node)}'"
+            if len(pairs) > 1:
+                notes.append(f"{label}: weight shared by {len(pairs)} layers; left as is")
             elif s.value.size < self.min_size:
                 notes.append(f"{label}: {s.value.size} weights (< min_size {self.min_size}); left dense")
             elif s.kind != "dense" or not np.issubdtype(s.value.dtype, np.floating):

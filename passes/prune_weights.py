@@ -93,22 +93,8 @@ class PruneWeights(Pass):
             raise ValueError(f"max_layer_sparsity must be in [sparsity, 1], got {self.max_layer_sparsity}")
 
     def weights(self, graph: gs.Graph) -> tuple[dict[tuple, list[tuple[gs.Node, W.Stored]]], list[str]]:
-        """The distinct weights of the layers this pass handles, whatever their storage (layers
-        sharing one weight are listed together), and notes on the layers it cannot reach."""
-        users: dict[tuple, list[tuple[gs.Node, W.Stored]]] = {}
-        notes = []
-        for node in graph.nodes:
-            if node.op not in self.handles or self.exclude and {node.name, G.layer_id(node)} & set(self.exclude):
-                continue
-            s = W.layer_weight(node)
-            if s is None or (node.op == "Gather" and not W.is_layer(node)):
-                if node.op != "Gather":
-                    src = G.producer(node.inputs[W.LAYERS[node.op].weight]) if len(node.inputs) > 1 else None
-                    notes.append(f"{node.op} '{G.display_name(node)}': weight is not a constant"
-                                 f"{f' (made by {src.op})' if src else ''}; left as is")
-                continue
-            users.setdefault(s.sources, []).append((node, s))
-        return users, notes
+        """The distinct weights of the layers this pass handles (see `weights.distinct_weights`)."""
+        return W.distinct_weights(graph, self.handles, self.exclude)
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         users, notes = self.weights(graph)
