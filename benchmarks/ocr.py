@@ -183,8 +183,10 @@ def user_metric(kind: str, out: np.ndarray, ref: np.ndarray, truth, chars) -> st
 
 
 def _variants():
-    from onnxcompress.passes import Distill, FoldBatchNorm, PruneChannels, PruneWeights
+    from onnxcompress.passes import ClusterWeights, Distill, FoldBatchNorm, PruneChannels, PruneWeights
     return [("fold-bn", lambda: [FoldBatchNorm()]),
+            ("cluster-weights (4-bit)", lambda: [ClusterWeights()]),
+            ("cluster-weights (4-bit) + distill", lambda: [ClusterWeights(), Distill()]),
             ("prune-weights", lambda: [PruneWeights()]),
             ("prune-channels (ratio 0.3, recovery)", lambda: [PruneChannels()]),
             ("prune-weights(0.5) + distill", lambda: [PruneWeights(sparsity=0.5), Distill()]),
@@ -231,6 +233,11 @@ def _dur(s: float) -> str:
     return f"{s / 60:g} min" if s % 60 == 0 else f"{s:.0f} s"
 
 
+def _packed(model: onnx.ModelProto) -> int:
+    from onnxcompress import container
+    return len(container.pack(model)[0])
+
+
 def _gzip(model: onnx.ModelProto) -> int:
     return len(zlib.compress(model.SerializeToString(), 6))
 
@@ -263,20 +270,20 @@ def ocr_passes_section() -> str:
             calib_x, _ = det_data(32, 1, alphabet, DET_PAGE)
             eval_x, truth = det_data(16, 2, alphabet, DET_PAGE)
         ref = _run(model, eval_x)
-        base_gzip = _gzip(model)
+        base_gzip, base_bytes = _gzip(model), len(model.SerializeToString())
         rows = [["fp32 original", user_metric(kind, ref, ref, truth, chars), "1.0000", None, "1.00x", "1.00x",
-                 "-", "-"]]
+                 f"{base_bytes / _packed(model):.1f}x", "-", "-"]]
         base_params = None
         for label, _ in _variants():
             print(f"  {kind}: {label} ...", flush=True)
             msg = _compress(model, label, calib_x, eval_x)
             if msg[0] == "timeout":
                 rows.append([label, f"skipped: recovery takes > {_dur(SKIP_AFTER_S)} on this model "
-                             "(see issue 8)", "-", "-", "-", "-", f"> {SKIP_AFTER_S:.0f}s", "skipped"])
+                             "(see issue 8)", "-", "-", "-", "-", "-", f"> {SKIP_AFTER_S:.0f}s", "skipped"])
                 print(f"    skipped after {SKIP_AFTER_S:.0f}s", flush=True)
                 continue
             if msg[0] == "error":
-                rows.append([label, f"failed: {msg[1]}"[:200], "-", "-", "-", "-", "-", "error"])
+                rows.append([label, f"failed: {msg[1]}"[:200], "-", "-", "-", "-", "-", "-", "error"])
                 print(f"    failed: {msg[1]}", flush=True)
                 continue
             _, data, seconds, status, info = msg
@@ -285,11 +292,12 @@ def ocr_passes_section() -> str:
             base_params = info["base_params"]
             rows.append([label, user_metric(kind, out, ref, truth, chars), f"{_cosine(out, ref):.4f}",
                          human_count(info["params"]), f"{info['macs'] / info['base_macs']:.2f}x",
-                         f"{_gzip(out_model) / base_gzip:.2f}x", f"{seconds:.1f}s", status])
+                         f"{_gzip(out_model) / base_gzip:.2f}x", f"{base_bytes / _packed(out_model):.1f}x",
+                         f"{seconds:.1f}s", status])
             print(f"    {rows[-1][1]}; cosine {rows[-1][2]}; {seconds:.1f}s; {status}", flush=True)
         rows[0][3] = human_count(base_params) if base_params else "-"
         header = ["variant", METRIC_HEADER[kind], "cosine vs fp32", "params", "MACs ratio", "gzip ratio",
-                  "compress time", "status"]
+                  "container (x smaller)", "compress time", "status"]
         shape = "x".join(str(d) for d in eval_x.shape[1:])
         parts.append(f"### {file} ({kind}, input {shape})\n\n" + markdown_table(header, rows))
     total = time.perf_counter() - t_all
@@ -302,8 +310,9 @@ SECTION_TEXT = SECTION_TITLE + """
 
 Written by `python benchmarks/run.py --only-ocr-passes` on {date} (about {total:.0f} minutes on this
 machine). Models: the three ONNX files shipped in rapidocr-onnxruntime 1.4.4. Each pass runs through
-`PassManager` with its default options (`FoldBatchNorm()`, `PruneWeights()`, `PruneChannels()`:
-ratio 0.3 with recovery after the cut), then the pruning-with-recovery pipelines of issue 8:
+`PassManager` with its default options (`FoldBatchNorm()`, `ClusterWeights()`: 4-bit per-tensor
+codebooks, alone and followed by `Distill()`, `PruneWeights()`, `PruneChannels()`: ratio 0.3 with
+recovery after the cut), then the pruning-with-recovery pipelines of issue 8:
 `PruneWeights(sparsity=0.5)` with the magnitude, Wanda or SparseGPT criterion, each followed by
 `Distill()`; `max_drop=None` (nothing rolled back), latency disabled.
 
@@ -322,7 +331,8 @@ dictionary's line i-1) and counts exact string matches against the truth and aga
 model's strings, and the share of time steps whose top-1 class equals fp32's; det thresholds the probability map at 0.3 and reports IoU with the fp32 model's
 map and with the union of the rendered lines' ink boxes; cls reports accuracy against the known
 rotation and agreement with fp32. "cosine" is the mean per-sample cosine of the raw output with
-fp32's. Params and MACs are onnxcompress's counts; "gzip ratio" is zlib size over the original's.
+fp32's. Params and MACs are onnxcompress's counts; "gzip ratio" is zlib size over the original's;
+"container" is the original .onnx size over the `onnxcompress pack` container of the result.
 "compress time" includes the PassManager's own measurements. A variant still running after
 {skip} is stopped and listed as skipped.
 
