@@ -1,7 +1,7 @@
 """PP-OCR models (rapidocr-onnxruntime 1.4.4) under every pass with default options, on text rendered
 with Pillow and scored by what a user sees: decoded strings (rec), text maps (det), orientation (cls).
 
-    python benchmarks/run.py --only-ocr-passes
+    python benchmarks/run.py --only ocr-passes
 """
 from __future__ import annotations
 
@@ -308,7 +308,7 @@ def ocr_passes_section() -> str:
 
 SECTION_TEXT = SECTION_TITLE + """
 
-Written by `python benchmarks/run.py --only-ocr-passes` on {date} (about {total:.0f} minutes on this
+Written by `python benchmarks/run.py --only ocr-passes` on {date} (about {total:.0f} minutes on this
 machine). Models: the three ONNX files shipped in rapidocr-onnxruntime 1.4.4. Each pass runs through
 `PassManager` with its default options (`FoldBatchNorm()`, `ClusterWeights()`: 4-bit per-tensor
 codebooks, alone and followed by `Distill()`, `PruneWeights()`, `PruneChannels()`: ratio 0.3 with
@@ -339,11 +339,11 @@ fp32's. Params and MACs are onnxcompress's counts; "gzip ratio" is zlib size ove
 """
 
 
-def replace_section(text: str, section: str) -> str:
-    """Replace the section titled SECTION_TITLE (up to the next '## ' heading) or append it."""
-    start = text.find(SECTION_TITLE + "\n")
+def replace_section(text: str, section: str, title: str = SECTION_TITLE) -> str:
+    """Replace the section titled `title` (up to the next '## ' heading) or append it."""
+    start = text.find(title + "\n")
     if start < 0:
         return text.rstrip("\n") + "\n\n" + section
-    nxt = text.find("\n## ", start + len(SECTION_TITLE))
+    nxt = text.find("\n## ", start + len(title))
     end = len(text) if nxt < 0 else nxt + 1
     return text[:start] + section.rstrip("\n") + "\n" + ("\n" if nxt >= 0 else "") + text[end:]

@@ -459,21 +459,25 @@ def main() -> None:
     ap.add_argument("--skip-compose", action="store_true", help="skip the composition experiments")
     ap.add_argument("--skip-cluster", action="store_true", help="skip the clustering and container experiments")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
-    ap.add_argument("--only-ocr-passes", action="store_true",
-                    help="run only the PP-OCR every-pass section and replace it in --output (rest untouched)")
+    ap.add_argument("--only", choices=["ocr-passes", "cluster"],
+                    help="run only that section and replace it in --output (the rest untouched)")
     args = ap.parse_args()
-    if args.only_ocr_passes:
-        from benchmarks.ocr import ocr_passes_section, replace_section
-        section = ocr_passes_section()
-        path = Path(args.output)
-        io.write_text(str(path), replace_section(path.read_text() if path.exists() else "", section))
-        print(f"wrote {args.output}")
-        return
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
     batches = tuple(int(b) for b in args.batch_sizes.split(","))
     cfg = LatencyConfig(batch_sizes=batches, runs=args.runs, warmup=10, threads=args.threads)
     calib = load_dataset(str(ROOT / "models" / "mnist_calib.npz"), ["input"])
     test = load_dataset(str(ROOT / "models" / "mnist_test.npz"), ["input"])
+    if args.only:
+        from benchmarks import cluster, ocr
+        if args.only == "ocr-passes":
+            section, title = ocr.ocr_passes_section(), ocr.SECTION_TITLE
+        else:
+            section, title = cluster.cluster_section(calib, test, cfg, args.rounds, {
+                m: io.load_model(ROOT / "models" / f"{m}.onnx") for m in args.models}), cluster.SECTION_TITLE
+        path = Path(args.output)
+        io.write_text(str(path), ocr.replace_section(path.read_text() if path.exists() else "", section, title))
+        print(f"wrote {args.output}")
+        return
     sections = []
     facts: dict = {}
     for name in args.models:

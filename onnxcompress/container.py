@@ -4,24 +4,26 @@ storage and download; `unpack` restores the model bit for bit.
 Layout (all integers little-endian):
 
     offset 0   magic     8 bytes  b"ONNXCPK\\0"
-    offset 8   version   u16      1
+    offset 8   version   u16      2
     offset 10  flags     u16      0
     offset 12  manifest  u32      length in bytes of the manifest that follows
     offset 16  crc       u32      CRC-32 of the manifest (as stored)
     offset 20  manifest  UTF-8 JSON, zlib-compressed: {"format", "version", "payload_bytes",
-               "sections": [[offset, length, crc32], ...], "graph": array, "tensors": [...]}
-    then       payload   the sections back to back (offsets count from the payload's start)
+               "sections": [[length, crc32], ...], "graph": section, "tensors": [...]}
+    then       payload   the sections back to back, in order
 
-An array in the manifest is {"section": i, "dtype": "uint8", "shape": [...]} (raw bytes of
-section i). The graph is the model with the raw data of its large initializers removed, compressed
-with LZMA. Each removed initializer (`tensors`, by position) has a codec:
+The graph (section "graph") is the model with the raw data of its large initializers removed,
+compressed with LZMA. Each removed initializer (`tensors`, by position in the graph) has a codec
+and the sections that hold it:
 
 - "entropy": integer tensors (8-, 4- and 2-bit codes: clustering indices, quantized weights): the
-  raw bytes read as a stream of 8-, 4- or 2-bit symbols, coded by `entropy.encode` (canonical
-  Huffman, or gaps plus symbols where one symbol dominates);
-- "sparse": float tensors at least half zeros: the nonzero positions as a gap stream (the same
-  coder) and the nonzero values compressed with LZMA;
-- "lzma": every other tensor's raw bytes.
+  raw bytes read as a stream of 8-, 4- or 2-bit symbols (ONNX's packing order), coded by
+  `entropy.encode` (rANS or canonical Huffman, plain or as gaps plus symbols where one symbol
+  dominates, whichever is smallest; the stream's own layout is documented there);
+- "sparse": float tensors at least half zeros: the nonzero mask as an entropy-coded stream
+  (`positions`, where the gap form stores relative positions) and the nonzero values (`values`)
+  compressed with LZMA;
+- "lzma": every other tensor's raw bytes (`data`).
 
 Every section is checked (bounds, CRC-32) and every size bounded before anything is decoded.
 """
@@ -43,7 +45,7 @@ from .errors import InputError
 __all__ = ["MAGIC", "VERSION", "ContainerError", "PackStats", "pack", "unpack", "load", "session"]
 
 MAGIC = b"ONNXCPK\x00"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<8sHHII")
 MIN_BYTES = 256                          # smaller initializers stay in the graph
 MAX_MANIFEST = 64 << 20                  # bytes a manifest may decompress to
@@ -63,10 +65,11 @@ class ContainerError(InputError):
 class PackStats:
     """What a container holds: its size, the part that is entropy-coded, and that part's bound."""
     bytes: int
-    coded_bytes: int             # sections of entropy-coded streams (Huffman data, offsets, tables)
-    entropy_bytes: float         # their streams' empirical order-0 entropy
+    coded_bytes: int             # the entropy-coded streams of integer tensors, headers and tables included
+    entropy_bytes: float         # their symbols' empirical order-0 entropy
     codebook_bytes: int          # float tensors of at most 256 values stored beside them (codebooks)
     tensors: dict[str, int]      # tensors per codec
+    coders: dict[str, int]       # symbols of those streams per coder ("rans", "huffman", "one")
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -75,14 +78,9 @@ class _Writer:
     def __init__(self) -> None:
         self.sections: list[bytes] = []
 
-    def put(self, a: np.ndarray | bytes) -> dict:
-        arr = np.frombuffer(a, np.uint8) if isinstance(a, bytes) else np.ascontiguousarray(a)
-        self.sections.append(arr.tobytes())
-        return {"section": len(self.sections) - 1, "dtype": arr.dtype.str, "shape": list(arr.shape)}
-
-    def put_stream(self, stream: dict) -> dict:
-        return {k: (self.put_stream(v) if isinstance(v, dict) else self.put(v) if isinstance(v, np.ndarray) else v)
-                for k, v in stream.items()}
+    def put(self, data: bytes) -> int:
+        self.sections.append(data)
+        return len(self.sections) - 1
 
 
 def pack(model: onnx.ModelProto) -> tuple[bytes, PackStats]:
@@ -91,7 +89,7 @@ def pack(model: onnx.ModelProto) -> tuple[bytes, PackStats]:
     m.CopyFrom(model)
     w = _Writer()
     tensors, counts = [], {"entropy": 0, "sparse": 0, "lzma": 0}
-    entropy_bits, coded_sections, codebook_bytes = 0.0, [], 0
+    entropy_bits, coded, codebook_bytes, coders = 0.0, 0, 0, {}
     for i, t in enumerate(m.graph.initializer):
         raw = t.raw_data
         if not t.HasField("raw_data") or len(raw) < MIN_BYTES or t.data_location == onnx.TensorProto.EXTERNAL:
@@ -101,14 +99,16 @@ def pack(model: onnx.ModelProto) -> tuple[bytes, PackStats]:
         entry: dict = {"index": i, "bytes": len(raw)}
         if t.data_type in CODE_BITS:
             symbols = _units(np.frombuffer(raw, np.uint8), CODE_BITS[t.data_type])
-            first = len(w.sections)
-            entry.update(codec="entropy", bits=CODE_BITS[t.data_type], stream=w.put_stream(entropy.encode(symbols)))
-            coded_sections += list(range(first, len(w.sections)))
+            stream = entropy.encode(symbols)
+            entry.update(codec="entropy", bits=CODE_BITS[t.data_type], stream=w.put(stream))
+            coded += len(stream)
             entropy_bits += entropy.entropy_bits(symbols)
+            for coder, n in entropy.describe(stream).items():
+                coders[coder] = coders.get(coder, 0) + n
         elif t.data_type in FLOATS and _zero_share(raw, FLOATS[t.data_type]) >= 0.5:
             values = np.frombuffer(raw, FLOATS[t.data_type])
             nonzero = values.view(np.dtype(f"u{values.itemsize}")) != 0      # +0.0 only: -0.0 is a value
-            entry.update(codec="sparse", positions=w.put_stream(entropy.encode(nonzero.astype(np.int64))),
+            entry.update(codec="sparse", positions=w.put(entropy.encode(nonzero.astype(np.int64))),
                          values=w.put(lzma.compress(values[nonzero].tobytes())))
         else:
             entry.update(codec="lzma", data=w.put(lzma.compress(raw)))
@@ -116,13 +116,11 @@ def pack(model: onnx.ModelProto) -> tuple[bytes, PackStats]:
         tensors.append(entry)
         t.ClearField("raw_data")
     graph = w.put(lzma.compress(m.SerializeToString()))
-    offsets = np.cumsum([0] + [len(s) for s in w.sections])
-    manifest = {"format": "onnxcompress-container", "version": VERSION, "payload_bytes": int(offsets[-1]),
-                "sections": [[int(o), len(s), zlib.crc32(s)] for o, s in zip(offsets, w.sections)],
-                "graph": graph, "tensors": tensors}
+    manifest = {"format": "onnxcompress-container", "version": VERSION, "payload_bytes": sum(map(len, w.sections)),
+                "sections": [[len(s), zlib.crc32(s)] for s in w.sections], "graph": graph, "tensors": tensors}
     text = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
     blob = HEADER.pack(MAGIC, VERSION, 0, len(text), zlib.crc32(text)) + text + b"".join(w.sections)
-    stats = PackStats(len(blob), sum(len(w.sections[k]) for k in coded_sections), entropy_bits / 8, codebook_bytes, counts)
+    stats = PackStats(len(blob), coded, entropy_bits / 8, codebook_bytes, counts, coders)
     return blob, stats
 
 
@@ -172,8 +170,11 @@ class _Reader:
                 raise ValueError("the manifest does not end where announced")
             self.manifest = json.loads(plain)
             self.base = HEADER.size + length
-            sections = self.manifest["sections"]
+            sections = [(int(n), int(crc)) for n, crc in self.manifest["sections"]]
             payload = int(self.manifest["payload_bytes"])
+            self.starts = np.cumsum([0] + [n for n, _ in sections]).tolist()
+            if any(n < 0 for n, _ in sections) or self.starts[-1] != payload:
+                raise ValueError("the section lengths do not add up to the payload")
         except (ValueError, KeyError, TypeError, zlib.error) as e:
             raise ContainerError(f"corrupted container: unreadable manifest ({e})") from None
         if self.base + payload != len(blob):
@@ -182,40 +183,24 @@ class _Reader:
         self.blob, self.sections = blob, sections
 
     def section(self, i: int) -> bytes:
-        try:
-            offset, length, crc = self.sections[i]
-            start, length = self.base + int(offset), int(length)
-        except (IndexError, KeyError, TypeError, ValueError):
-            raise ContainerError(f"corrupted container: no section {i}") from None
-        if start < self.base or length < 0 or start + length > len(self.blob):
-            raise ContainerError(f"corrupted container: section {i} lies outside the file")
-        data = self.blob[start:start + length]
-        if zlib.crc32(data) != crc:
+        if not isinstance(i, int) or not 0 <= i < len(self.sections):
+            raise ContainerError(f"corrupted container: no section {i!r}")
+        start = self.base + self.starts[i]
+        data = self.blob[start:start + self.sections[i][0]]
+        if zlib.crc32(data) != self.sections[i][1]:
             raise ContainerError(f"corrupted container: section {i} fails its checksum")
         return data
 
-    def array(self, ref: dict) -> np.ndarray:
-        data = self.section(ref["section"])
-        dtype = np.dtype(ref["dtype"])
-        if dtype.kind not in "uif" or int(np.prod(ref["shape"])) * dtype.itemsize != len(data):
-            raise ContainerError(f"corrupted container: section {ref['section']} does not hold a {ref['dtype']} "
-                                 f"array of shape {ref['shape']}")
-        return np.frombuffer(data, dtype).reshape(ref["shape"])
-
-    def stream(self, ref: dict) -> dict:
-        return {k: (self.array(v) if isinstance(v, dict) and "section" in v else self.stream(v) if isinstance(v, dict) else v)
-                for k, v in ref.items()}
-
-    def lzma(self, ref: dict, limit: int) -> bytes:
+    def lzma(self, i: int, limit: int) -> bytes:
         """LZMA data that may not expand past `limit` bytes (a sane bound, checked as it decodes)."""
-        data = self.array(ref).tobytes()
+        data = self.section(i)
         try:
             d = lzma.LZMADecompressor()
             out = d.decompress(data, max_length=limit + 1)
         except lzma.LZMAError as e:
-            raise ContainerError(f"corrupted container: section {ref['section']}: {e}") from None
+            raise ContainerError(f"corrupted container: section {i}: {e}") from None
         if len(out) > limit or not d.eof:
-            raise ContainerError(f"corrupted container: section {ref['section']} expands beyond its announced size")
+            raise ContainerError(f"corrupted container: section {i} expands beyond its announced size")
         return out
 
 
@@ -223,7 +208,7 @@ def unpack(blob: bytes) -> onnx.ModelProto:
     """The model a container holds, bit for bit as it was packed."""
     r = _Reader(blob)
     man = r.manifest
-    graph_ref = man.get("graph") or {}
+    graph_ref = man.get("graph")
     model = onnx.ModelProto()
     try:
         model.ParseFromString(r.lzma(graph_ref, _bound(r, graph_ref)))
@@ -246,12 +231,8 @@ def unpack(blob: bytes) -> onnx.ModelProto:
     return model
 
 
-def _bound(r: _Reader, ref: dict) -> int:
-    try:
-        stored = len(r.section(ref["section"]))
-    except (KeyError, TypeError):
-        raise ContainerError("corrupted container: the manifest names no graph section") from None
-    return stored * MAX_EXPANSION + (1 << 20)
+def _bound(r: _Reader, i: int) -> int:
+    return len(r.section(i)) * MAX_EXPANSION + (1 << 20)
 
 
 def _decode_tensor(r: _Reader, entry: dict) -> bytes:
@@ -262,20 +243,18 @@ def _decode_tensor(r: _Reader, entry: dict) -> bytes:
         return r.lzma(entry["data"], size)
     if codec == "entropy":
         bits = int(entry["bits"])
-        stream = r.stream(entry["stream"])
-        if bits not in (2, 4, 8) or int(stream["n"]) != size * 8 // bits:
+        units = entropy.decode(r.section(entry["stream"]), size * 8 // max(int(entry["bits"]), 1))
+        if bits not in (2, 4, 8) or units.size != size * 8 // bits:
             raise ContainerError(f"corrupted container: tensor {entry['index']!r} has a stream of the wrong length")
-        units = entropy.decode(stream)
         if units.size and int(units.max()) >= 1 << bits:
             raise ContainerError(f"corrupted container: tensor {entry['index']!r} decodes to symbols wider than {bits} bits")
         return _bytes(units, bits)
     if codec == "sparse":
-        positions = r.stream(entry["positions"])
-        n = int(positions["n"])
+        nonzero = entropy.decode(r.section(entry["positions"]), size // 2).astype(bool)
+        n = nonzero.size
         if n <= 0 or size % n or size // n not in (2, 4, 8):
             raise ContainerError(f"corrupted container: tensor {entry['index']!r} has a position stream of the wrong length")
         dtype = np.dtype(f"f{size // n}")
-        nonzero = entropy.decode(positions).astype(bool)
         values = np.frombuffer(r.lzma(entry["values"], int(nonzero.sum()) * dtype.itemsize), dtype)
         if len(values) != int(nonzero.sum()):
             raise ContainerError(f"corrupted container: tensor {entry['index']!r} has {len(values)} values for "

@@ -1,10 +1,17 @@
-"""Entropy coding of symbol streams (weight indices, integer codes): canonical Huffman codes with
-table-driven decoding, vectorized over many chunks of the stream decoded in lockstep, so that no
-Python loop runs per symbol; and the gap form Deep Compression uses for sparse streams (the
-positions of the symbols that are not the dominant one, as relative gaps, plus those symbols).
+"""Entropy coding of symbol streams (weight indices, integer codes), two coders:
 
-    stream = encode(symbols)          # a dict of arrays and ints (what a container stores)
-    symbols = decode(stream)
+- canonical Huffman codes (what Deep Compression used), table-driven decoding;
+- rANS (Duda's range variant of asymmetric numeral systems), which codes a symbol of probability
+  p in about -log2(p) bits, so it gets within a fraction of a percent of the entropy where
+  Huffman's whole-bit codes cannot (a symbol of probability 0.9 still costs one Huffman bit).
+
+Both are vectorized the same way: the stream is cut into chunks (lanes) decoded side by side in
+lockstep, so no Python loop runs per symbol. A stream may also take the gap form Deep Compression
+uses for sparse data (the positions of the symbols that are not the dominant one, as relative gaps,
+plus those symbols). `encode` tries each form and coder and keeps the smallest.
+
+    data = encode(symbols)            # bytes (layout in `encode`)
+    symbols = decode(data)
 """
 from __future__ import annotations
 
@@ -13,12 +20,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["code_lengths", "Huffman", "encode", "decode", "entropy_bits", "MAX_CODE_LENGTH"]
+__all__ = ["code_lengths", "Huffman", "rans_freqs", "rans_encode", "rans_decode", "encode", "decode",
+           "describe", "entropy_bits", "MAX_CODE_LENGTH"]
 
 MAX_CODE_LENGTH = 15     # longest code (lengths fit a nibble); the decode table has up to 2 ** 15 entries
 CHUNKS = 4096            # a stream is cut into up to this many chunks, decoded side by side
-MIN_CHUNK = 1024         # ... of at least this many symbols (each chunk costs a 4- or 8-byte offset)
+MIN_CHUNK = 4096         # ... of at least this many symbols (each chunk costs a 4- or 8-byte offset)
 MAX_GAP = 255            # gaps are coded as bytes; a longer run gets a filler entry (Deep Compression)
+SCALE_BITS = 15          # rANS: symbol frequencies are quantized to sum to 2 ** 15
+RANS_LOW = 1 << 16       # rANS states live in [2 ** 16, 2 ** 32) and move 16-bit words in and out
+RANS_STEPS = 8192        # rANS lanes: one per 8192 symbols (a 4-byte final state each), at most RANS_LANES
+RANS_LANES = 1 << 14
+RANS_ALPHABET = 1 << 12  # larger alphabets are Huffman-coded only
 
 
 def entropy_bits(symbols: np.ndarray) -> float:
@@ -116,34 +129,163 @@ def chunk_size(n: int) -> int:
     return max(MIN_CHUNK, -(-n // CHUNKS))
 
 
-# -- streams ------------------------------------------------------------------------------------
+# -- rANS ---------------------------------------------------------------------------------------
 
-def encode(symbols: np.ndarray) -> dict:
-    """A stream of small non-negative integers (< 2 ** 16) as Huffman-coded arrays: plain, or (when
-    one symbol dominates and it is smaller) as gaps between the other symbols plus those symbols.
-    The result holds numpy arrays and ints only."""
-    symbols = np.ascontiguousarray(symbols.ravel()).astype(np.int64)
-    plain = _huffman_part(symbols)
+def rans_freqs(counts: np.ndarray) -> np.ndarray:
+    """Counts quantized to frequencies summing to 2 ** SCALE_BITS, every present symbol >= 1."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = 1 << SCALE_BITS
+    f = np.where(counts > 0, np.maximum(1, counts * total // max(int(counts.sum()), 1)), 0)
+    f[int(np.argmax(counts))] += total - int(f.sum())       # the remainder to the most frequent symbol
+    for s in np.argsort(-f):                                 # ... which may have to give some back
+        if f.sum() <= total:
+            break
+        f[s] -= min(int(f[s]) - 1, int(f.sum()) - total)
+    return f
+
+
+def _lanes(n: int) -> tuple[int, int]:
+    lanes = min(RANS_LANES, max(1, -(-n // RANS_STEPS)))
+    return lanes, -(-n // lanes)
+
+
+def rans_encode(symbols: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(final state per lane as uint32, the 16-bit words). Lane j codes symbols [j*steps, (j+1)*steps);
+    the lanes run backwards in lockstep (rANS decodes in the reverse order it encodes), and the words
+    of one step are stored in lane order, the steps in decoding order."""
+    n = len(symbols)
+    lanes, steps = _lanes(n)
+    freqs = np.asarray(freqs, dtype=np.int64)
+    cum = np.cumsum(freqs) - freqs
+    grid = np.zeros(lanes * steps, np.int64)
+    grid[:n] = symbols
+    grid = np.ascontiguousarray(grid.reshape(lanes, steps).T)           # [step, lane]
+    last = n - (lanes - 1) * steps                                      # symbols in the last lane
+    x = np.full(lanes, RANS_LOW, np.int64)
+    blocks = []
+    for t in range(steps - 1, -1, -1):
+        live = lanes if t < last else lanes - 1
+        s = grid[t, :live]
+        f, xl = freqs[s], x[:live]
+        out = xl >= f << (32 - SCALE_BITS)                              # would leave [2**16, 2**32): flush 16 bits
+        blocks.append(xl[out] & 0xFFFF)
+        xl[out] >>= 16
+        x[:live] = ((xl // f) << SCALE_BITS) + xl % f + cum[s]
+    words = np.concatenate(blocks[::-1]) if blocks else np.zeros(0, np.int64)
+    return x.astype(np.uint32), words.astype(np.uint16)
+
+
+def rans_decode(states: np.ndarray, words: np.ndarray, freqs: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of `rans_encode`; a stream that does not end in the encoder's start state is refused."""
+    lanes, steps = _lanes(n)
+    freqs = np.asarray(freqs, dtype=np.int64)
+    if len(states) != lanes or int(freqs.sum()) != 1 << SCALE_BITS or freqs.min(initial=0) < 0:
+        raise ValueError("malformed rANS stream header")
+    cum = np.cumsum(freqs) - freqs
+    sym_of = np.repeat(np.arange(len(freqs)), freqs)                    # slot -> symbol
+    x = states.astype(np.int64)
+    if np.any(x < RANS_LOW):
+        raise ValueError("malformed rANS stream header")
+    words = words.astype(np.int64)
+    out = np.zeros((steps, lanes), np.int64)
+    last, pos, mask = n - (lanes - 1) * steps, 0, (1 << SCALE_BITS) - 1
+    for t in range(steps):
+        live = lanes if t < last else lanes - 1
+        xl = x[:live]
+        slot = xl & mask
+        s = sym_of[slot]
+        out[t, :live] = s
+        xl = freqs[s] * (xl >> SCALE_BITS) + slot - cum[s]
+        low = xl < RANS_LOW
+        k = int(np.count_nonzero(low))
+        if pos + k > len(words):
+            raise ValueError("rANS stream ends early")
+        xl[low] = (xl[low] << 16) | words[pos:pos + k]
+        x[:live], pos = xl, pos + k
+    if pos != len(words) or np.any(x != RANS_LOW):
+        raise ValueError("rANS stream does not decode to its start state")
+    return out.T.reshape(-1)[:n]
+
+
+# -- streams ------------------------------------------------------------------------------------
+#
+# A stream is bytes (integers are LEB128 varints unless a width is given, arrays little-endian):
+#
+#   stream  = form:u8 (0 plain, 1 gaps) n  [plain: part] | [gaps: dominant part(gaps) part(others)]
+#   part    = coder:u8 (0 Huffman, 1 rANS, 2 one symbol) n body
+#   Huffman = symbols, code lengths as nibbles (low first), width:u8 (4 or 8), one offset per chunk
+#             (the bit where it starts, `width` bytes each), data bytes, the codes MSB first
+#   rANS    = symbols, frequency per symbol, lanes' final states (u32 each), words, u16 each
+#   one     = the symbol
+
+def encode(symbols: np.ndarray) -> bytes:
+    """A stream of small non-negative integers (< 2 ** 16) as bytes: the form (plain, or gaps when one
+    symbol dominates) and the coder of each part that take the fewest bytes (sizes computed from the
+    symbol counts; only the winner is encoded)."""
+    symbols = np.ascontiguousarray(np.asarray(symbols).ravel()).astype(np.int64)
     counts = np.bincount(symbols) if symbols.size else np.zeros(1, np.int64)
+    plain = _choose(counts)
     top = int(counts.argmax())
     if symbols.size and counts[top] > symbols.size / 2:
         gaps, others = _gaps(symbols, top)
-        gapped = {"gaps": _huffman_part(gaps), "others": _huffman_part(others)}
-        if _size(gapped["gaps"]) + _size(gapped["others"]) < _size(plain):
-            return {"form": "gaps", "n": int(symbols.size), "dominant": top, **gapped}
-    return {"form": "plain", "n": int(symbols.size), "plain": plain}
+        g, o = _choose(np.bincount(gaps)), _choose(np.bincount(others))
+        if g[1] + o[1] < plain[1]:
+            return bytes([1]) + _varint(symbols.size) + _varint(top) + _part(gaps, g[0]) + _part(others, o[0])
+    return bytes([0]) + _varint(symbols.size) + _part(symbols, plain[0])
 
 
-def decode(stream: dict) -> np.ndarray:
-    """Inverse of `encode`."""
-    if stream["form"] == "plain":
-        return _unhuffman(stream["plain"])
-    gaps, others = _unhuffman(stream["gaps"]), _unhuffman(stream["others"])
-    out = np.full(stream["n"], stream["dominant"], dtype=np.int64)
-    where = np.cumsum(gaps + 1) - 1          # each entry sits after its gap of dominant symbols
-    if len(where) and where[-1] >= stream["n"]:
-        raise ValueError("gap stream runs past its end")
-    out[where] = others
+def _choose(counts: np.ndarray) -> tuple[int, float]:
+    """(coder, bytes it will take about) for symbols with these counts."""
+    n, present = int(counts.sum()), np.flatnonzero(counts)
+    if len(present) <= 1:
+        return 2, 4.0
+    huffman = (counts * code_lengths(counts)).sum() / 8 + 4 * -(-n // chunk_size(n)) + len(counts) / 2
+    if len(counts) > RANS_ALPHABET:
+        return 0, float(huffman)
+    f = rans_freqs(counts)
+    rans = (counts[present] * (SCALE_BITS - np.log2(f[present]))).sum() / 8 + 4 * _lanes(n)[0] + 1.5 * len(counts) + 2
+    return (0, float(huffman)) if huffman <= rans else (1, float(rans))
+
+
+def decode(data: bytes, limit: int | None = None) -> np.ndarray:
+    """Inverse of `encode`; malformed data, or a stream announcing more than `limit` symbols, raises
+    ValueError (before anything of that size is allocated)."""
+    r = _Bytes(data)
+    form, n = r.u8(), r.varint()
+    if limit is not None and n > limit:
+        raise ValueError(f"stream announces {n} symbols, at most {limit} expected")
+    r.limit = 2 * n + 1                      # no part is longer (gaps add at most one filler per 256)
+    if form == 0:
+        out = _unpart(r)
+        if len(out) != n:
+            raise ValueError("stream length does not match")
+    elif form == 1:
+        dominant = r.varint()
+        gaps, others = _unpart(r), _unpart(r)
+        out = np.full(n, dominant, dtype=np.int64)
+        where = np.cumsum(gaps + 1) - 1          # each entry sits after its gap of dominant symbols
+        if len(gaps) != len(others) or (len(where) and where[-1] >= n):
+            raise ValueError("gap stream runs past its end")
+        out[where] = others
+    else:
+        raise ValueError(f"unknown stream form {form}")
+    if r.pos != len(data):
+        raise ValueError("stream has trailing bytes")
+    return out
+
+
+def describe(data: bytes) -> dict[str, int]:
+    """Symbols per coder in a stream (what `encode` chose), e.g. {"rans": 800000}."""
+    r = _Bytes(data)
+    form, _ = r.u8(), r.varint()
+    if form == 1:
+        r.varint()
+    names = ("huffman", "rans", "one")
+    out: dict[str, int] = {}
+    for _ in range(1 + form):
+        coder, n = data[r.pos], None
+        n = len(_unpart(r))
+        out[names[coder]] = out.get(names[coder], 0) + n
     return out
 
 
@@ -162,13 +304,48 @@ def _gaps(symbols: np.ndarray, dominant: int) -> tuple[np.ndarray, np.ndarray]:
     return gaps, others
 
 
-def _huffman_part(symbols: np.ndarray) -> dict:
-    if symbols.size == 0:
-        return {"lengths": np.zeros(0, np.uint8), "data": np.zeros(0, np.uint8), "offsets": np.zeros(0, np.uint32), "n": 0}
-    code = Huffman(code_lengths(np.bincount(symbols)))
-    data, offsets = code.pack(symbols)
-    kind = np.uint32 if len(data) * 8 < 2 ** 32 else np.uint64
-    return {"lengths": _nibbles(code.lengths), "data": data, "offsets": offsets.astype(kind), "n": int(symbols.size)}
+def _part(symbols: np.ndarray, coder: int) -> bytes:
+    n = len(symbols)
+    counts = np.bincount(symbols) if n else np.zeros(1, np.int64)
+    if coder == 2:
+        return bytes([2]) + _varint(n) + _varint(int(counts.argmax()))
+    if coder == 0:
+        code = Huffman(code_lengths(counts))
+        data, offsets = code.pack(symbols)
+        width = 4 if len(data) * 8 < 2 ** 32 else 8
+        return (bytes([0]) + _varint(n) + _varint(len(counts)) + _nibbles(code.lengths).tobytes() + bytes([width])
+                + offsets.astype(f"<u{width}").tobytes() + _varint(len(data)) + data.tobytes())
+    freqs = rans_freqs(counts)
+    states, words = rans_encode(symbols, freqs)
+    return (bytes([1]) + _varint(n) + _varint(len(freqs)) + b"".join(_varint(int(f)) for f in freqs)
+            + states.astype("<u4").tobytes() + _varint(len(words)) + words.astype("<u2").tobytes())
+
+
+def _unpart(r: "_Bytes") -> np.ndarray:
+    coder, n = r.u8(), r.varint()
+    if n > r.limit:
+        raise ValueError("a part of the stream is longer than the stream")
+    if coder == 2:
+        return np.full(n, r.varint(), dtype=np.int64)
+    size = r.varint()
+    if size > 1 << 16:
+        raise ValueError("alphabet too large")
+    if coder == 0:
+        packed = r.array("u1", (size + 1) // 2).astype(np.int64)
+        lengths = np.stack([packed & 15, packed >> 4], 1).reshape(-1)[:size]
+        width = r.u8()
+        if width not in (4, 8) or not n or not lengths.any():
+            raise ValueError("malformed Huffman stream header")
+        offsets = r.array(f"<u{width}", -(-n // chunk_size(n)))
+        data = r.array("u1", r.varint())
+        if int(offsets.max()) > len(data) * 8:
+            raise ValueError("Huffman chunk offsets point past the data")
+        return Huffman(lengths).unpack(data, offsets, n)
+    if coder == 1:
+        freqs = np.array([r.varint() for _ in range(size)], dtype=np.int64)
+        states = r.array("<u4", _lanes(n)[0])
+        return rans_decode(states, r.array("<u2", r.varint()), freqs, n)
+    raise ValueError(f"unknown coder {coder}")
 
 
 def _nibbles(lengths: np.ndarray) -> np.ndarray:
@@ -177,18 +354,39 @@ def _nibbles(lengths: np.ndarray) -> np.ndarray:
     return padded[0::2] | (padded[1::2] << 4)
 
 
-def _unhuffman(part: dict) -> np.ndarray:
-    n = int(part["n"])
-    if n == 0:
-        return np.zeros(0, np.int64)
-    packed = np.asarray(part["lengths"], dtype=np.int64)
-    lengths = np.stack([packed & 15, packed >> 4], 1).reshape(-1)
-    if lengths.max(initial=0) > MAX_CODE_LENGTH or len(part["offsets"]) != -(-n // chunk_size(n)):
-        raise ValueError("malformed Huffman stream header")
-    if len(part["offsets"]) and int(np.max(part["offsets"])) > len(part["data"]) * 8:
-        raise ValueError("Huffman chunk offsets point past the data")
-    return Huffman(lengths).unpack(np.asarray(part["data"], dtype=np.uint8), np.asarray(part["offsets"]), n)
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
 
 
-def _size(part: dict) -> int:
-    return part["data"].nbytes + part["offsets"].nbytes + part["lengths"].nbytes
+class _Bytes:
+    """A bounds-checked reader over a stream's bytes."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos, self.limit = memoryview(data), 0, 1 << 62
+
+    def u8(self) -> int:
+        return int(self.array("u1", 1)[0])
+
+    def varint(self) -> int:
+        v = shift = 0
+        while True:
+            b = self.u8()
+            v |= (b & 0x7F) << shift
+            if b < 0x80:
+                return v
+            shift += 7
+            if shift > 63:
+                raise ValueError("varint too long")
+
+    def array(self, dtype: str, count: int) -> np.ndarray:
+        size = np.dtype(dtype).itemsize * count
+        if count < 0 or self.pos + size > len(self.data):
+            raise ValueError("stream is truncated")
+        out = np.frombuffer(self.data[self.pos:self.pos + size], dtype)
+        self.pos += size
+        return out

@@ -6,6 +6,7 @@ and `to_model`, which keep what graphsurgeon drops (metadata, model version, doc
 from __future__ import annotations
 
 import logging
+import re
 from typing import Iterator
 
 import numpy as np
@@ -251,13 +252,22 @@ def unique_name(graph: gs.Graph, base: str) -> str:
     return f"{base}_{i}"
 
 
+_DERIVED = re.compile(r"(_(refit|bnfold|folded|pruned|codebook|index|i64|cast|\d+))+$")
+
+
+def stem(name: str) -> str:
+    """A tensor's name without the suffixes rewrites append ("w_bnfold_refit_codebook" -> "w"), so
+    that a weight rewritten by several passes keeps a short name (they add up in a packed file)."""
+    return _DERIVED.sub("", name) or name
+
+
 def set_constant(graph: gs.Graph, node: gs.Node, index: int, value: np.ndarray, suffix: str = "") -> gs.Constant:
     """Give `node` a new constant as input `index`, never mutating a tensor other nodes may share.
 
     The new initializer keeps the old one's dtype; `suffix` names it after the change (e.g. "_folded")."""
     old = node.inputs[index] if len(node.inputs) > index else None
     dtype = np.asarray(constant_value(old)).dtype if old is not None and constant_value(old) is not None else value.dtype
-    base = (old.name if old is not None and old.name else f"{node.name}_in{index}") + suffix
+    base = stem(old.name if old is not None and old.name else f"{node.name}_in{index}") + suffix
     const = gs.Constant(unique_name(graph, base), np.ascontiguousarray(value.astype(dtype, copy=False)))
     ensure_inputs(node, index + 1)
     node.inputs[index] = const

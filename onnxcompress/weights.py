@@ -331,7 +331,7 @@ def _replace_everywhere(graph: gs.Graph, s: Stored, new: Dense, suffix: str) -> 
     if isinstance(s.tensor, gs.Constant) and not s.chain:
         s.tensor.values = new.value
         return Stored(new.value, new, s.sources, s.tensor)
-    const = constant(graph, (s.sources[0] if s.sources else s.tensor.name) + suffix, new.value.astype(s.value.dtype))
+    const = constant(graph, G.stem(s.sources[0] if s.sources else s.tensor.name) + suffix, new.value.astype(s.value.dtype))
     for user in list(s.tensor.outputs):
         for i, t in enumerate(list(user.inputs)):
             if t is s.tensor:
@@ -393,7 +393,7 @@ def set_codebook(graph: gs.Graph, node: gs.Node, s: Stored, book: np.ndarray, in
 
 
 def _place(graph: gs.Graph, node: gs.Node, index: int, s: Stored, storage: Storage, suffix: str) -> Stored:
-    base = (s.sources[0] if s.sources else G.layer_id(node)) + suffix
+    base = G.stem(s.sources[0] if s.sources else G.layer_id(node)) + suffix
     if isinstance(storage, NBits):
         storage.emit_into(graph, node)
         return Stored(storage.decode(), storage, s.sources, node.inputs[1])

@@ -95,6 +95,15 @@ def test_sparsity_survives_clustering_and_distillation(resnet, calib):
                        for n in G.to_graph(m).nodes if n.op in ("Conv", "Gemm")}
     before, after = zeros(pruned), zeros(recovered)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+    # three rewrites of each weight, and its name carries one suffix, not three
+    names = {t.name for t in recovered.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
+    assert "blocks.0.a.0.weight_refit_index" in names
+    assert all(n.count("_") <= 2 for n in names), sorted(names)[:3]
+
+
+def test_stem_drops_the_suffixes_of_earlier_rewrites():
+    assert G.stem("conv.weight_bnfold_refit_codebook_codebook_refit_index_1") == "conv.weight"
+    assert G.stem("/fc/Gemm_in2_refit") == "/fc/Gemm_in2" and G.stem("_refit") == "_refit"
 
 
 def test_two_bit_clusters_recover_with_distillation(resnet, calib, test_set):

@@ -18,11 +18,6 @@ from onnxcompress.passes import ClusterWeights, PruneWeights
 REFERENCE = sorted(glob.glob(str(MODELS / "*.onnx")))
 
 
-def coded_size(stream: dict) -> int:
-    parts = [stream["plain"]] if stream["form"] == "plain" else [stream["gaps"], stream["others"]]
-    return sum(p["data"].nbytes + p["offsets"].nbytes + p["lengths"].nbytes for p in parts)
-
-
 @pytest.mark.parametrize("symbols", [np.zeros(0, int), np.array([5]), np.full(3000, 2), np.arange(256).repeat(7),
                                      np.where(np.arange(100000) % 997 == 0, 3, 0)])
 def test_entropy_round_trip_edge_cases(symbols):
@@ -38,13 +33,47 @@ def test_canonical_codes_are_prefix_free_and_length_limited():
     assert not any(a != b and b.startswith(a) for a in words for b in words)
 
 
+@pytest.mark.parametrize("k", [4, 16, 256])
 @pytest.mark.parametrize("p0", [0.3, 0.8, 0.97])
-def test_coded_size_is_within_3_percent_of_the_entropy(p0):
+def test_coded_size_is_within_3_percent_of_the_entropy(p0, k):
     rng = np.random.default_rng(0)
-    symbols = rng.choice(16, 400_000, p=np.r_[p0, np.full(15, (1 - p0) / 15)])
-    stream = entropy.encode(symbols)
-    np.testing.assert_array_equal(entropy.decode(stream), symbols)
-    assert coded_size(stream) <= 1.03 * entropy.entropy_bits(symbols) / 8
+    symbols = rng.choice(k, 400_000, p=np.r_[p0, np.full(k - 1, (1 - p0) / (k - 1))])
+    data = entropy.encode(symbols)
+    np.testing.assert_array_equal(entropy.decode(data), symbols)
+    assert len(data) <= 1.03 * entropy.entropy_bits(symbols) / 8
+
+
+@given(st.lists(st.integers(1, 2000), min_size=2, max_size=40), st.integers(1, 30_000), st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_rans_round_trips_any_distribution_and_length(counts, n, seed):
+    rng = np.random.default_rng(seed)
+    p = np.asarray(counts, float)
+    symbols = rng.choice(len(counts), n, p=p / p.sum())
+    freqs = entropy.rans_freqs(np.bincount(symbols, minlength=len(counts)))
+    assert freqs.sum() == 2 ** entropy.SCALE_BITS and np.all((freqs > 0) == (np.bincount(symbols, minlength=len(counts)) > 0))
+    states, words = entropy.rans_encode(symbols, freqs)
+    np.testing.assert_array_equal(entropy.rans_decode(states, words, freqs, n), symbols)
+
+
+def test_rans_beats_huffman_where_one_symbol_is_likely():
+    """A 2-bit stream with p(0) = 0.9: Huffman spends at least a bit per symbol, rANS ~0.57."""
+    symbols = np.random.default_rng(1).choice(4, 200_000, p=[0.9, 0.04, 0.03, 0.03])
+    data = entropy.encode(symbols)
+    assert entropy.describe(data) == {"rans": 200_000}
+    assert len(data) <= 1.01 * entropy.entropy_bits(symbols) / 8
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "huge"])
+def test_malformed_streams_raise_value_error(how):
+    data = entropy.encode(np.random.default_rng(2).choice(4, 50_000, p=[0.7, 0.1, 0.1, 0.1]))
+    if how == "truncate":
+        data = data[:-7]
+    elif how == "flip":
+        data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0x5A]) + data[len(data) // 2 + 1:]
+    else:
+        data = bytes([0]) + b"\xff" * 8 + b"\x01" + data[2:]
+    with pytest.raises(ValueError):
+        entropy.decode(data, limit=50_000)
 
 
 def variants(path: str):
