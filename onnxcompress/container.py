@@ -23,7 +23,10 @@ and the sections that hold it:
 - "sparse": float tensors at least half zeros: the nonzero mask as an entropy-coded stream
   (`positions`, where the gap form stores relative positions) and the nonzero values (`values`)
   compressed with LZMA;
-- "lzma": every other tensor's raw bytes (`data`).
+- "lzma": every other tensor's raw bytes (`data`), or "raw" where LZMA would not make them smaller.
+
+LZMA sections are raw LZMA2 streams (no .xz framing: its headers and check would cost about 60
+bytes a section; the CRC-32 above covers them), compressed with preset 9e and a 16 MiB dictionary.
 
 Every section is checked (bounds, CRC-32) and every size bounded before anything is decoded.
 """
@@ -54,6 +57,7 @@ CODE_BITS = {onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT8: 8, onnx.TensorPro
 for _name in ("UINT2", "INT2"):
     if hasattr(onnx.TensorProto, _name):
         CODE_BITS[getattr(onnx.TensorProto, _name)] = 2
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 24}]
 FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64}
 
 
@@ -88,7 +92,7 @@ def pack(model: onnx.ModelProto) -> tuple[bytes, PackStats]:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     w = _Writer()
-    tensors, counts = [], {"entropy": 0, "sparse": 0, "lzma": 0}
+    tensors, counts = [], {"entropy": 0, "sparse": 0, "lzma": 0, "raw": 0}
     entropy_bits, coded, codebook_bytes, coders = 0.0, 0, 0, {}
     for i, t in enumerate(m.graph.initializer):
         raw = t.raw_data
@@ -109,19 +113,24 @@ def pack(model: onnx.ModelProto) -> tuple[bytes, PackStats]:
             values = np.frombuffer(raw, FLOATS[t.data_type])
             nonzero = values.view(np.dtype(f"u{values.itemsize}")) != 0      # +0.0 only: -0.0 is a value
             entry.update(codec="sparse", positions=w.put(entropy.encode(nonzero.astype(np.int64))),
-                         values=w.put(lzma.compress(values[nonzero].tobytes())))
+                         values=w.put(_lzma(values[nonzero].tobytes())))
         else:
-            entry.update(codec="lzma", data=w.put(lzma.compress(raw)))
+            packed = _lzma(raw)
+            entry.update(codec="lzma", data=w.put(packed)) if len(packed) < len(raw) else entry.update(codec="raw", data=w.put(raw))
         counts[entry["codec"]] += 1
         tensors.append(entry)
         t.ClearField("raw_data")
-    graph = w.put(lzma.compress(m.SerializeToString()))
+    graph = w.put(_lzma(m.SerializeToString()))
     manifest = {"format": "onnxcompress-container", "version": VERSION, "payload_bytes": sum(map(len, w.sections)),
                 "sections": [[len(s), zlib.crc32(s)] for s in w.sections], "graph": graph, "tensors": tensors}
     text = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
     blob = HEADER.pack(MAGIC, VERSION, 0, len(text), zlib.crc32(text)) + text + b"".join(w.sections)
     stats = PackStats(len(blob), coded, entropy_bits / 8, codebook_bytes, counts, coders)
     return blob, stats
+
+
+def _lzma(data: bytes) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
 
 
 def _units(data: np.ndarray, bits: int) -> np.ndarray:
@@ -195,7 +204,7 @@ class _Reader:
         """LZMA data that may not expand past `limit` bytes (a sane bound, checked as it decodes)."""
         data = self.section(i)
         try:
-            d = lzma.LZMADecompressor()
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
             out = d.decompress(data, max_length=limit + 1)
         except lzma.LZMAError as e:
             raise ContainerError(f"corrupted container: section {i}: {e}") from None
@@ -241,6 +250,11 @@ def _decode_tensor(r: _Reader, entry: dict) -> bytes:
         raise ContainerError(f"corrupted container: tensor {entry['index']!r} announces {size} bytes")
     if codec == "lzma":
         return r.lzma(entry["data"], size)
+    if codec == "raw":
+        data = r.section(entry["data"])
+        if len(data) != size:
+            raise ContainerError(f"corrupted container: tensor {entry['index']!r} holds {len(data)} bytes, not {size}")
+        return data
     if codec == "entropy":
         bits = int(entry["bits"])
         units = entropy.decode(r.section(entry["stream"]), size * 8 // max(int(entry["bits"]), 1))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -33,7 +33,7 @@ from .solvers import NormalEquations, fit_soft_head, im2col, tile_rows, soft_tar
 log = logging.getLogger(__name__)
 
 __all__ = ["Fit", "Skipped", "Head", "HeadFit", "teacher_logits", "reference_model", "paired_batches", "student_activations", "changed_layers",
-           "refit_layer", "refit_batchnorm", "prune_sequential", "find_head", "refit_head", "recover", "RecoverySettings",
+           "refit_layer", "refit_batchnorm", "sequential", "prune_sequential", "find_head", "refit_head", "recover", "RecoverySettings",
            "RecoveryResult", "RECOVERABLE_OPS"]
 
 # Layers the least-squares refit knows how to sample (im2col for Conv, tiles for a ConvTranspose
@@ -232,36 +232,51 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
 MIN_OBS_COLUMNS = 16   # rows with fewer weights than this keep their magnitude mask in prune_sequential
 
 
+def sequential(graph: gs.Graph, ctx: Context, data: Dataset,
+               visit: dict[int, Callable[[gs.Node, list[np.ndarray] | None], None]],
+               max_rows: int = 20000, seed: int = 0) -> None:
+    """Visit layers front to back on the model as changed so far, in one streamed forward pass:
+    `visit[id(node)](node, grams)` gets the Gram matrix X^T X of the layer's inputs (one per group
+    of a grouped conv; sampled rows, as in refits) and rewrites the layer itself, so that later
+    layers see its new outputs; grams is None where the layout is not supported or a row holds
+    too few inputs (a depthwise conv's 9 taps) for the second-order update to pay."""
+    stepper = Stepper(graph, ctx.original, data, ctx.providers, ctx.batch_size)
+    rng = np.random.default_rng(seed)
+    for node in list(stepper.order):
+        if id(node) not in visit:
+            continue
+        grams = None
+        if node.op in RECOVERABLE_OPS:
+            xs = stepper.fetch(node.inputs[0].name)
+            split = _layer_equations(node, W.layer_weight(node).value, ((x, None) for x in xs), len(data), max_rows, rng)
+            if split is not None and split[0][0].n_in > MIN_OBS_COLUMNS:
+                grams = [ne.merged(out).G[:-1, :-1] for ne, out in zip(*split[:2])]
+        visit[id(node)](node, grams)
+
+
 def prune_sequential(graph: gs.Graph, ctx: Context, data: Dataset, layers: list[tuple[gs.Node, np.ndarray]],
                      max_rows: int = 20000, seed: int = 0) -> dict[int, np.ndarray]:
     """SparseGPT front to back: each (layer, keep-mask) loses as many weights as its mask drops
     (per group), chosen and compensated by `sparsegpt` on the Gram matrix of the layer's inputs in
-    the model as pruned so far (one streamed forward pass in all). Returns the pruned weight per
-    layer (by node id), in the weight's layout, for the caller to write; layers whose layout the
-    row sampling does not support get their mask as it is."""
+    the model as pruned so far. Returns the pruned weight per layer (by node id), in the weight's
+    layout, for the caller to write; layers `sequential` gives no Gram get their mask as it is."""
     wanted = {id(node): keep for node, keep in layers}
-    stepper = Stepper(graph, ctx.original, data, ctx.providers, ctx.batch_size)
-    rng = np.random.default_rng(seed)
     pruned: dict[int, np.ndarray] = {}
-    for node in list(stepper.order):
-        if id(node) not in wanted:
-            continue
+
+    def prune(node: gs.Node, grams: list[np.ndarray] | None) -> None:
         keep, s = wanted[id(node)], W.layer_weight(node)
         w = s.value
-        split = None
-        if node.op in RECOVERABLE_OPS:
-            xs = stepper.fetch(node.inputs[0].name)
-            split = _layer_equations(node, w, ((x, None) for x in xs), len(data), max_rows, rng)
-        if split is None or split[0][0].n_in <= MIN_OBS_COLUMNS:   # a depthwise conv's 9 taps: magnitude it is
+        if grams is None:
             pruned[id(node)] = np.where(keep, w, 0).astype(w.dtype)
         else:
-            eqs = [ne.merged(out) for ne, out in zip(*split[:2])]
             rows, drop = out_rows(node, w), ~out_rows(node, keep)
-            m_g = rows.shape[0] // len(eqs)
-            new = np.concatenate([sparsegpt(rows[g * m_g:(g + 1) * m_g], ne.G[:-1, :-1],
-                                            int(drop[g * m_g:(g + 1) * m_g].sum())) for g, ne in enumerate(eqs)])
+            m_g = rows.shape[0] // len(grams)
+            new = np.concatenate([sparsegpt(rows[g * m_g:(g + 1) * m_g], gram, int(drop[g * m_g:(g + 1) * m_g].sum()))
+                                  for g, gram in enumerate(grams)])
             pruned[id(node)] = from_out_rows(node, new, w.shape).astype(w.dtype)
         W.write(graph, node, W.LAYERS[node.op].weight, s, pruned[id(node)], refit=False, suffix="_pruned", in_place=True)
+
+    sequential(graph, ctx, data, {k: prune for k in wanted}, max_rows, seed)
     return pruned
 
 

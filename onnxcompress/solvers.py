@@ -7,13 +7,14 @@ and the targets Y, accumulated batch by batch so memory stays bounded however mu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 __all__ = [
     "NormalEquations", "ridge_fit", "solve_free", "solve_support", "solve_columns", "solve_codebook",
     "solve_scales", "solve_codebook_groups", "solve_codebook_rows", "softmax", "soft_targets", "fit_soft_head", "im2col", "tile_rows",
-    "sparsegpt", "kmeans_1d", "nearest",
+    "sparsegpt", "gptq", "kmeans_1d", "kmeans_rows", "nearest",
 ]
 
 
@@ -274,6 +275,53 @@ def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", seed: int = 0) -
     return np.unique(km.cluster_centers_.ravel())
 
 
+def kmeans_rows(rows: np.ndarray, k: int, init: str = "linear", iters: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """1-D k-means of every row at once (Lloyd's iterations, vectorized over rows; per-channel
+    codebooks): (books [rows, k] sorted, index [rows, n]). Exact zeros are not clustered: when a
+    row has any, 0.0 is one of its k centroids and only its zeros take it. `init` "linear" spaces
+    the others evenly over the row's nonzero [min, max], "density" puts them at its quantiles."""
+    x = rows.astype(np.float64)
+    c_rows, n = x.shape
+    zero = x == 0
+    kk = k - 1 if zero.any() else k
+    weight = (~zero).astype(np.float64)
+    big = np.where(zero, np.nan, x)
+    lo, hi = np.nan_to_num(np.nanmin(big, 1, initial=np.inf)), np.nan_to_num(np.nanmax(big, 1, initial=-np.inf))
+    lo, hi = np.where(np.isfinite(lo), lo, 0.0), np.where(np.isfinite(hi), hi, 0.0)
+    if init == "density":
+        filled = np.where(zero, np.nan, x)
+        with np.errstate(all="ignore"):
+            c = np.nanquantile(filled, (np.arange(kk) + 0.5) / kk, axis=1).T if (~zero).any() else np.zeros((c_rows, kk))
+        c = np.where(np.isfinite(c), c, lo[:, None])
+    else:
+        c = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, kk)[None, :]
+    span = float(np.max(hi - lo, initial=0.0)) * 4 + 1.0
+    row = np.arange(c_rows)[:, None]
+    shift, base = row * span, row * kk                                # rows set apart on one line: one searchsorted
+
+    def assign(c: np.ndarray) -> np.ndarray:
+        mid = ((c[:, 1:] + c[:, :-1]) / 2 + shift).ravel()
+        return np.searchsorted(mid, (x + shift).ravel()).reshape(c_rows, n) - row * (kk - 1)
+
+    for _ in range(iters):
+        c = np.sort(c, 1)
+        idx = assign(c)
+        flat = (base + idx).ravel()
+        total = np.bincount(flat, (weight * x).ravel(), c_rows * kk).reshape(c_rows, kk)
+        count = np.bincount(flat, weight.ravel(), c_rows * kk).reshape(c_rows, kk)
+        new = np.where(count > 0, total / np.maximum(count, 1e-300), c)
+        if np.allclose(new, c, rtol=0, atol=1e-12):
+            break
+        c = new
+    c = np.sort(c, 1)
+    idx = assign(c)
+    if kk == k:
+        return c, idx
+    books = np.sort(np.concatenate([c, np.zeros((c_rows, 1))], 1), 1)
+    slot = np.argmax(books == 0, 1)[:, None]                           # where 0.0 sits in each row's book
+    return books, np.where(zero, slot, idx + (idx >= slot))
+
+
 def nearest(values: np.ndarray, book: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid of a sorted `book` for every value (same shape)."""
     book = np.asarray(book, dtype=np.float64)
@@ -283,13 +331,16 @@ def nearest(values: np.ndarray, book: np.ndarray) -> np.ndarray:
 
 # -- pruning with reconstruction ---------------------------------------------------------------
 
-def sparsegpt(rows: np.ndarray, gram: np.ndarray, n_zero: int, damp: float = 0.01, block: int = 128) -> np.ndarray:
+def sparsegpt(rows: np.ndarray, gram: np.ndarray, n_zero: int, damp: float = 0.01, block: int = 128,
+              project: Callable[[np.ndarray, int], np.ndarray] | None = None) -> np.ndarray:
     """SparseGPT (Frantar & Alistarh, 2023): zero `n_zero` of `rows` [out, fan_in] while updating
     the weights that stay, so that rows @ x changes least over inputs with Gram matrix `gram`
     (X^T X, [fan_in, fan_in]). Columns go left to right in blocks; in each block the weights with
     the lowest OBS saliency w^2 / [H^-1]_cc^2 are zeroed (the block's share of `n_zero`), and the
     error of each zeroed weight is spread over the later columns through the Cholesky factor of
-    H^-1 (H damped by `damp` x its mean diagonal)."""
+    H^-1 (H damped by `damp` x its mean diagonal). With `project(column, j)` (the column's values
+    mapped onto the values allowed there), the weights that stay are rounded as they go: GPTQ
+    (Frantar et al., 2023), see `gptq`."""
     W = rows.astype(np.float64).copy()
     cols = W.shape[1]
     H = gram.astype(np.float64).copy()
@@ -317,7 +368,7 @@ def sparsegpt(rows: np.ndarray, gram: np.ndarray, n_zero: int, damp: float = 0.0
             score = W1 ** 2 / np.diag(U1)[None, :] ** 2
             prune.flat[np.argpartition(score.ravel(), k - 1)[:k]] = True
         for j in range(i2 - i1):
-            q = np.where(prune[:, j], 0.0, W1[:, j])
+            q = np.where(prune[:, j], 0.0, W1[:, j] if project is None else project(W1[:, j], i1 + j))
             err = (W1[:, j] - q) / U1[j, j]
             W1[:, j:] -= np.outer(err, U1[j, j:])
             W1[:, j] = q
@@ -325,6 +376,15 @@ def sparsegpt(rows: np.ndarray, gram: np.ndarray, n_zero: int, damp: float = 0.0
         W[:, i1:i2] = W1
         W[:, i2:] -= E @ U[i1:i2, i2:]
     return W
+
+
+def gptq(rows: np.ndarray, gram: np.ndarray, project: Callable[[np.ndarray, int], np.ndarray],
+         damp: float = 0.01, block: int = 128) -> np.ndarray:
+    """Data-aware rounding (GPTQ, the OBS update of Frantar et al., 2023): every weight of `rows`
+    [out, fan_in] becomes `project(column, j)` of its column (nearest centroid of a codebook, a
+    grid step, zero kept zero), column by column, each rounding error spread over the columns not
+    yet rounded so that rows @ x changes least over inputs with Gram matrix `gram`."""
+    return sparsegpt(rows, gram, 0, damp, block, project)
 
 
 # -- convolution as rows ------------------------------------------------------------------------

@@ -107,13 +107,50 @@ def test_stem_drops_the_suffixes_of_earlier_rewrites():
 
 
 def test_two_bit_clusters_recover_with_distillation(resnet, calib, test_set):
-    steps = PassManager([ClusterWeights(bits=2), Distill()], calib=calib, eval_data=test_set,
+    steps = PassManager([ClusterWeights(bits=2, assign="nearest"), Distill()], calib=calib, eval_data=test_set,
                         latency=NO_LATENCY).run(resnet).report.steps
     assert steps[1].accuracy < 50 and steps[2].accuracy >= steps[0].accuracy - 1.0
 
 
+def test_per_channel_books_for_every_row_at_once_match_k_means():
+    from onnxcompress.solvers import kmeans_1d, kmeans_rows
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((6, 900)) * np.arange(1, 7)[:, None]
+    rows[:, :300] = 0.0
+    books, index = kmeans_rows(rows, 16)
+    decoded = np.take_along_axis(books, index, 1)
+    assert books.shape == (6, 16) and np.all((decoded == 0) == (rows == 0))       # zeros kept, no other weight is 0
+    for r in range(6):
+        ref = kmeans_1d(rows[r, 300:], 15)
+        ref_err = np.mean((ref[np.abs(rows[r, 300:, None] - ref).argmin(1)] - rows[r, 300:]) ** 2)
+        assert np.mean((decoded[r] - rows[r]) ** 2) * 900 / 600 <= 1.4 * ref_err
+    exact = np.tile([0.5, -1.0, 2.0, 3.0], (3, 5))
+    books, index = kmeans_rows(exact, 4)
+    np.testing.assert_array_equal(np.take_along_axis(books, index, 1), exact)
+
+
+def test_auto_gives_per_channel_books_where_channel_ranges_differ():
+    w = np.ones((4, 8, 1, 1), np.float32) * np.linspace(-1, 1, 8, dtype=np.float32)[None, :, None, None]
+    w[0] *= 10.0                                                                     # one wide channel
+    conv = lambda w: make_model([helper.make_node("Conv", ["x", "w"], ["y"])], [tensor("x", [1, 8, 4, 4])],
+                                [tensor("y", [1, 4, 4, 4])], {"w": w})
+    assert apply_pass(ClusterWeights(bits=2, min_size=0), conv(w))[1].stats["per_channel_layers"] == 1
+    w[0] /= 10.0
+    assert apply_pass(ClusterWeights(bits=2, min_size=0), conv(w))[1].stats["per_channel_layers"] == 0
+
+
+def test_data_aware_assignment_beats_nearest_centroids(resnet, calib, test_set):
+    """GPTQ picks each weight's centroid against the layer's inputs: at 2 bits the model stays
+    usable before any refit, where nearest centroids break it."""
+    run = lambda assign: PassManager([ClusterWeights(bits=2, min_size=0, assign=assign)], calib=calib, eval_data=test_set,
+                                     latency=NO_LATENCY).run(resnet)
+    nearest, data = run("nearest"), run("gptq")
+    assert data.report.steps[1].accuracy > nearest.report.steps[1].accuracy + 50
+    assert max(distinct_per_layer(data.model).values()) <= 4
+
+
 @pytest.mark.parametrize("options, message", [({"bits": 9}, "bits must be in 1..8"), ({"k": 1}, "k must be in 2..256"),
-                                              ({"per": "row"}, "must be 'tensor'|'channel'")])
+                                              ({"per": "row"}, "must be 'tensor'|'channel'|'auto'")])
 def test_bad_options(options, message):
     with pytest.raises(OptionError, match=message):
         default_registry().create("cluster-weights", options)
