@@ -236,10 +236,11 @@ def sequential(graph: gs.Graph, ctx: Context, data: Dataset,
                visit: dict[int, Callable[[gs.Node, list[np.ndarray] | None], None]],
                max_rows: int = 20000, seed: int = 0) -> None:
     """Visit layers front to back on the model as changed so far, in one streamed forward pass:
-    `visit[id(node)](node, grams)` gets the Gram matrix X^T X of the layer's inputs (one per group
-    of a grouped conv; sampled rows, as in refits) and rewrites the layer itself, so that later
-    layers see its new outputs; grams is None where the layout is not supported or a row holds
-    too few inputs (a depthwise conv's 9 taps) for the second-order update to pay."""
+    `visit[id(node)](node, grams)` gets the Gram matrix of the layer's inputs with a column of
+    ones appended ([x, 1]^T [x, 1]: the last row holds the inputs' sums and the row count; one per
+    group of a grouped conv; sampled rows, as in refits) and rewrites the layer itself, so that
+    later layers see its new outputs; grams is None where the layout is not supported or a row
+    holds too few inputs (a depthwise conv's 9 taps) for the second-order update to pay."""
     stepper = Stepper(graph, ctx.original, data, ctx.providers, ctx.batch_size)
     rng = np.random.default_rng(seed)
     for node in list(stepper.order):
@@ -250,7 +251,7 @@ def sequential(graph: gs.Graph, ctx: Context, data: Dataset,
             xs = stepper.fetch(node.inputs[0].name)
             split = _layer_equations(node, W.layer_weight(node).value, ((x, None) for x in xs), len(data), max_rows, rng)
             if split is not None and split[0][0].n_in > MIN_OBS_COLUMNS:
-                grams = [ne.merged(out).G[:-1, :-1] for ne, out in zip(*split[:2])]
+                grams = [ne.merged(out).G for ne, out in zip(*split[:2])]
         visit[id(node)](node, grams)
 
 
@@ -271,7 +272,7 @@ def prune_sequential(graph: gs.Graph, ctx: Context, data: Dataset, layers: list[
         else:
             rows, drop = out_rows(node, w), ~out_rows(node, keep)
             m_g = rows.shape[0] // len(grams)
-            new = np.concatenate([sparsegpt(rows[g * m_g:(g + 1) * m_g], gram, int(drop[g * m_g:(g + 1) * m_g].sum()))
+            new = np.concatenate([sparsegpt(rows[g * m_g:(g + 1) * m_g], gram[:-1, :-1], int(drop[g * m_g:(g + 1) * m_g].sum()))
                                   for g, gram in enumerate(grams)])
             pruned[id(node)] = from_out_rows(node, new, w.shape).astype(w.dtype)
         W.write(graph, node, W.LAYERS[node.op].weight, s, pruned[id(node)], refit=False, suffix="_pruned", in_place=True)

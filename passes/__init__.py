@@ -6,7 +6,8 @@ from .distill import Distill
 from .fold_bn import FoldBatchNorm
 from .prune_channels import PruneChannels
 from .prune_weights import PruneWeights
+from .quantize import Quantize
 
-BUILTIN = (ClusterWeights, Distill, FoldBatchNorm, PruneChannels, PruneWeights)
+BUILTIN = (ClusterWeights, Distill, FoldBatchNorm, PruneChannels, PruneWeights, Quantize)
 
-__all__ = ["BUILTIN", "ClusterWeights", "Distill", "FoldBatchNorm", "PruneChannels", "PruneWeights"]
+__all__ = ["BUILTIN", "ClusterWeights", "Distill", "FoldBatchNorm", "PruneChannels", "PruneWeights", "Quantize"]

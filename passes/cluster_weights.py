@@ -169,7 +169,7 @@ class ClusterWeights(Pass):
                 cost[bk == 0] = np.inf                                          # zero is only for zeros
                 pick = bk[np.arange(len(col)), cost.argmin(1)]
                 return np.where(z[:, j], 0.0, np.where(np.isfinite(cost.min(1)), pick, 0.0))
-            new.append(gptq(rows[part], gram, project))
+            new.append(gptq(rows[part], gram[:-1, :-1], project))
         new = np.concatenate(new)
         cost = np.abs(new[:, :, None] - books[:, None, :])                      # exact: values are centroids
         return from_out_rows(node, cost.argmin(2), value.shape).astype(index.dtype)

@@ -1,0 +1,201 @@
+"""quantize: static int8 QDQ that onnxruntime's CPU provider runs with integer kernels.
+
+Placement follows what onnxruntime fuses: every quantized layer (Conv, Gemm, MatMul with constant
+weights) reads its input through QuantizeLinear -> DequantizeLinear, and its output (after a Relu
+or Clip it feeds alone, which the requantization absorbs) goes through one too, so that the
+DQ -> layer -> Q group becomes QLinearConv / QLinearMatMul / QGemm. Activations are asymmetric
+uint8 per tensor, ranged on calibration data (`onnxcompress.calibration`: minmax, percentile, mse,
+entropy, or per tensor the range with least round-trip error); weights are symmetric int8 (zero
+point 0, the kernels' fast path), per output channel; biases int32 at input scale x weight scale,
+the scale the integer kernels assume.
+
+Accuracy tools: weights are rounded by data (`rounding="gptq"`, the default: layers front to back
+on the model as quantized so far, each rounding error compensated on the columns not yet rounded
+through the inverse Gram matrix of the layer's quantized inputs), and the shift this leaves in each
+output channel's mean is folded into the bias (`bias_correction`). Per-channel weight scales need
+DequantizeLinear's `axis` (opset 13): a model below it is converted by onnx's version converter
+first, and the report says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress import calibration as Cal, graph as G, weights as W
+from onnxcompress.layers import from_out_rows, out_axis, out_rows
+from onnxcompress.pass_api import Context, Pass, PassResult
+from onnxcompress.recovery import sequential
+from onnxcompress.runtime import capture
+from onnxcompress.solvers import gptq
+from onnxcompress.storage import Quantized, add_node, constant
+
+__all__ = ["Quantize"]
+
+ABSORBED = frozenset({"Relu", "Clip"})     # an activation the output's requantization can absorb
+INT8 = onnx.TensorProto.INT8
+
+
+@dataclass
+class Quantize(Pass):
+    """Static int8 QDQ: uint8 activations calibrated on data, int8 symmetric per-channel weights."""
+
+    name = "quantize"
+    handles = frozenset({"Conv", "Gemm", "MatMul"})
+    calibration: Literal["auto", "minmax", "percentile", "mse", "entropy"] = "auto"
+    percentile: float = 99.99
+    per_channel: bool = True
+    rounding: Literal["nearest", "gptq"] = "gptq"
+    bias_correction: bool = True
+    calib_samples: int = 512          # samples whose activations set the ranges
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    def required_opset(self) -> int:
+        return 13 if self.per_channel else 10
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        data = ctx.require_calib(self.name)
+        layers, notes = self._layers(graph)
+        if not layers:
+            return PassResult(graph, False, {"layers_quantized": 0}, notes)
+        acts = self._activations(graph, layers)
+        values = capture(G.to_model(graph, like=ctx.original), data, list(acts), ctx.providers, ctx.batch_size,
+                         max_samples=self.calib_samples)
+        params = {name: Cal.uint8_params(*Cal.activation_range(Cal.summarize([values[name]]), self.calibration,
+                                                               self.percentile)) for name in acts}
+        x_scale = {id(n): params[n.inputs[0].name][0] for n in layers}
+        for name, tensor in acts.items():
+            _insert_qdq(graph, tensor, *params[name])
+        errors: list[float] = []
+        visit = lambda node, grams: errors.append(self._weights(graph, node, x_scale[id(node)], grams))
+        targets = {id(n): visit for n in layers}
+        if self.rounding == "gptq" or self.bias_correction:
+            sequential(graph, ctx, data.take(self.calib_samples), targets)
+        else:
+            for node in layers:
+                visit(node, None)
+        stats = {"layers_quantized": len(layers), "activations_quantized": len(acts),
+                 "weight_rel_error": float(np.mean(errors))}
+        return PassResult(graph, True, stats, notes)
+
+    def _layers(self, graph: gs.Graph) -> tuple[list[gs.Node], list[str]]:
+        layers, notes = [], []
+        for node in graph.toposort().nodes:
+            if node.op not in self.handles:
+                continue
+            label = f"{node.op} '{G.display_name(node)}'"
+            s = W.layer_weight(node)
+            if node.name in self.exclude or any(t.name in self.exclude for t in node.outputs):
+                notes.append(f"{label}: excluded; left in float")
+            elif s is None:
+                notes.append(f"{label}: weight is not a constant; left in float")
+            elif s.kind != "dense" or not np.issubdtype(s.value.dtype, np.floating):
+                notes.append(f"{label}: weight stored as {s.kind}; left as is")
+            elif node.op == "MatMul" and s.value.ndim != 2:
+                notes.append(f"{label}: {s.value.ndim}-D weight; left in float")
+            elif node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0):
+                notes.append(f"{label}: transA or alpha != 1; left in float")
+            else:
+                layers.append(node)
+        return layers, notes
+
+    def _activations(self, graph: gs.Graph, layers: list[gs.Node]) -> dict[str, gs.Tensor]:
+        """The tensors to quantize: each layer's input, and its output (after a Relu/Clip it feeds
+        alone) unless it reaches a graph output before any other quantized layer: a head's logits
+        stay float (8-bit logits over thousands of classes flip argmax decisions)."""
+        outputs = {t.name for t in graph.outputs}
+        ids = {id(n) for n in layers}
+
+        def head(t: gs.Tensor, seen: set[str]) -> bool:
+            if t.name in outputs:
+                return True
+            seen.add(t.name)
+            return any(head(o, seen) for n in t.outputs if id(n) not in ids for o in n.outputs if o.name not in seen)
+
+        acts: dict[str, gs.Tensor] = {}
+        for node in layers:
+            acts[node.inputs[0].name] = node.inputs[0]
+            y = node.outputs[0]
+            if len(y.outputs) == 1 and y.outputs[0].op in ABSORBED and y.name not in outputs:
+                y = y.outputs[0].outputs[0]
+            if not head(y, set()):
+                acts[y.name] = y
+        return acts
+
+    def _weights(self, graph: gs.Graph, node: gs.Node, x_scale: float, grams: list[np.ndarray] | None) -> float:
+        """Quantize one layer's weight (int8, per channel) and bias (int32); the weight's relative
+        error on the layer's inputs (or on its values without a Gram)."""
+        s = W.layer_weight(node)
+        rows = out_rows(node, s.value).astype(np.float64)
+        amax = np.abs(rows).max(1) if self.per_channel else np.full(rows.shape[0], np.abs(rows).max())
+        scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32).astype(np.float64)
+        grid = lambda v, sc: np.clip(np.round(v / sc), -127, 127) * sc
+        if grams is not None and self.rounding == "gptq":
+            m_g = rows.shape[0] // len(grams)
+            new = np.concatenate([gptq(rows[g * m_g:(g + 1) * m_g], gram[:-1, :-1],
+                                       lambda col, j, sc=scale[g * m_g:(g + 1) * m_g]: grid(col, sc))
+                                  for g, gram in enumerate(grams)])
+        else:
+            new = grid(rows, scale[:, None])
+        delta = np.zeros(rows.shape[0])
+        if grams is not None and self.bias_correction:      # keep each output channel's mean
+            m_g = rows.shape[0] // len(grams)
+            delta = np.concatenate([(rows - new)[g * m_g:(g + 1) * m_g] @ (gram[-1, :-1] / gram[-1, -1])
+                                    for g, gram in enumerate(grams)])
+        err = _relative_error(rows, new, grams)
+        q = np.round(new / scale[:, None]).astype(np.int64)
+        axis = out_axis(node) if self.per_channel else None
+        storage = Quantized(from_out_rows(node, q, s.value.shape),
+                            from_out_rows(node, np.broadcast_to(scale[:, None], rows.shape), s.value.shape).astype(np.float32),
+                            np.zeros(s.value.shape, np.int64), INT8, axis, 0, True, () if axis is None else ())
+        W.convert(graph, node, W.LAYERS[node.op].weight, s, storage)
+        self._bias(graph, node, x_scale * scale, delta)
+        return err
+
+    def _bias(self, graph: gs.Graph, node: gs.Node, scale: np.ndarray, delta: np.ndarray) -> None:
+        """The bias (plus the correction) as int32 codes at input scale x weight scale."""
+        if node.op == "MatMul":
+            return
+        old = W.layer_weight(node)
+        b = W.layer_bias(node)
+        value = (np.zeros(len(scale)) if b is None else b.value.astype(np.float64).reshape(-1)) + delta
+        if b is not None and b.value.size != len(scale):
+            return                                           # a broadcast Gemm bias: left as is
+        sc = scale.astype(np.float32)
+        q = np.clip(np.round(value / sc), -2 ** 31, 2 ** 31 - 1).astype(np.int64)
+        storage = Quantized(q, sc, np.zeros(len(sc), np.int64), onnx.TensorProto.INT32, 0, 0, True, ())
+        index = W.LAYERS[node.op].bias
+        if b is None:
+            G.set_constant(graph, node, index, value.astype(old.value.dtype), "_bias")
+            b = W.layer_bias(node)
+        W.convert(graph, node, index, b, storage)
+
+
+def _relative_error(rows: np.ndarray, new: np.ndarray, grams: list[np.ndarray] | None) -> float:
+    """||(W - Q) x|| / ||W x|| over the inputs (tr(D H D^T) / tr(W H W^T)), or over the weights."""
+    d = rows - new
+    if grams is None:
+        return float(np.sum(d ** 2) / max(np.sum(rows ** 2), 1e-30))
+    m_g = rows.shape[0] // len(grams)
+    num = sum(np.einsum("ij,jk,ik->", d[g * m_g:(g + 1) * m_g], h[:-1, :-1], d[g * m_g:(g + 1) * m_g]) for g, h in enumerate(grams))
+    den = sum(np.einsum("ij,jk,ik->", rows[g * m_g:(g + 1) * m_g], h[:-1, :-1], rows[g * m_g:(g + 1) * m_g]) for g, h in enumerate(grams))
+    return float(num / max(den, 1e-30))
+
+
+def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float, zero_point: int) -> None:
+    """tensor -> QuantizeLinear -> DequantizeLinear -> every consumer (a graph output stays float)."""
+    base = G.stem(tensor.name)
+    sc = constant(graph, base + "_scale", np.array(scale, np.float32))
+    zp = constant(graph, base + "_zero_point", np.array(zero_point, np.uint8))
+    consumers = list(tensor.outputs)
+    q = add_node(graph, "QuantizeLinear", [tensor, sc, zp], {}, base + "_q", np.uint8)
+    dq = add_node(graph, "DequantizeLinear", [q, sc, zp], {}, base + "_dq", np.float32)
+    for node in consumers:
+        node.inputs = [dq if t is tensor else t for t in node.inputs]
