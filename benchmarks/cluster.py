@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "deep-compression.toml"
 DEEP_MODELS = ("resnet", "vgg", "mlp")
 SECTION_TITLE = "## Weight clustering and the container"
+DEEP_TITLE = "## Deep Compression: `recipes/deep-compression.toml`, then `onnxcompress pack`"
 
 
 def cluster_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[str, onnx.ModelProto]) -> str:
@@ -59,9 +60,14 @@ def cluster_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[s
                   "coder (share of symbols)", "compress time"]
         parts.append(f"### {name}\n\n" + markdown_table(header, rows) + "\n\nLatency of the clustered models "
                      "(decode folded by onnxruntime at load) over the dense original, same rounds: " + lat + ".")
-    parts.append(deep_compression(calib, test, {m: models[m] for m in DEEP_MODELS if m in models}))
-    parts.append(container_speed())
     return SECTION + "\n\n".join(parts) + "\n"
+
+
+def deep_compression_section(calib, test, models: dict[str, onnx.ModelProto]) -> str:
+    """`python benchmarks/run.py --only deep-compression`: the recipe stage by stage, and the
+    container's speed on a 25M-weight model."""
+    return (DEEP_TITLE + "\n\n" + deep_compression(calib, test, {m: models[m] for m in DEEP_MODELS if m in models})
+            + "\n\n" + container_speed() + "\n")
 
 
 def _bound(stats: container.PackStats) -> str:
@@ -103,13 +109,12 @@ def deep_compression(calib, test, models: dict[str, onnx.ModelProto]) -> str:
                          f"{step.accuracy - full.report.steps[0].accuracy:+.2f}",
                          f"{human_bytes(step.size_bytes)} ({original / step.size_bytes:.1f}x smaller)",
                          f"{human_bytes(packed)} ({original / packed:.1f}x smaller)" if packed else ""])
-        out.append(f"#### {name}: the Deep Compression recipe, stage by stage ({seconds:.0f} s)\n\n"
+        out.append(f"### {name}: the Deep Compression recipe, stage by stage ({seconds:.0f} s)\n\n"
                    + markdown_table(["stage", "accuracy", "points", ".onnx size", "container"], rows)
                    + f"\n\nFinal container: {human_bytes(len(final_blob))}, {original / len(final_blob):.1f}x smaller than "
                    f"the original .onnx; its index streams {_bound(stats)} of their entropy bound ({_coders(stats)}); "
                    f"`unpack` restores the model bit for bit: {'yes' if same else 'NO'}.")
-    return ("### Deep Compression: `recipes/deep-compression.toml`, then `onnxcompress pack`\n\n"
-            f"Pipeline: `{format_pipeline(parse_recipe(RECIPE.read_text()).steps)}`. "
+    return (f"Pipeline: `{format_pipeline(parse_recipe(RECIPE.read_text()).steps)}`. "
             "The accuracy after each pass is from the same run (test digits); the container column is `onnxcompress "
             "pack` of the model after the stage above it.\n\n" + "\n\n".join(out))
 

@@ -459,7 +459,7 @@ def main() -> None:
     ap.add_argument("--skip-compose", action="store_true", help="skip the composition experiments")
     ap.add_argument("--skip-cluster", action="store_true", help="skip the clustering and container experiments")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
-    ap.add_argument("--only", choices=["ocr-passes", "cluster"],
+    ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression"],
                     help="run only that section and replace it in --output (the rest untouched)")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
@@ -469,11 +469,13 @@ def main() -> None:
     test = load_dataset(str(ROOT / "models" / "mnist_test.npz"), ["input"])
     if args.only:
         from benchmarks import cluster, ocr
+        models = {m: io.load_model(ROOT / "models" / f"{m}.onnx") for m in args.models}
         if args.only == "ocr-passes":
             section, title = ocr.ocr_passes_section(), ocr.SECTION_TITLE
+        elif args.only == "cluster":
+            section, title = cluster.cluster_section(calib, test, cfg, args.rounds, models), cluster.SECTION_TITLE
         else:
-            section, title = cluster.cluster_section(calib, test, cfg, args.rounds, {
-                m: io.load_model(ROOT / "models" / f"{m}.onnx") for m in args.models}), cluster.SECTION_TITLE
+            section, title = cluster.deep_compression_section(calib, test, models), cluster.DEEP_TITLE
         path = Path(args.output)
         io.write_text(str(path), ocr.replace_section(path.read_text() if path.exists() else "", section, title))
         print(f"wrote {args.output}")
@@ -504,10 +506,11 @@ def main() -> None:
         sections.append(compose_section(calib, test, cfg, args.rounds,
                                         [m for m in COMPOSE_MODELS if m in args.models]))
     if not args.skip_cluster:
-        from benchmarks.cluster import cluster_section
+        from benchmarks.cluster import cluster_section, deep_compression_section
         print("clustering and container ...", flush=True)
-        sections.append(cluster_section(calib, test, cfg, args.rounds,
-                                        {m: io.load_model(ROOT / "models" / f"{m}.onnx") for m in args.models}))
+        models = {m: io.load_model(ROOT / "models" / f"{m}.onnx") for m in args.models}
+        sections.append(cluster_section(calib, test, cfg, args.rounds, models))
+        sections.append(deep_compression_section(calib, test, models))
     if not args.skip_ocr:
         print("PP-OCR models ...", flush=True)
         sections.append(ocr_section(cfg, args.rounds))

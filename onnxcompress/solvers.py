@@ -285,9 +285,8 @@ def kmeans_rows(rows: np.ndarray, k: int, init: str = "linear", iters: int = 50)
     zero = x == 0
     kk = k - 1 if zero.any() else k
     weight = (~zero).astype(np.float64)
-    big = np.where(zero, np.nan, x)
-    lo, hi = np.nan_to_num(np.nanmin(big, 1, initial=np.inf)), np.nan_to_num(np.nanmax(big, 1, initial=-np.inf))
-    lo, hi = np.where(np.isfinite(lo), lo, 0.0), np.where(np.isfinite(hi), hi, 0.0)
+    lo, hi = np.where(zero, np.inf, x).min(1), np.where(zero, -np.inf, x).max(1)
+    lo, hi = np.where(np.isfinite(lo), lo, 0.0), np.where(np.isfinite(hi), hi, 0.0)     # an all-zero row: 0
     if init == "density":
         filled = np.where(zero, np.nan, x)
         with np.errstate(all="ignore"):

@@ -134,7 +134,8 @@ class ClusterWeights(Pass):
         if self.per != "auto":
             return self.per == "channel"
         amax = np.abs(out_rows(node, value)).max(1)
-        return bool(amax.size > 1 and amax.max() > SPREAD * max(float(np.median(amax)), 1e-30))
+        amax = amax[amax > 0]                        # channels pruned away entirely do not count
+        return bool(amax.size > 1 and amax.max() > SPREAD * float(np.median(amax)))
 
     def _convert(self, graph: gs.Graph, ctx: Context, node: gs.Node, elem: int, grams: list[np.ndarray] | None) -> bool:
         """Cluster one layer's weight (centroids by k-means, each weight's centroid by `_round` when
