@@ -341,8 +341,8 @@ fp32's. Params and MACs are onnxcompress's counts; "gzip ratio" is zlib size ove
 
 def replace_section(text: str, section: str, title: str = SECTION_TITLE) -> str:
     """Replace the section titled `title` (up to the next '## ' heading) or append it."""
-    start = text.find(title + "\n")
-    if start < 0:
+    start = text.find("\n" + title + "\n") + 1             # a heading at the start of a line
+    if start <= 0:
         return text.rstrip("\n") + "\n\n" + section
     nxt = text.find("\n## ", start + len(title))
     end = len(text) if nxt < 0 else nxt + 1
