@@ -458,8 +458,9 @@ def main() -> None:
     ap.add_argument("--skip-structured", action="store_true", help="skip the structured pruning experiments")
     ap.add_argument("--skip-compose", action="store_true", help="skip the composition experiments")
     ap.add_argument("--skip-cluster", action="store_true", help="skip the clustering and container experiments")
+    ap.add_argument("--skip-quantize", action="store_true", help="skip the quantization comparison")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
-    ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression"],
+    ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize"],
                     help="run only that section and replace it in --output (the rest untouched)")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
@@ -474,6 +475,9 @@ def main() -> None:
             section, title = ocr.ocr_passes_section(), ocr.SECTION_TITLE
         elif args.only == "cluster":
             section, title = cluster.cluster_section(calib, test, cfg, args.rounds, models), cluster.SECTION_TITLE
+        elif args.only == "quantize":
+            from benchmarks import quant
+            section, title = quant.quant_section(calib, test, cfg, args.rounds, models), quant.SECTION_TITLE
         else:
             section, title = cluster.deep_compression_section(calib, test, models), cluster.DEEP_TITLE
         path = Path(args.output)
@@ -511,6 +515,11 @@ def main() -> None:
         models = {m: io.load_model(ROOT / "models" / f"{m}.onnx") for m in args.models}
         sections.append(cluster_section(calib, test, cfg, args.rounds, models))
         sections.append(deep_compression_section(calib, test, models))
+    if not args.skip_quantize:
+        from benchmarks.quant import quant_section
+        print("quantization ...", flush=True)
+        sections.append(quant_section(calib, test, cfg, args.rounds,
+                                      {m: io.load_model(ROOT / "models" / f"{m}.onnx") for m in args.models}))
     if not args.skip_ocr:
         print("PP-OCR models ...", flush=True)
         sections.append(ocr_section(cfg, args.rounds))

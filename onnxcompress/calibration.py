@@ -10,8 +10,9 @@ values, at most SAMPLE of them), then each method reads the summary:
   round trip has the smallest mean squared error on the sample (clipping traded against resolution);
 - "entropy": the range whose 128-bin quantized histogram loses least information (KL divergence
   against the 2048-bin histogram of the sample; TensorRT's method);
-- "auto": "mse" with the minmax and percentile ranges among its candidates, which is the method
-  that fits each tensor by the quantity the codes are judged by.
+- "auto": "mse" among the ranges that clip no more than the percentile range (rare large
+  activations often carry the signal: on PP-OCRv4 rec, unconstrained MSE ranges cost 7 points of
+  lines decoded as fp32 against the 99.99th percentile).
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ def activation_range(s: Summary, method: str = "auto", percentile: float = 99.99
     shrink = np.geomspace(0.02, 1.0, 48)
     candidates = [(s.lo * f, s.hi * f) for f in shrink]
     candidates += [(s.lo * f, s.hi) for f in shrink[::3]] + [(s.lo, s.hi * f) for f in shrink[::3]]
-    if method == "auto":
-        candidates += [_percentile(s, p) for p in (99.9, 99.99, 99.999)]
+    if method == "auto":     # never clip more than the 99.99th percentile: rare large values carry signal
+        lo, hi = _percentile(s, percentile)
+        candidates = [(a, b) for a, b in candidates if a <= lo and b >= hi] + [(lo, hi), _percentile(s, 99.999)]
     return min(candidates, key=lambda r: _mse(x, *r))
