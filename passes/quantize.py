@@ -113,11 +113,16 @@ class Quantize(Pass):
         outputs = {t.name for t in graph.outputs}
         ids = {id(n) for n in layers}
 
-        def head(t: gs.Tensor, seen: set[str]) -> bool:
-            if t.name in outputs:
-                return True
-            seen.add(t.name)
-            return any(head(o, seen) for n in t.outputs if id(n) not in ids for o in n.outputs if o.name not in seen)
+        def head(t: gs.Tensor) -> bool:          # reaches a graph output through unquantized ops only
+            stack, seen = [t], {t.name}
+            while stack:
+                t = stack.pop()
+                if t.name in outputs:
+                    return True
+                nxt = [o for n in t.outputs if id(n) not in ids for o in n.outputs if o.name not in seen]
+                seen.update(o.name for o in nxt)
+                stack.extend(nxt)
+            return False
 
         acts: dict[str, gs.Tensor] = {}
         for node in layers:
@@ -125,7 +130,7 @@ class Quantize(Pass):
             y = node.outputs[0]
             if len(y.outputs) == 1 and y.outputs[0].op in ABSORBED and y.name not in outputs:
                 y = y.outputs[0].outputs[0]
-            if not head(y, set()):
+            if not head(y):
                 acts[y.name] = y
         return acts
 
