@@ -175,7 +175,8 @@ class Quantize(Pass):
             return                                           # a broadcast Gemm bias: left as is
         sc = scale.astype(np.float32)
         q = np.clip(np.round(value / sc), -2 ** 31, 2 ** 31 - 1).astype(np.int64)
-        storage = Quantized(q, sc, np.zeros(len(sc), np.int64), onnx.TensorProto.INT32, 0, 0, True, ())
+        axis = 0 if self.per_channel else None             # one scale per tensor needs no axis (opset < 13)
+        storage = Quantized(q, sc, np.zeros(len(sc), np.int64), onnx.TensorProto.INT32, axis, 0, True, ())
         index = W.LAYERS[node.op].bias
         if b is None:
             G.set_constant(graph, node, index, value.astype(old.value.dtype), "_bias")

@@ -81,3 +81,18 @@ def test_excluded_layers_stay_in_float_and_the_report_says_so():
 def test_bad_options():
     with pytest.raises(OptionError, match="percentile"):
         default_registry().create("quantize", {"percentile": 20.0})
+
+
+def test_per_tensor_weights_keep_a_model_below_opset_13_at_its_opset():
+    """Per-tensor codes need no DequantizeLinear axis: an opset-11 model stays at opset 11."""
+    from onnxcompress import Dataset
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"])]
+    model = make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 8, 8])],
+                       {"w": rand(8, 3, 3, 3), "b": rand(8, seed=2), "w2": rand(4, 8, 1, 1, seed=1)}, opset=11)
+    data = Dataset({"x": rand(32, 3, 8, 8, seed=4)})
+    result = PassManager([Quantize(per_channel=False)], calib=data, eval_data=data, latency=NO_LATENCY).run(model)
+    assert result.model.opset_import[0].version == 11
+    assert all("axis" not in [a.name for a in n.attribute] for n in result.model.graph.node if n.op_type == "DequantizeLinear")
+    per_channel = PassManager([Quantize()], calib=data, eval_data=data, latency=NO_LATENCY).run(model)
+    assert per_channel.model.opset_import[0].version == 13 and "raised the opset from 11 to 13" in str(per_channel.report.steps[-1].notes)
