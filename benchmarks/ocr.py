@@ -342,8 +342,11 @@ fp32's. Params and MACs are onnxcompress's counts; "gzip ratio" is zlib size ove
 def replace_section(text: str, section: str, title: str = SECTION_TITLE) -> str:
     """Replace the section titled `title` (up to the next '## ' heading) or append it."""
     start = text.find("\n" + title + "\n") + 1             # a heading at the start of a line
-    if start <= 0:
-        return text.rstrip("\n") + "\n\n" + section
+    if start <= 0:                                            # a new section goes before the closing notes
+        notes = text.find("\n## Reading these numbers")
+        if notes < 0:
+            return text.rstrip("\n") + "\n\n" + section
+        return text[:notes + 1] + section.rstrip("\n") + "\n\n" + text[notes + 1:]
     nxt = text.find("\n## ", start + len(title))
     end = len(text) if nxt < 0 else nxt + 1
     return text[:start] + section.rstrip("\n") + "\n" + ("\n" if nxt >= 0 else "") + text[end:]
