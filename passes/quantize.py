@@ -159,7 +159,7 @@ class Quantize(Pass):
         axis = out_axis(node) if self.per_channel else None
         storage = Quantized(from_out_rows(node, q, s.value.shape),
                             from_out_rows(node, np.broadcast_to(scale[:, None], rows.shape), s.value.shape).astype(np.float32),
-                            np.zeros(s.value.shape, np.int64), INT8, axis, 0, True, () if axis is None else ())
+                            np.zeros(s.value.shape, np.int64), INT8, axis, 0, True, ())
         W.convert(graph, node, W.LAYERS[node.op].weight, s, storage)
         self._bias(graph, node, x_scale * scale, delta)
         return err
@@ -168,18 +168,17 @@ class Quantize(Pass):
         """The bias (plus the correction) as int32 codes at input scale x weight scale."""
         if node.op == "MatMul":
             return
-        old = W.layer_weight(node)
         b = W.layer_bias(node)
-        value = (np.zeros(len(scale)) if b is None else b.value.astype(np.float64).reshape(-1)) + delta
         if b is not None and b.value.size != len(scale):
             return                                           # a broadcast Gemm bias: left as is
+        value = (np.zeros(len(scale)) if b is None else b.value.astype(np.float64).reshape(-1)) + delta
         sc = scale.astype(np.float32)
         q = np.clip(np.round(value / sc), -2 ** 31, 2 ** 31 - 1).astype(np.int64)
         axis = 0 if self.per_channel else None             # one scale per tensor needs no axis (opset < 13)
         storage = Quantized(q, sc, np.zeros(len(sc), np.int64), onnx.TensorProto.INT32, axis, 0, True, ())
         index = W.LAYERS[node.op].bias
         if b is None:
-            G.set_constant(graph, node, index, value.astype(old.value.dtype), "_bias")
+            G.set_constant(graph, node, index, value.astype(W.layer_weight(node).value.dtype), "_bias")
             b = W.layer_bias(node)
         W.convert(graph, node, index, b, storage)
 
