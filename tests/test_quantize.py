@@ -96,3 +96,15 @@ def test_per_tensor_weights_keep_a_model_below_opset_13_at_its_opset():
     assert all("axis" not in [a.name for a in n.attribute] for n in result.model.graph.node if n.op_type == "DequantizeLinear")
     per_channel = PassManager([Quantize()], calib=data, eval_data=data, latency=NO_LATENCY).run(model)
     assert per_channel.model.opset_import[0].version == 13 and "raised the opset from 11 to 13" in str(per_channel.report.steps[-1].notes)
+
+
+@pytest.mark.parametrize("wide, per_channel", [(1.0, False), (10.0, True)])
+def test_depthwise_convs_get_one_scale_unless_their_channel_ranges_differ(wide, per_channel):
+    from onnxcompress import Dataset
+    w = rand(8, 1, 3, 3, seed=5)
+    w[0] *= wide
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], group=8, pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["y"])]
+    model = make_model(nodes, [tensor("x", ["N", 8, 6, 6])], [tensor("y", ["N", 8, 6, 6])], {"w": w}, opset=13)
+    result = PassManager([Quantize()], calib=Dataset({"x": rand(16, 8, 6, 6, seed=6)}), latency=NO_LATENCY).run(model)
+    conv = next(n for n in G.to_graph(result.model).nodes if n.op == "Conv")
+    assert (W.layer_weight(conv).storage.axis is not None) == per_channel
