@@ -63,6 +63,11 @@ class Quantize(Pass):
         return 13 if self.per_channel else 10
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        done = _integer_layers(graph)
+        if done:
+            return PassResult(graph, False, {"layers_quantized": 0},
+                              [f"the model is already quantized ({done} layers with integer weights or kernels); "
+                               "left as it is"])
         data = ctx.require_calib(self.name)
         layers, notes = self._layers(graph)
         if not layers:
@@ -201,6 +206,19 @@ class Quantize(Pass):
             G.set_constant(graph, node, index, value.astype(W.layer_weight(node).value.dtype), "_bias")
             b = W.layer_bias(node)
         W.convert(graph, node, index, b, storage)
+
+
+def _integer_layers(graph: gs.Graph) -> int:
+    """Layers that already compute with integer weights: QDQ or MatMulNBits weights, or QOperator
+    and integer kernels (QLinearConv, ConvInteger, ...)."""
+    count = 0
+    for node in graph.nodes:
+        if node.op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits"):
+            count += 1
+        elif node.op in W.LAYERS and node.op != "Gather":
+            s = W.layer_weight(node)
+            count += s is not None and s.kind in ("qdq", "nbits")
+    return count
 
 
 def _relative_error(rows: np.ndarray, new: np.ndarray, grams: list[np.ndarray] | None) -> float:

@@ -108,3 +108,11 @@ def test_depthwise_convs_get_one_scale_unless_their_channel_ranges_differ(wide, 
     result = PassManager([Quantize()], calib=Dataset({"x": rand(16, 8, 6, 6, seed=6)}), latency=NO_LATENCY).run(model)
     conv = next(n for n in G.to_graph(result.model).nodes if n.op == "Conv")
     assert (W.layer_weight(conv).storage.axis is not None) == per_channel
+
+
+def test_an_already_quantized_model_is_left_as_it_is_with_a_note(quantized, calib):
+    again = PassManager([Quantize()], calib=calib.take(64), latency=NO_LATENCY).run(quantized.model)
+    step = again.report.steps[-1]
+    assert step.stats["layers_quantized"] == 0 and "already quantized (16 layers" in str(step.notes)
+    ops = lambda m: sorted(n.op_type for n in m.graph.node)
+    assert ops(again.model) == ops(quantized.model)
