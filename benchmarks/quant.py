@@ -93,23 +93,10 @@ def _ocr_part() -> str:
     return "\n\n".join(out)
 
 
-def _speed(a: onnx.ModelProto, b: onnx.ModelProto, x: np.ndarray, runs: int = 20, rounds: int = 3) -> float:
+def _speed(a: onnx.ModelProto, b: onnx.ModelProto, x: np.ndarray) -> float:
     """Median latency of b over a's at batch 1, interleaved rounds, one thread."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.log_severity_level = 1, 3
-    sessions = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]) for m in (a, b)]
-    name = sessions[0].get_inputs()[0].name
-    times: list[list[float]] = [[], []]
-    for s in sessions:
-        s.run(None, {name: x})
-    for _ in range(rounds):
-        for s, t in zip(sessions, times):
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                s.run(None, {name: x})
-                t.append(time.perf_counter() - t0)
-    return float(np.median(times[1]) / np.median(times[0]))
+    base, new = median_latency([a, b], Dataset({"x": x}), LatencyConfig(batch_sizes=(1,), runs=20, warmup=3, threads=1), 3)
+    return new[1] / base[1]
 
 
 INTRO = """Both quantizers get the same calibration data (200 digits for onnxruntime's, as in the tables

@@ -283,8 +283,7 @@ def describe(data: bytes) -> dict[str, int]:
     names = ("huffman", "rans", "one")
     out: dict[str, int] = {}
     for _ in range(1 + form):
-        coder, n = data[r.pos], None
-        n = len(_unpart(r))
+        coder, n = _unpart(r, decode=False)
         out[names[coder]] = out.get(names[coder], 0) + n
     return out
 
@@ -321,12 +320,14 @@ def _part(symbols: np.ndarray, coder: int) -> bytes:
             + states.astype("<u4").tobytes() + _varint(len(words)) + words.astype("<u2").tobytes())
 
 
-def _unpart(r: "_Bytes") -> np.ndarray:
+def _unpart(r: "_Bytes", decode: bool = True):
+    """The next part's symbols; with decode=False only (coder, number of symbols), the body skipped."""
     coder, n = r.u8(), r.varint()
     if n > r.limit:
         raise ValueError("a part of the stream is longer than the stream")
     if coder == 2:
-        return np.full(n, r.varint(), dtype=np.int64)
+        symbol = r.varint()
+        return np.full(n, symbol, dtype=np.int64) if decode else (coder, n)
     size = r.varint()
     if size > 1 << 16:
         raise ValueError("alphabet too large")
@@ -340,11 +341,12 @@ def _unpart(r: "_Bytes") -> np.ndarray:
         data = r.array("u1", r.varint())
         if int(offsets.max()) > len(data) * 8:
             raise ValueError("Huffman chunk offsets point past the data")
-        return Huffman(lengths).unpack(data, offsets, n)
+        return Huffman(lengths).unpack(data, offsets, n) if decode else (coder, n)
     if coder == 1:
         freqs = np.array([r.varint() for _ in range(size)], dtype=np.int64)
         states = r.array("<u4", _lanes(n)[0])
-        return rans_decode(states, r.array("<u2", r.varint()), freqs, n)
+        words = r.array("<u2", r.varint())
+        return rans_decode(states, words, freqs, n) if decode else (coder, n)
     raise ValueError(f"unknown coder {coder}")
 
 

@@ -8,11 +8,26 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["out_rows", "out_axis", "from_out_rows", "gemm_rows", "conv_geometry", "tiling_geometry", "conv_output_hw"]
+__all__ = ["out_rows", "out_axis", "from_out_rows", "gemm_rows", "conv_geometry", "tiling_geometry", "conv_output_hw",
+           "group_slices", "channel_spread"]
 
 # Layouts whose rows are the transpose of the weight: [fan_in, out] (MatMul, MatMulNBits's logical
 # weight, an embedding table [vocab, dim] whose "outputs" are its dim columns).
 _TRANSPOSED = frozenset({"MatMul", "MatMulNBits", "Gather"})
+
+
+def group_slices(n_rows: int, groups: int) -> list[slice]:
+    """The rows [out, fan_in] of each group of a grouped conv (one slice for any other layer)."""
+    size = n_rows // groups
+    return [slice(g * size, (g + 1) * size) for g in range(groups)]
+
+
+def channel_spread(node: gs.Node, w: np.ndarray) -> float:
+    """How much a layer's output channels differ in range: max over median of the channels' max
+    |w|, channels pruned away entirely not counted (1.0 for fewer than two channels)."""
+    amax = np.abs(out_rows(node, w)).max(1)
+    amax = amax[amax > 0]
+    return float(amax.max() / np.median(amax)) if amax.size > 1 else 1.0
 
 
 def out_rows(node: gs.Node, w: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from .constraints import Constraint
 from .correspondence import match_tensors
 from .data import Dataset
 from .errors import OptionError
-from .layers import conv_geometry, conv_output_hw, tiling_geometry, from_out_rows, gemm_rows, out_rows
+from .layers import conv_geometry, conv_output_hw, tiling_geometry, from_out_rows, gemm_rows, group_slices, out_rows
 from .metrics import static_shapes
 from .pass_api import Context
 from .runtime import Stepper, StepError, capture, capture_session, iter_outputs, make_session, run_model
@@ -271,9 +271,8 @@ def prune_sequential(graph: gs.Graph, ctx: Context, data: Dataset, layers: list[
             pruned[id(node)] = np.where(keep, w, 0).astype(w.dtype)
         else:
             rows, drop = out_rows(node, w), ~out_rows(node, keep)
-            m_g = rows.shape[0] // len(grams)
-            new = np.concatenate([sparsegpt(rows[g * m_g:(g + 1) * m_g], gram[:-1, :-1], int(drop[g * m_g:(g + 1) * m_g].sum()))
-                                  for g, gram in enumerate(grams)])
+            new = np.concatenate([sparsegpt(rows[part], gram[:-1, :-1], int(drop[part].sum()))
+                                  for part, gram in zip(group_slices(len(rows), len(grams)), grams)])
             pruned[id(node)] = from_out_rows(node, new, w.shape).astype(w.dtype)
         W.write(graph, node, W.LAYERS[node.op].weight, s, pruned[id(node)], refit=False, suffix="_pruned", in_place=True)
 

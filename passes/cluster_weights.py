@@ -23,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress import constraints as C, graph as G, weights as W
-from onnxcompress.layers import from_out_rows, out_axis, out_rows
+from onnxcompress.layers import channel_spread, from_out_rows, group_slices, out_axis, out_rows
 from onnxcompress.pass_api import Context, Pass, PassResult
 from onnxcompress.recovery import RecoverySettings, recover, sequential
 from onnxcompress.solvers import gptq, kmeans_1d, kmeans_rows, nearest
@@ -133,9 +133,7 @@ class ClusterWeights(Pass):
         tensor at 4 bits, 74% per channel before any refit, 93% after distill)."""
         if self.per != "auto":
             return self.per == "channel"
-        amax = np.abs(out_rows(node, value)).max(1)
-        amax = amax[amax > 0]                        # channels pruned away entirely do not count
-        return bool(amax.size > 1 and amax.max() > SPREAD * float(np.median(amax)))
+        return channel_spread(node, value) > SPREAD
 
     def _convert(self, graph: gs.Graph, ctx: Context, node: gs.Node, elem: int, grams: list[np.ndarray] | None) -> bool:
         """Cluster one layer's weight (centroids by k-means, each weight's centroid by `_round` when
@@ -160,10 +158,9 @@ class ClusterWeights(Pass):
         books = np.asarray(book, np.float64).reshape(-1, book.shape[-1])        # [1 or out, k]
         books = np.broadcast_to(books, (rows.shape[0], books.shape[1])) if books.shape[0] == 1 else books
         zero = rows == 0
-        m_g = rows.shape[0] // len(grams)
         new = []
-        for g, gram in enumerate(grams):
-            part, bk, z = slice(g * m_g, (g + 1) * m_g), books[g * m_g:(g + 1) * m_g], zero[g * m_g:(g + 1) * m_g]
+        for part, gram in zip(group_slices(len(rows), len(grams)), grams):
+            bk, z = books[part], zero[part]
 
             def project(col: np.ndarray, j: int, bk=bk, z=z) -> np.ndarray:
                 cost = np.abs(col[:, None] - bk)

@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress import calibration as Cal, graph as G, weights as W
-from onnxcompress.layers import from_out_rows, out_axis, out_rows
+from onnxcompress.layers import channel_spread, from_out_rows, group_slices, out_axis, out_rows
 from onnxcompress.pass_api import Context, Pass, PassResult
 from onnxcompress.recovery import sequential
 from onnxcompress.runtime import capture
@@ -150,19 +150,16 @@ class Quantize(Pass):
         amax = np.abs(rows).max(1) if per_channel else np.full(rows.shape[0], np.abs(rows).max())
         scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32).astype(np.float64)
         grid = lambda v, sc: np.clip(np.round(v / sc), -127, 127) * sc
-        if grams is not None and self.rounding == "gptq":
-            m_g = rows.shape[0] // len(grams)
-            new = np.concatenate([gptq(rows[g * m_g:(g + 1) * m_g], gram[:-1, :-1],
-                                       lambda col, j, sc=scale[g * m_g:(g + 1) * m_g]: grid(col, sc))
-                                  for g, gram in enumerate(grams)])
+        groups = [] if grams is None else list(zip(group_slices(len(rows), len(grams)), grams))
+        if groups and self.rounding == "gptq":
+            new = np.concatenate([gptq(rows[part], gram[:-1, :-1], lambda col, j, sc=scale[part]: grid(col, sc))
+                                  for part, gram in groups])
         else:
             new = grid(rows, scale[:, None])
         delta = np.zeros(rows.shape[0])
-        if grams is not None and self.bias_correction:      # keep each output channel's mean
-            m_g = rows.shape[0] // len(grams)
-            delta = np.concatenate([(rows - new)[g * m_g:(g + 1) * m_g] @ (gram[-1, :-1] / gram[-1, -1])
-                                    for g, gram in enumerate(grams)])
-        err = _relative_error(rows, new, grams)
+        if groups and self.bias_correction:                 # keep each output channel's mean
+            delta = np.concatenate([(rows - new)[part] @ (gram[-1, :-1] / gram[-1, -1]) for part, gram in groups])
+        err = _relative_error(rows, new, groups)
         q = np.round(new / scale[:, None]).astype(np.int64)
         axis = out_axis(node) if per_channel else None
         storage = Quantized(from_out_rows(node, q, s.value.shape),
@@ -185,9 +182,7 @@ class Quantize(Pass):
         w = W.layer_weight(node).value
         if self.depthwise_per_channel or not (node.op == "Conv" and int(node.attrs.get("group", 1)) > 1 and w.shape[1] == 1):
             return True
-        amax = np.abs(out_rows(node, w)).max(1)           # ... unless its channels' ranges differ widely
-        amax = amax[amax > 0]
-        return bool(amax.size > 1 and amax.max() > DEPTHWISE_SPREAD * float(np.median(amax)))
+        return channel_spread(node, w) > DEPTHWISE_SPREAD
 
     def _bias(self, graph: gs.Graph, node: gs.Node, scale: np.ndarray, delta: np.ndarray, per_channel: bool) -> None:
         """The bias (plus the correction) as int32 codes at input scale x weight scale."""
@@ -221,15 +216,13 @@ def _integer_layers(graph: gs.Graph) -> int:
     return count
 
 
-def _relative_error(rows: np.ndarray, new: np.ndarray, grams: list[np.ndarray] | None) -> float:
+def _relative_error(rows: np.ndarray, new: np.ndarray, groups: list[tuple[slice, np.ndarray]]) -> float:
     """||(W - Q) x|| / ||W x|| over the inputs (tr(D H D^T) / tr(W H W^T)), or over the weights."""
     d = rows - new
-    if grams is None:
+    if not groups:
         return float(np.sum(d ** 2) / max(np.sum(rows ** 2), 1e-30))
-    m_g = rows.shape[0] // len(grams)
-    num = sum(np.einsum("ij,jk,ik->", d[g * m_g:(g + 1) * m_g], h[:-1, :-1], d[g * m_g:(g + 1) * m_g]) for g, h in enumerate(grams))
-    den = sum(np.einsum("ij,jk,ik->", rows[g * m_g:(g + 1) * m_g], h[:-1, :-1], rows[g * m_g:(g + 1) * m_g]) for g, h in enumerate(grams))
-    return float(num / max(den, 1e-30))
+    quad = lambda a: sum(np.einsum("ij,jk,ik->", a[part], h[:-1, :-1], a[part]) for part, h in groups)
+    return float(quad(d) / max(quad(rows), 1e-30))
 
 
 def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float, zero_point: int) -> None:
