@@ -93,16 +93,15 @@ class Quantize(Pass):
         return PassResult(graph, True, stats, notes)
 
     def _layers(self, graph: gs.Graph) -> tuple[list[gs.Node], list[str]]:
-        layers, notes = [], []
-        for node in graph.toposort().nodes:
-            if node.op not in self.handles:
-                continue
+        users, notes = W.distinct_weights(graph, self.handles)
+        layers = []
+        for pairs in users.values():
+            node, s = pairs[0]
             label = f"{node.op} '{G.display_name(node)}'"
-            s = W.layer_weight(node)
             if node.name in self.exclude or any(t.name in self.exclude for t in node.outputs):
                 notes.append(f"{label}: excluded; left in float")
-            elif s is None:
-                notes.append(f"{label}: weight is not a constant; left in float")
+            elif len(pairs) > 1:
+                notes.append(f"{label}: weight shared by {len(pairs)} layers; left in float")
             elif s.kind != "dense" or not np.issubdtype(s.value.dtype, np.floating):
                 notes.append(f"{label}: weight stored as {s.kind}; left as is")
             elif node.op == "MatMul" and s.value.ndim != 2:
