@@ -74,6 +74,9 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
         for o in model.opset_import:
             if o.domain in ("", "ai.onnx"):
                 o.version = opset
+        declared = {o.domain for o in model.opset_import} | {"ai.onnx"}
+        for domain in sorted({n.domain or "" for n in iter_nodes(graph)} - declared - {""}):
+            model.opset_import.append(onnx.helper.make_opsetid(domain, 1))   # a node a pass added (com.microsoft)
         model.ir_version = max(like.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
     return model
 

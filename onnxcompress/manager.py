@@ -120,7 +120,8 @@ class PassManager:
         data = evaluation or calib or random_dataset(model)
         evaluator = Evaluator(model, data, self.providers, self.latency, self.batch_size)
         ctx = Context(calib=calib, original=model, teachers=self.teachers or [model], providers=self.providers,
-                      temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size)
+                      temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size,
+                      max_drop=self.max_drop)
         ctx.inherited_maps, metadata_notes = _inherited_maps(model)
         report = Report(name, budget={"max_drop": self.max_drop})
         t0 = time.perf_counter()

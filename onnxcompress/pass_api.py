@@ -76,6 +76,7 @@ class Context:
     temperature: float = 4.0
     alpha: float = 0.0
     batch_size: int = 64
+    max_drop: float | None = None             # the run's budget, for passes that search within it
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxcompress"))
     cache: dict[Any, Any] = field(default_factory=dict)  # activation captures and teacher outputs
     state: RunState = field(default_factory=RunState)

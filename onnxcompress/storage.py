@@ -132,8 +132,22 @@ class Quantized(Storage):
         first = _per_group(self.scale.astype(np.float64), groups, np.maximum, -np.inf)
         return bool(np.all(first[groups] == self.scale))
 
+    @property
+    def binary(self) -> bool:
+        """2-bit codes that are all -1 or +1: binary weights (+-scale), which stay binary when rewritten."""
+        return self.bits == 2 and not self.has_zero_point and bool(np.all(np.abs(self.q) == 1))
+
     def encode(self, value: np.ndarray, refit: bool) -> "Quantized":
         value = value.astype(np.float64)
+        if self.binary:
+            q = np.where(value < 0, -1, 1).astype(np.int64)
+            scale = self.scale.astype(np.float64)
+            if refit:           # per group, the scale closest to |value| in least squares: mean |value|
+                groups = _group_ids(value.shape, self.axis, self.block_size)
+                sums = _per_group(np.abs(value), groups, np.add, 0.0)
+                counts = _per_group(np.ones(value.shape), groups, np.add, 0.0)
+                scale = (sums / np.maximum(counts, 1))[groups]
+            return replace(self, q=q, scale=scale.astype(self.scale.dtype))
         lo, hi = _qrange(self.elem_type)
         scale, zp = self.scale.astype(np.float64), self.zero_point
         if refit:

@@ -453,6 +453,49 @@ def distinct_weights(graph: gs.Graph, ops: frozenset[str], exclude: tuple[str, .
     return users, notes
 
 
+def quantizable_layers(graph: gs.Graph, ops: frozenset[str], exclude: tuple[str, ...] = ()
+                       ) -> tuple[list[gs.Node], list[str]]:
+    """The layers a quantizer can take, in graph order: a dense float weight of their own (2-D for
+    MatMul; Gemm without transA or alpha). Notes say why each other layer is left as it is."""
+    users, notes = distinct_weights(graph, ops)
+    layers = []
+    for pairs in users.values():
+        node, s = pairs[0]
+        label = f"{node.op} '{G.display_name(node)}'"
+        if node.name in exclude or any(t.name in exclude for t in node.outputs):
+            notes.append(f"{label}: excluded; left in float")
+        elif len(pairs) > 1:
+            notes.append(f"{label}: weight shared by {len(pairs)} layers; left in float")
+        elif s.kind != "dense" or not np.issubdtype(s.value.dtype, np.floating):
+            notes.append(f"{label}: weight stored as {s.kind}; left as is")
+        elif node.op == "MatMul" and s.value.ndim != 2:
+            notes.append(f"{label}: {s.value.ndim}-D weight; left in float")
+        elif node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0):
+            notes.append(f"{label}: transA or alpha != 1; left in float")
+        else:
+            layers.append(node)
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    return sorted(layers, key=lambda n: order[id(n)]), notes
+
+
+def to_matmul_nbits(graph: gs.Graph, node: gs.Node, storage: NBits) -> None:
+    """Turn a MatMul (x @ W) or a Gemm (x @ W(^T) * 1 + beta * bias) into onnxruntime's MatMulNBits
+    holding `storage` (the logical weight [K, N]); a Gemm's bias becomes its bias input."""
+    bias = None
+    if node.op == "Gemm":
+        b = layer_bias(node)
+        if b is not None:
+            value = b.value.reshape(-1) * float(node.attrs.get("beta", 1.0))
+            bias = G.make_constant(G.unique_name(graph, G.layer_id(node) + "_bias"),
+                                   np.broadcast_to(value, storage.q.shape[1:]).astype(storage.scale.dtype).copy())
+    empty = gs.Variable.empty()
+    node.op, node.domain = "MatMulNBits", "com.microsoft"
+    node.attrs = {"K": int(storage.q.shape[0]), "N": int(storage.q.shape[1]), "bits": int(storage.bits),
+                  "block_size": int(storage.block_size)}
+    node.inputs = [node.inputs[0], empty, empty] + ([empty, empty, bias] if bias is not None else [])
+    storage.emit_into(graph, node)
+
+
 def storage_summary(graph: gs.Graph) -> StorageSummary:
     seen: set[tuple[str, ...]] = set()
     total = zeros = 0

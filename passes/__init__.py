@@ -7,7 +7,8 @@ from .fold_bn import FoldBatchNorm
 from .prune_channels import PruneChannels
 from .prune_weights import PruneWeights
 from .quantize import Quantize
+from .quantize_weights import QuantizeWeights
 
-BUILTIN = (ClusterWeights, Distill, FoldBatchNorm, PruneChannels, PruneWeights, Quantize)
+BUILTIN = (ClusterWeights, Distill, FoldBatchNorm, PruneChannels, PruneWeights, Quantize, QuantizeWeights)
 
-__all__ = ["BUILTIN", "ClusterWeights", "Distill", "FoldBatchNorm", "PruneChannels", "PruneWeights", "Quantize"]
+__all__ = ["BUILTIN", "ClusterWeights", "Distill", "FoldBatchNorm", "PruneChannels", "PruneWeights", "Quantize", "QuantizeWeights"]

@@ -27,7 +27,10 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress import calibration as Cal, graph as G, weights as W
 from onnxcompress.layers import channel_spread, from_out_rows, group_slices, out_axis, out_rows
+from onnxcompress.data import Dataset
+from onnxcompress.dynamic import dynamic_lstm, dynamic_matmul, symmetric_int8
 from onnxcompress.pass_api import Context, Pass, PassResult
+from onnxcompress.precision import Scorer, search
 from onnxcompress.recovery import sequential
 from onnxcompress.runtime import capture
 from onnxcompress.solvers import gptq
@@ -37,6 +40,7 @@ __all__ = ["Quantize"]
 
 ABSORBED = frozenset({"Relu", "Clip"})     # an activation the output's requantization can absorb
 INT8 = onnx.TensorProto.INT8
+FLOAT_GUARDED = frozenset({"Conv", "ConvTranspose", "Gemm"})   # see _insert_qdq
 DEPTHWISE_SPREAD = 3.0    # max / median channel range above which a depthwise conv keeps per-channel scales
 
 
@@ -45,7 +49,8 @@ class Quantize(Pass):
     """Static int8 QDQ: uint8 activations calibrated on data, int8 symmetric per-channel weights."""
 
     name = "quantize"
-    handles = frozenset({"Conv", "Gemm", "MatMul"})
+    handles = frozenset({"Conv", "Gemm", "MatMul", "LSTM"})
+    activations: Literal["static", "dynamic"] = "static"
     calibration: Literal["auto", "minmax", "percentile", "mse", "entropy"] = "auto"
     percentile: float = 99.99
     per_channel: bool = True
@@ -54,13 +59,17 @@ class Quantize(Pass):
     bias_correction: bool = True
     calib_samples: int = 512          # samples whose activations set the ranges
     exclude: tuple[str, ...] = ()
+    mixed_precision: bool = True      # keep the costliest layers in float until the budget holds
+    max_drop: float | None = None     # that budget, in points of agreement with the float model on the
+                                      # calibration data; None: the run's --max-drop (none: no search)
+    eval_samples: int = 256           # calibration samples the mixed-precision search scores on
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
 
     def required_opset(self) -> int:
-        return 13 if self.per_channel else 10
+        return 13 if self.per_channel and self.activations == "static" else 10
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         done = _integer_layers(graph)
@@ -68,10 +77,18 @@ class Quantize(Pass):
             return PassResult(graph, False, {"layers_quantized": 0},
                               [f"the model is already quantized ({done} layers with integer weights or kernels); "
                                "left as it is"])
+        lstms = [n for n in graph.nodes if n.op == "LSTM" and n.name not in self.exclude and dynamic_lstm(graph, n)]
+        body_notes = self._bodies(graph)
+        if self.activations == "dynamic":
+            return self._dynamic(graph, len(lstms), body_notes)
         data = ctx.require_calib(self.name)
-        layers, notes = self._layers(graph)
+        layers, notes = W.quantizable_layers(graph, self.handles - {"LSTM"}, self.exclude)
+        notes += body_notes
+        if lstms:
+            notes.append(f"{len(lstms)} LSTM layers quantized dynamically (DynamicQuantizeLSTM)")
         if not layers:
-            return PassResult(graph, False, {"layers_quantized": 0}, notes)
+            return PassResult(graph, bool(lstms or body_notes), {"layers_quantized": len(lstms)}, notes)
+        float_graph = graph.copy()
         acts = self._activations(graph, layers)
         values = capture(G.to_model(graph, like=ctx.original), data, list(acts), ctx.providers, ctx.batch_size,
                          max_samples=self.calib_samples)
@@ -79,9 +96,13 @@ class Quantize(Pass):
                                                                self.percentile)) for name in acts}
         x_scale = {id(n): params[n.inputs[0].name][0] for n in layers}
         for name, tensor in acts.items():
-            _insert_qdq(graph, tensor, *params[name])
-        errors: list[float] = []
-        visit = lambda node, grams: errors.append(self._weights(graph, node, x_scale[id(node)], grams))
+            _insert_qdq(graph, tensor, *params[name], layers)
+        done_layers: dict[str, _Layer] = {}
+
+        def visit(node: gs.Node, grams: list[np.ndarray] | None) -> None:
+            done_layers[G.layer_id(node)] = layer = self._quantize_weights(node, x_scale[id(node)], grams)
+            _write(graph, node, layer)
+
         targets = {id(n): visit for n in layers}
         if self.rounding == "gptq" or self.bias_correction:
             sequential(graph, ctx, data.take(self.calib_samples), targets)
@@ -89,28 +110,56 @@ class Quantize(Pass):
             for node in layers:
                 visit(node, None)
         stats = {"layers_quantized": len(layers), "activations_quantized": len(acts),
-                 "weight_rel_error": float(np.mean(errors))}
-        return PassResult(graph, True, stats, notes)
+                 "weight_rel_error": float(np.mean([d.error for d in done_layers.values()]))}
+        budget = self.max_drop if self.max_drop is not None else ctx.max_drop
+        if budget is not None and self.mixed_precision:
+            graph = _mixed_precision(self, float_graph, graph, done_layers, params, budget, ctx, data, stats, notes)
+        return PassResult(graph, stats["layers_quantized"] > 0, stats, notes)
 
-    def _layers(self, graph: gs.Graph) -> tuple[list[gs.Node], list[str]]:
-        users, notes = W.distinct_weights(graph, self.handles)
-        layers = []
-        for pairs in users.values():
-            node, s = pairs[0]
-            label = f"{node.op} '{G.display_name(node)}'"
-            if node.name in self.exclude or any(t.name in self.exclude for t in node.outputs):
-                notes.append(f"{label}: excluded; left in float")
-            elif len(pairs) > 1:
-                notes.append(f"{label}: weight shared by {len(pairs)} layers; left in float")
-            elif s.kind != "dense" or not np.issubdtype(s.value.dtype, np.floating):
-                notes.append(f"{label}: weight stored as {s.kind}; left as is")
-            elif node.op == "MatMul" and s.value.ndim != 2:
-                notes.append(f"{label}: {s.value.ndim}-D weight; left in float")
-            elif node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0):
-                notes.append(f"{label}: transA or alpha != 1; left in float")
-            else:
-                layers.append(node)
-        return layers, notes
+    def _bodies(self, graph: gs.Graph) -> list[str]:
+        """Layers inside If/Loop/Scan bodies, whose activations calibration cannot reach: MatMul and
+        Gemm dynamically, Conv with int8 per-channel weights (dequantized; activations float)."""
+        notes = []
+        for owner in [n for n in G.iter_nodes(graph) if n.subgraphs()]:
+            for body in owner.subgraphs():
+                layers, _ = W.quantizable_layers(body, frozenset({"MatMul", "Gemm", "Conv"}), self.exclude)
+                for node in layers:
+                    if node.op == "Conv":
+                        s = W.layer_weight(node)
+                        codes, scale = symmetric_int8(out_rows(node, s.value).astype(np.float64))
+                        full = lambda a: from_out_rows(node, a, s.value.shape)
+                        W.convert(body, node, 1, s, Quantized(full(codes.astype(np.int64)), full(np.broadcast_to(scale[:, None], codes.shape)),
+                                                               np.zeros(s.value.shape, np.int64), INT8, 0, 0, True, ()))
+                    else:
+                        dynamic_matmul(body, node)
+                if layers:
+                    notes.append(f"{owner.op} '{G.display_name(owner)}' body: {len(layers)} layers quantized "
+                                 "(MatMul/Gemm dynamically, Conv weights int8; a body's activations are not calibrated)")
+        return notes
+
+    def _dynamic(self, graph: gs.Graph, lstms: int, body_notes: list[str]) -> PassResult:
+        """activations="dynamic": MatMul and Gemm with int8 weights and run-time activation ranges."""
+        layers, notes = W.quantizable_layers(graph, frozenset({"MatMul", "Gemm"}), self.exclude)
+        notes = body_notes + notes
+        convs = sum(n.op == "Conv" for n in graph.nodes)
+        if convs:
+            notes.append(f"{convs} Conv layers left in float: dynamic quantization covers MatMul, Gemm and LSTM "
+                         "(onnxruntime's ConvInteger is slower than its float Conv); use the static default for them")
+        for node in layers:
+            dynamic_matmul(graph, node)
+        stats = {"layers_quantized": len(layers) + lstms, "activations": "dynamic"}
+        return PassResult(graph, bool(layers) or lstms > 0 or bool(body_notes), stats, notes)
+
+    def build(self, float_graph: gs.Graph, chosen: dict[str, "_Layer"], params: dict[str, tuple[float, int]]) -> gs.Graph:
+        """The float graph with the layers in `chosen` quantized as recorded (their activations
+        at the calibrated `params`)."""
+        graph = float_graph.copy()
+        layers = [n for n in graph.nodes if G.layer_id(n) in chosen]
+        for name, tensor in self._activations(graph, layers).items():
+            _insert_qdq(graph, tensor, *params[name], layers)
+        for node in layers:
+            _write(graph, node, chosen[G.layer_id(node)])
+        return graph
 
     def _activations(self, graph: gs.Graph, layers: list[gs.Node]) -> dict[str, gs.Tensor]:
         """The tensors to quantize: each layer's input, and its output (after a Relu/Clip it feeds
@@ -136,13 +185,15 @@ class Quantize(Pass):
             y = node.outputs[0]
             if len(y.outputs) == 1 and y.outputs[0].op in ABSORBED and y.name not in outputs:
                 y = y.outputs[0].outputs[0]
-            if not head(y):
+            feeds_float_layers = bool(y.outputs) and all(n.op in FLOAT_GUARDED | {"MatMul"} and id(n) not in ids
+                                                          for n in y.outputs)
+            if not head(y) and not feeds_float_layers:
                 acts[y.name] = y
         return acts
 
-    def _weights(self, graph: gs.Graph, node: gs.Node, x_scale: float, grams: list[np.ndarray] | None) -> float:
-        """Quantize one layer's weight (int8, per channel) and bias (int32); the weight's relative
-        error on the layer's inputs (or on its values without a Gram)."""
+    def _quantize_weights(self, node: gs.Node, x_scale: float, grams: list[np.ndarray] | None) -> "_Layer":
+        """One layer's weight as int8 codes (per channel) and its bias as int32 codes at input scale
+        x weight scale, with the weight's relative error on the layer's inputs (or on its values)."""
         s = W.layer_weight(node)
         rows = out_rows(node, s.value).astype(np.float64)
         per_channel = self._per_channel(node)
@@ -158,15 +209,12 @@ class Quantize(Pass):
         delta = np.zeros(rows.shape[0])
         if groups and self.bias_correction:                 # keep each output channel's mean
             delta = np.concatenate([(rows - new)[part] @ (gram[-1, :-1] / gram[-1, -1]) for part, gram in groups])
-        err = _relative_error(rows, new, groups)
         q = np.round(new / scale[:, None]).astype(np.int64)
         axis = out_axis(node) if per_channel else None
-        storage = Quantized(from_out_rows(node, q, s.value.shape),
-                            from_out_rows(node, np.broadcast_to(scale[:, None], rows.shape), s.value.shape).astype(np.float32),
-                            np.zeros(s.value.shape, np.int64), INT8, axis, 0, True, ())
-        W.convert(graph, node, W.LAYERS[node.op].weight, s, storage)
-        self._bias(graph, node, x_scale * scale, delta, per_channel)
-        return err
+        weight = Quantized(from_out_rows(node, q, s.value.shape),
+                           from_out_rows(node, np.broadcast_to(scale[:, None], rows.shape), s.value.shape).astype(np.float32),
+                           np.zeros(s.value.shape, np.int64), INT8, axis, 0, True, ())
+        return _Layer(weight, self._bias(node, x_scale * scale, delta, per_channel), _relative_error(rows, new, groups))
 
     def _per_channel(self, node: gs.Node) -> bool:
         """One weight scale per output channel, except for depthwise convs whose channels' ranges are
@@ -183,23 +231,60 @@ class Quantize(Pass):
             return True
         return channel_spread(node, w) > DEPTHWISE_SPREAD
 
-    def _bias(self, graph: gs.Graph, node: gs.Node, scale: np.ndarray, delta: np.ndarray, per_channel: bool) -> None:
-        """The bias (plus the correction) as int32 codes at input scale x weight scale."""
+    @staticmethod
+    def _bias(node: gs.Node, scale: np.ndarray, delta: np.ndarray, per_channel: bool) -> Quantized | None:
+        """The bias (plus the correction) as int32 codes at input scale x weight scale (None for a
+        MatMul, which has none, and for a Gemm bias that broadcasts)."""
         if node.op == "MatMul":
-            return
+            return None
         b = W.layer_bias(node)
         if b is not None and b.value.size != len(scale):
-            return                                           # a broadcast Gemm bias: left as is
+            return None
         value = (np.zeros(len(scale)) if b is None else b.value.astype(np.float64).reshape(-1)) + delta
         sc = scale.astype(np.float32)
         q = np.clip(np.round(value / sc), -2 ** 31, 2 ** 31 - 1).astype(np.int64)
         axis = 0 if per_channel else None                  # one scale per tensor needs no axis (opset < 13)
-        storage = Quantized(q, sc, np.zeros(len(sc), np.int64), onnx.TensorProto.INT32, axis, 0, True, ())
-        index = W.LAYERS[node.op].bias
-        if b is None:
-            G.set_constant(graph, node, index, value.astype(W.layer_weight(node).value.dtype), "_bias")
-            b = W.layer_bias(node)
-        W.convert(graph, node, index, b, storage)
+        return Quantized(q, sc, np.zeros(len(sc), np.int64), onnx.TensorProto.INT32, axis, 0, True, ())
+
+
+@dataclass
+class _Layer:
+    """What quantizing one layer produced: its weight and bias storages, the weight's error."""
+    weight: Quantized
+    bias: Quantized | None
+    error: float
+
+
+def _write(graph: gs.Graph, node: gs.Node, layer: _Layer) -> None:
+    W.convert(graph, node, W.LAYERS[node.op].weight, W.layer_weight(node), layer.weight)
+    if layer.bias is None:
+        return
+    index, b = W.LAYERS[node.op].bias, W.layer_bias(node)
+    if b is None:
+        G.set_constant(graph, node, index, np.zeros(layer.bias.q.shape, W.layer_weight(node).value.dtype), "_bias")
+        b = W.layer_bias(node)
+    W.convert(graph, node, index, b, layer.bias)
+
+
+def _mixed_precision(p: Quantize, float_graph: gs.Graph, graph: gs.Graph, done: dict[str, _Layer],
+                     params: dict[str, tuple[float, int]], budget: float, ctx: Context, data: Dataset,
+                     stats: dict, notes: list[str]) -> gs.Graph:
+    """Keep the layers whose quantization costs the most in float until the agreement with the
+    float model on the calibration data is within `budget` points (`onnxcompress.precision`)."""
+    like = ctx.original
+    build = lambda kept: G.to_model(G.tidy(p.build(float_graph, {k: v for k, v in done.items() if k not in kept}, params)), like=like)
+    scorer = Scorer(G.to_model(float_graph.copy(), like=like), data.take(p.eval_samples), ctx.providers, ctx.batch_size)
+    found = search(list(done), build, scorer, budget)
+    names = {G.layer_id(n): f"{n.op} '{G.display_name(n)}'" for n in float_graph.nodes}
+    stats.update(layers_float=len(found.kept), int8_agreement=found.quantized_score, agreement=found.score,
+                 precision_evaluations=found.evaluations)
+    if found.kept:
+        stats["layers_quantized"] -= len(found.kept)
+        notes.append(f"mixed precision: {scorer.metric} with the float model on {len(scorer.data)} calibration samples "
+                     f"{found.quantized_score:.1f} with every layer int8, {found.score:.1f} with {len(found.kept)} kept "
+                     f"in float (budget {budget:g} points): " + ", ".join(names[k] for k in found.kept))
+        return p.build(float_graph, {k: v for k, v in done.items() if k not in found.kept}, params)
+    return graph
 
 
 def _integer_layers(graph: gs.Graph) -> int:
@@ -207,7 +292,8 @@ def _integer_layers(graph: gs.Graph) -> int:
     and integer kernels (QLinearConv, ConvInteger, ...)."""
     count = 0
     for node in graph.nodes:
-        if node.op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits"):
+        if node.op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits", "DynamicQuantizeLSTM",
+                       "DynamicQuantizeMatMul"):
             count += 1
         elif node.op in W.LAYERS and node.op != "Gather":
             s = W.layer_weight(node)
@@ -224,13 +310,50 @@ def _relative_error(rows: np.ndarray, new: np.ndarray, groups: list[tuple[slice,
     return float(quad(d) / max(quad(rows), 1e-30))
 
 
-def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float, zero_point: int) -> None:
-    """tensor -> QuantizeLinear -> DequantizeLinear -> every consumer (a graph output stays float)."""
+def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float, zero_point: int, layers: list[gs.Node]) -> None:
+    """tensor -> QuantizeLinear -> DequantizeLinear -> every consumer (a graph output stays float).
+
+    A Conv, ConvTranspose or Gemm left in float reads the float tensor, or, where that tensor is a
+    quantized layer's requantized output (reading it in float would undo that layer's fusion), the
+    codes through a DequantizeLinear of its own whose scale is repeated per input channel: given a
+    per-tensor one, onnxruntime (WeightBiasQuantization) would quantize the float layer's weight
+    itself, per tensor, when its output leads to a QuantizeLinear; on PP-OCRv4 rec that took the
+    lines decoded as fp32 from 88% to 16% for a model with every weight in float."""
     base = G.stem(tensor.name)
     sc = constant(graph, base + "_scale", np.array(scale, np.float32))
     zp = constant(graph, base + "_zero_point", np.array(zero_point, np.uint8))
     consumers = list(tensor.outputs)
     q = add_node(graph, "QuantizeLinear", [tensor, sc, zp], {}, base + "_q", np.uint8)
     dq = add_node(graph, "DequantizeLinear", [q, sc, zp], {}, base + "_dq", np.float32)
+    quantized = {id(n) for n in layers}
+    producer = G.producer(tensor)
+    if producer is not None and producer.op in ABSORBED and producer.inputs:
+        producer = G.producer(producer.inputs[0])
+    fused = producer is not None and id(producer) in quantized       # its output requantized by a kernel
     for node in consumers:
-        node.inputs = [dq if t is tensor else t for t in node.inputs]
+        source = dq
+        if node.op in FLOAT_GUARDED and id(node) not in quantized:
+            channels = _input_channels(node)
+            if not fused or channels is None:
+                source = tensor                                      # the float layer reads the float tensor
+            else:
+                axis, n = channels
+                source = add_node(graph, "DequantizeLinear", [q, constant(graph, base + "_scales", np.full(n, scale, np.float32)),
+                                                              constant(graph, base + "_zero_points", np.full(n, zero_point, np.uint8))],
+                                  {"axis": axis}, base + "_dq_float", np.float32)
+        node.inputs = [source if t is tensor else t for t in node.inputs]
+
+
+def _input_channels(node: gs.Node) -> tuple[int, int] | None:
+    """(axis, size) of a known dimension of a Conv, ConvTranspose or Gemm's first input."""
+    w = G.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None:
+        w = W.layer_weight(node).value if node.op in W.LAYERS and W.layer_weight(node) is not None else None
+    if w is None or w.ndim < 2:
+        return None
+    if node.op == "Conv":
+        return 1, int(w.shape[1]) * int(node.attrs.get("group", 1))
+    if node.op == "ConvTranspose":
+        return 1, int(w.shape[0])
+    k = int(w.shape[1] if node.attrs.get("transB", 0) else w.shape[0])
+    return (0, k) if node.attrs.get("transA", 0) else (1, k)

@@ -3,7 +3,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from conftest import MODELS, make_model, rand, tensor
 from onnxcompress import LatencyConfig, OptionError, PassManager
@@ -116,3 +116,141 @@ def test_an_already_quantized_model_is_left_as_it_is_with_a_note(quantized, cali
     assert step.stats["layers_quantized"] == 0 and "already quantized (16 layers" in str(step.notes)
     ops = lambda m: sorted(n.op_type for n in m.graph.node)
     assert ops(again.model) == ops(quantized.model)
+
+
+def _mlp(opset=13):
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)]
+    return make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 4])],
+                      {"w1": rand(16, 8), "b1": rand(16, seed=2), "w2": rand(4, 16, seed=1), "b2": rand(4, seed=3)}, opset=opset)
+
+
+def test_onnxruntime_integer_kernels_agree_with_fake_quantization_in_numpy():
+    """The QDQ model's meaning computed in numpy (quantize, dequantize, float layer) against what
+    onnxruntime's integer kernels compute: within one output quantization step."""
+    from onnxcompress import Dataset
+    x = rand(64, 8, seed=7)
+    model = PassManager([Quantize(rounding="nearest", bias_correction=False)], calib=Dataset({"x": x}),
+                        latency=NO_LATENCY).run(_mlp()).model
+    graph = G.to_graph(model)
+    qparams = {n.inputs[0].name: (float(G.constant_value(n.inputs[1])), int(G.constant_value(n.inputs[2])))
+               for n in graph.nodes if n.op == "QuantizeLinear"}
+    fq = lambda v, s, z: (np.clip(np.round(v / s) + z, 0, 255) - z) * s
+    gemms = [n for n in graph.nodes if n.op == "Gemm"]
+    w = [W.layer_weight(n).value for n in gemms]
+    b = [W.layer_bias(n).value for n in gemms]
+    h = fq(x, *qparams["x"]) @ w[0].T + b[0]
+    r = fq(np.maximum(h, 0), *qparams["r"])
+    expected = r @ w[1].T + b[1]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    step = qparams["r"][0] * np.abs(w[1]).sum(1).max()       # one input step through the last layer
+    assert np.max(np.abs(got - expected)) <= step
+    assert np.max(np.abs(got - expected)) < 0.02 * np.abs(expected).max()
+
+
+def test_per_channel_scales_are_max_abs_over_127_exactly():
+    from onnxcompress import Dataset
+    model = _mlp()
+    w1 = np.array([numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w1"][0])
+    result = PassManager([Quantize(rounding="nearest")], calib=Dataset({"x": rand(32, 8)}), latency=NO_LATENCY).run(model)
+    gemm = next(n for n in G.to_graph(result.model).nodes if n.op == "Gemm")
+    scale, zp = W.layer_weight(gemm).storage.tables()
+    np.testing.assert_array_equal(scale, (np.abs(w1).max(1) / np.float32(127)).astype(np.float32))
+    assert scale.shape == (16,) and np.all(zp == 0)
+    np.testing.assert_array_equal(np.abs(W.layer_weight(gemm).storage.q).max(1), 127)   # each row's largest weight
+
+
+def test_an_opset_11_model_with_constant_node_weights_quantizes_to_a_loadable_model():
+    from onnxcompress import Dataset
+    w = rand(8, 3, 3, 3)
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+             helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["y"])]
+    model = make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 8, 8, 8])], {}, opset=11)
+    data = Dataset({"x": rand(16, 3, 8, 8, seed=1)})
+    result = PassManager([Quantize()], calib=data, eval_data=data, latency=NO_LATENCY).run(model)
+    step = result.report.steps[-1]
+    assert step.status == "applied" and "raised the opset from 11 to 13" in str(step.notes)
+    conv = next(n for n in G.to_graph(result.model).nodes if n.op == "Conv")
+    assert W.layer_weight(conv).kind == "qdq" and W.layer_weight(conv).storage.axis == 0
+    ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert step.fidelity["y"]["cosine"] > 0.999
+
+
+def test_layers_inside_an_if_body_are_quantized():
+    from onnxcompress import Dataset
+    branch = lambda name, seed: helper.make_graph(
+        [helper.make_node("MatMul", ["x", f"w_{name}"], [f"y_{name}"])], name, [], [tensor(f"y_{name}", ["N", 4])],
+        [numpy_helper.from_array(rand(8, 4, seed=seed), f"w_{name}")])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.float32))),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch("a", 1), else_branch=branch("b", 2))]
+    model = make_model(nodes, [tensor("x", [1, 8])], [tensor("y", ["N", 4])], {}, opset=13)
+    result = PassManager([Quantize()], calib=Dataset({"x": rand(1, 8, seed=3)}), latency=NO_LATENCY).run(model)
+    step = result.report.steps[-1]
+    assert step.status == "applied" and str(step.notes).count("body: 1 layers quantized") == 2
+    ops = [n.op for n in G.iter_nodes(G.to_graph(result.model))]
+    assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops
+    x = np.abs(rand(1, 8, seed=9))
+    for sign in (1, -1):                                                  # both branches
+        got = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": sign * x})[0]
+        ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": sign * x})[0]
+        step = np.ptp(np.append(x, 0)) / 255                              # one step of the input's dynamic range
+        w = numpy_helper.to_array(model.graph.node[-1].attribute[sign < 0].g.initializer[0])
+        assert 0 < np.max(np.abs(got - ref)) <= step * np.abs(w).sum(0).max() + 0.01 * np.abs(ref).max()
+
+
+def test_dynamic_activations_fuse_into_dynamic_quantize_matmul(tmp_path):
+    model = _mlp()
+    result = PassManager([Quantize(activations="dynamic")], latency=NO_LATENCY).run(model)
+    assert result.report.steps[-1].stats["layers_quantized"] == 2
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    sess = ort.InferenceSession(result.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["DynamicQuantizeMatMul", "Relu", "DynamicQuantizeMatMul"]
+    x = rand(32, 8, seed=5)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.max(np.abs(sess.run(None, {"x": x})[0] - ref)) < 0.03 * np.abs(ref).max()
+
+
+def test_an_lstm_is_quantized_dynamically():
+    from onnxcompress import Dataset
+    hidden, inp = 16, 8
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=hidden)]
+    model = make_model(nodes, [tensor("x", [5, "N", inp])], [tensor("y", [5, 1, "N", hidden])],
+                       {"W": rand(1, 4 * hidden, inp, scale=0.3), "R": rand(1, 4 * hidden, hidden, seed=1, scale=0.3),
+                        "B": rand(1, 8 * hidden, seed=2, scale=0.1)}, opset=13)
+    x = rand(5, 3, inp, seed=4)
+    result = PassManager([Quantize()], calib=Dataset({"x": x}), latency=NO_LATENCY).run(model)
+    assert [n.op_type for n in result.model.graph.node] == ["DynamicQuantizeLSTM"]
+    assert "1 LSTM layers quantized dynamically" in str(result.report.steps[-1].notes)
+    got = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == ref.shape and np.max(np.abs(got - ref)) < 0.02
+
+
+def test_mixed_precision_keeps_the_one_sensitive_layer_in_float_within_the_budget():
+    """The second layer reads an activation with one huge channel: 8 bits for its range erase the
+    other channels, which carry the signal. Only that layer needs float to meet a 1-point budget."""
+    from onnxcompress import Dataset
+    w1 = rand(16, 8, scale=0.3)
+    w1[0] = 0.0
+    b1 = np.zeros(16, np.float32)
+    b1[0] = 2000.0                                        # channel 0 of h: a constant 2000 (after Relu)
+    w2 = rand(10, 16, seed=1)
+    w2[:, 0] = 0.0
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2"], ["m"], transB=1), helper.make_node("Relu", ["m"], ["m2"]),
+             helper.make_node("Gemm", ["m2", "w3"], ["y"], transB=1)]
+    nodes[2].name = "sensitive"
+    model = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 10])],
+                       {"w1": w1, "b1": b1, "w2": w2, "w3": rand(10, 10, seed=2)}, opset=13)
+    data = Dataset({"x": rand(256, 8, seed=3)})
+    plain = PassManager([Quantize()], calib=data, eval_data=data, latency=NO_LATENCY).run(model).report.steps[-1]
+    assert plain.fidelity["y"]["top1_agreement"] < 90                # all-int8 loses the small channels
+    result = PassManager([Quantize(max_drop=1.0)], calib=data, eval_data=data, latency=NO_LATENCY).run(model)
+    step = result.report.steps[-1]
+    assert step.fidelity["y"]["top1_agreement"] >= 99.0
+    assert step.stats["layers_float"] == 1 and step.stats["layers_quantized"] == 2
+    assert "1 kept in float (budget 1 points): Gemm 'sensitive'" in str(step.notes)
+    kinds = [(n.name, W.layer_weight(n).kind) for n in G.to_graph(result.model).nodes if n.op == "Gemm"]
+    assert [k for _, k in kinds] == ["qdq", "dense", "qdq"] and kinds[1][0] == "sensitive"

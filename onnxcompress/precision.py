@@ -1,0 +1,81 @@
+"""Mixed precision: which layers to keep at higher precision so that a quantized model stays within
+an accuracy budget.
+
+The search follows the automatic mixed precision of AIMET in its simplest greedy form. Every layer
+is scored by how much of the fully quantized model's output error goes away when that layer alone
+is kept at higher precision (one model per layer, measured for real on the evaluation samples);
+then the fewest of the costliest layers are kept back, found by doubling and bisecting over that
+order, until the user-facing metric (top-1 agreement, decoded sequences, map IoU; see
+`metrics.budget_metric`) against the float model is within the budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from .data import Dataset
+from .metrics import budget_metric, fidelity
+from .progress import progress
+from .runtime import make_session, run_model
+
+__all__ = ["Scorer", "Search", "search"]
+
+
+class Scorer:
+    """Scores a model against the float model's outputs on the same samples: (metric in points,
+    100 = the float model's own; output error, the mean over outputs of ||y - y_float||^2 / ||y_float||^2)."""
+
+    def __init__(self, reference: onnx.ModelProto, data: Dataset, providers: Sequence[str], batch_size: int):
+        self.data, self.providers, self.batch_size = data, tuple(providers), batch_size
+        self.reference = run_model(make_session(reference, self.providers), data, batch_size)
+        self.metric = budget_metric(None, fidelity(self.reference, self.reference))[0]
+        self.calls = 0
+
+    def __call__(self, model: onnx.ModelProto) -> tuple[float, float]:
+        self.calls += 1
+        out = run_model(make_session(model, self.providers), self.data, self.batch_size)
+        value = budget_metric(None, fidelity(self.reference, out))[1]
+        err = np.mean([np.sum((out[k].astype(np.float64) - r) ** 2) / max(np.sum(r.astype(np.float64) ** 2), 1e-30)
+                       for k, r in self.reference.items()])
+        return float(value), float(err)
+
+
+@dataclass
+class Search:
+    kept: list[str]          # the layers kept at higher precision, costliest first
+    score: float             # the metric of the chosen model (100 = the float model)
+    quantized_score: float   # the metric with every layer quantized
+    met: bool
+    evaluations: int
+
+
+def search(candidates: Sequence[str], build: Callable[[set[str]], onnx.ModelProto], score: Scorer,
+           budget: float) -> Search:
+    """The fewest candidates (layer ids) to keep at higher precision, costliest first, for a drop
+    of at most `budget` points; `build(kept)` makes the model with those layers kept back."""
+    first = score.calls
+    full, full_err = score(build(set()))
+    if 100.0 - full <= budget + 1e-9:
+        return Search([], full, full, True, score.calls - first)
+    gain = {}
+    for c in progress(candidates, total=len(candidates), desc="precision"):
+        gain[c] = full_err - score(build({c}))[1]
+    order = sorted(candidates, key=lambda c: -gain[c])
+    scores: dict[int, float] = {0: full}
+
+    def at(k: int) -> float:
+        if k not in scores:
+            scores[k] = score(build(set(order[:k])))[0]
+        return scores[k]
+
+    lo, hi = 0, 1                  # at(lo) misses the budget; find the first hi that meets it
+    while hi < len(order) and 100.0 - at(hi) > budget + 1e-9:
+        lo, hi = hi, min(2 * hi, len(order))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if 100.0 - at(mid) <= budget + 1e-9 else (mid, hi)
+    value = at(hi) if hi < len(order) else 100.0
+    return Search(order[:hi], value, full, 100.0 - value <= budget + 1e-9, score.calls - first)
