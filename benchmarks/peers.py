@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import onnx
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from onnxcompress import io
 from onnxcompress.data import Dataset
 
-__all__ = ["ort_quantize_static"]
+__all__ = ["ort_quantize_static", "ort_quantize_dynamic"]
 
 
 class _Reader(CalibrationDataReader):
@@ -27,4 +27,13 @@ def ort_quantize_static(model: onnx.ModelProto, calib: Dataset, per_channel: boo
         own.CopyFrom(model)  # quantize_static moves the weights of the proto it is given to external data
         quantize_static(own, out, _Reader(calib, batch_size), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        return io.load_model(out)
+
+
+def ort_quantize_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's dynamic quantizer with its defaults (int8 weights, activations ranged at run time)."""
+    with io.scratch_dir() as d:
+        src, out = d / "model.onnx", d / "quantized.onnx"
+        io.save_model(model, src)
+        quantize_dynamic(src, out, weight_type=QuantType.QInt8)
         return io.load_model(out)

@@ -1,38 +1,86 @@
-"""Quantization against onnxruntime's own quantizer (`python benchmarks/run.py --only quantize`):
-on the reference models (accuracy, size, latency ratios from interleaved rounds) and on the PP-OCR
-models with rendered text (their decoded strings), both tools calibrated on the same data."""
+"""Quantization against onnxruntime's own quantizers (`python benchmarks/run.py --only quantize`):
+every variant of ours (the default, each accuracy tool off, dynamic, int4, binary) beside
+onnxruntime's `quantize_static` and `quantize_dynamic`, on the reference models (accuracy, size,
+latency ratios from interleaved rounds at 1 and 2 threads) and on the PP-OCR models with rendered
+text (their decoded strings), all calibrated on the same data."""
 from __future__ import annotations
 
 import string
 import time
+from dataclasses import replace
 
-import numpy as np
 import onnx
 
 from benchmarks import ocr
-from benchmarks.peers import ort_quantize_static
+from benchmarks.peers import ort_quantize_dynamic, ort_quantize_static
 from benchmarks.run import accuracy, median_latency
 from onnxcompress import Dataset, LatencyConfig, PassManager
-from onnxcompress.passes import FoldBatchNorm, Quantize
+from onnxcompress.passes import Distill, FoldBatchNorm, Quantize, QuantizeWeights
 from onnxcompress.report import human_bytes, markdown_table
 
 SECTION_TITLE = "## Quantization: `quantize` against onnxruntime's `quantize_static`"
 MNIST_MODELS = ("resnet", "vgg", "mobilenet", "mlp")
+OCR_LATENCY = {"rec": (1, 32), "cls": (1, 32), "det": (1, 4)}   # batch sizes (det pages are 480x640)
 
 
-def _ours(model: onnx.ModelProto, calib, **options) -> tuple[onnx.ModelProto, float, list[str]]:
+def _ours(model: onnx.ModelProto, calib, passes) -> tuple[onnx.ModelProto, float, list[str]]:
     t0 = time.perf_counter()
-    result = PassManager([FoldBatchNorm(), Quantize(**options)], calib=calib, max_drop=None,
-                         latency=LatencyConfig(enabled=False)).run(model)
-    return result.model, time.perf_counter() - t0, result.report.steps[-1].notes
+    result = PassManager(passes, calib=calib, max_drop=None, latency=LatencyConfig(enabled=False)).run(model)
+    return result.model, time.perf_counter() - t0, [n for s in result.report.steps[1:] for n in s.notes]
 
 
-def _theirs(model: onnx.ModelProto, calib) -> tuple[onnx.ModelProto, float]:
+def _theirs(model: onnx.ModelProto, calib) -> tuple[onnx.ModelProto, float, list[str]]:
     """quantize_static as a user runs it: per-channel needs opset 13, so lower opsets are converted first."""
     t0 = time.perf_counter()
     if model.opset_import[0].version < 13:
         model = onnx.version_converter.convert_version(model, 13)
-    return ort_quantize_static(model, calib, per_channel=True), time.perf_counter() - t0
+    return ort_quantize_static(model, calib, per_channel=True), time.perf_counter() - t0, []
+
+
+def _dynamic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, float, list[str]]:
+    t0 = time.perf_counter()
+    return ort_quantize_dynamic(model), time.perf_counter() - t0, []
+
+
+def _variants(fold: bool) -> list[tuple[str, list]]:
+    """(label, passes): our default with the CLI's default budget (1 point of agreement with the
+    float model on the calibration data, which turns the mixed-precision search on), then each
+    accuracy tool switched off, then the other precisions."""
+    pre = [FoldBatchNorm()] if fold else []
+    return [
+        ("quantize (default, budget 1)", pre + [Quantize(max_drop=1.0)]),
+        ("quantize, no mixed precision", pre + [Quantize()]),
+        ("quantize, no mixed precision, rounding nearest", pre + [Quantize(rounding="nearest")]),
+        ("quantize, no mixed precision, no bias correction", pre + [Quantize(bias_correction=False)]),
+        ("quantize, no mixed precision, minmax ranges", pre + [Quantize(calibration="minmax")]),
+        ("quantize, no mixed precision, per-tensor weights", pre + [Quantize(per_channel=False)]),
+        ("quantize(activations='dynamic')", pre + [Quantize(activations="dynamic")]),
+        ("quantize-weights(bits=4)", pre + [QuantizeWeights(bits=4)]),
+        ("quantize-weights(bits=1)", pre + [QuantizeWeights(bits=1)]),
+        ("quantize-weights(bits=1), distill(layers='all')", pre + [QuantizeWeights(bits=1), Distill(layers="all")]),
+    ]
+
+
+def _latency_cells(models: list[onnx.ModelProto], data, cfg: LatencyConfig, rounds: int) -> list[list[str]]:
+    """Per model, its latency over the first model's at each batch size, with 1 and with 2 threads."""
+    cells: list[list[str]] = [[] for _ in models]
+    for threads in (1, 2):
+        lat = median_latency(models, data, replace(cfg, threads=threads), rounds)
+        for row, ms in zip(cells, lat):
+            row += [f"{ms[b] / lat[0][b]:.2f}x" for b in cfg.batch_sizes]
+    return cells
+
+
+def _kept(notes: list[str]) -> str:
+    """What the mixed-precision search kept in float, from the pass's note ("-" if nothing)."""
+    note = next((n for n in notes if n.startswith("mixed precision:")), None)
+    if note is None:
+        return "-"
+    return note.split(" kept in float")[0].rsplit(" with ", 1)[-1].replace(" layers and ", " layers, ")
+
+
+def _latency_header(batches: tuple[int, ...]) -> list[str]:
+    return [f"latency b{b} {t}T" for t in (1, 2) for b in batches]
 
 
 def quant_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[str, onnx.ModelProto]) -> str:
@@ -41,19 +89,19 @@ def quant_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[str
     for name in [m for m in MNIST_MODELS if m in models]:
         print(f"  quantize {name} ...", flush=True)
         model = models[name]
-        ours, t_ours, _ = _ours(model, calib)
-        tensor, t_tensor, _ = _ours(model, calib, per_channel=False)
-        theirs, t_theirs = _theirs(model, calib.take(200))
-        variants = [("fp32 original", model, 0.0), ("onnxruntime quantize_static (per channel)", theirs, t_theirs),
-                    ("quantize (default)", ours, t_ours), ("quantize(per_channel=False)", tensor, t_tensor)]
-        lat = median_latency([m for _, m, _ in variants], test, cfg, rounds)
+        made = [("fp32 original", model, 0.0, []),
+                ("onnxruntime quantize_static (per channel)", *_theirs(model, calib.take(200))),
+                ("onnxruntime quantize_dynamic", *_dynamic(model))]
+        made += [(label, *_ours(model, calib, passes)) for label, passes in _variants(fold=True)]
+        lat = _latency_cells([m for _, m, _, _ in made], test, cfg, rounds)
         base_size = len(model.SerializeToString())
-        for (label, m, secs), ms in zip(variants, lat):
-            rows.append([name, label, f"{accuracy(m, test):.2f}%", f"{human_bytes(len(m.SerializeToString()))} "
-                         f"({len(m.SerializeToString()) / base_size:.2f}x)"]
-                        + [f"{ms[b] / lat[0][b]:.2f}x" for b in cfg.batch_sizes] + [f"{secs:.1f}s" if secs else "-"])
+        for (label, m, secs, notes), cells in zip(made, lat):
+            size = len(m.SerializeToString())
+            rows.append([name, label, f"{accuracy(m, test):.2f}%", f"{human_bytes(size)} ({size / base_size:.2f}x)"]
+                        + cells + [f"{secs:.1f}s" if secs else "-", _kept(notes)])
     parts.append("### Reference models (MNIST)\n\n" + markdown_table(
-        ["model", "variant", "accuracy", "size"] + [f"latency b{b}" for b in cfg.batch_sizes] + ["compress time"], rows))
+        ["model", "variant", "accuracy", "size"] + _latency_header(cfg.batch_sizes) + ["compress time", "kept in float"],
+        rows))
     parts.append(_ocr_part())
     return "\n\n".join(parts) + "\n"
 
@@ -75,36 +123,42 @@ def _ocr_part() -> str:
                                              ocr.det_data(16, 2, alphabet, ocr.DET_PAGE))
         calib = Dataset({"x": calib_x})
         ref = ocr._run(model, eval_x)
-        rows = [["fp32 original", ocr.user_metric(kind, ref, ref, truth, chars), "1.0000", "1.00x", "-", "-"]]
-        for label, make in (("onnxruntime quantize_static (opset 13, per channel)", lambda: _theirs(model, calib)),
-                            ("quantize (default)", lambda: _ours(model, calib)[:2])):
+        makers = [("onnxruntime quantize_static (opset 13, per channel)", lambda: _theirs(model, calib)),
+                  ("onnxruntime quantize_dynamic", lambda: _dynamic(model))]
+        makers += [(label, lambda passes=passes: _ours(model, calib, passes)) for label, passes in _variants(fold=False)
+                   if "distill" not in label]
+        made, rows = [("fp32 original", model, 0.0, [])], []
+        for label, make in makers:
             try:
-                q, secs = make()
-                got = ocr._run(q, eval_x)
-                speed = _speed(model, q, eval_x[:1])
-                rows.append([label, ocr.user_metric(kind, got, ref, truth, chars), f"{ocr._cosine(got, ref):.4f}",
-                             f"{len(q.SerializeToString()) / len(model.SerializeToString()):.2f}x", f"{speed:.2f}x",
-                             f"{secs:.1f}s"])
+                made.append((label, *make()))
             except Exception as e:          # reported in the table, not hidden
-                rows.append([label, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}", "-", "-", "-", "-"])
+                rows.append([label, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}"] + ["-"] * 8)
+            print(f"    {label}: made", flush=True)
+        batches = OCR_LATENCY[kind]
+        lat = _latency_cells([m for _, m, _, _ in made], Dataset({"x": eval_x[:max(batches)]}),
+                             LatencyConfig(batch_sizes=batches, runs=10, warmup=2), 3)
+        for (label, m, secs, notes), cells in zip(made, lat):
+            got = ocr._run(m, eval_x)
+            rows.append([label, ocr.user_metric(kind, got, ref, truth, chars), f"{ocr._cosine(got, ref):.4f}",
+                         f"{len(m.SerializeToString()) / len(model.SerializeToString()):.2f}x"] + cells
+                        + [f"{secs:.1f}s" if secs else "-", _kept(notes)])
             print(f"    {rows[-1][:2]}", flush=True)
         out.append(f"### {file} ({kind})\n\n" + markdown_table(
-            ["variant", ocr.METRIC_HEADER[kind], "cosine vs fp32", "size", "latency b1 vs fp32", "compress time"], rows))
+            ["variant", ocr.METRIC_HEADER[kind], "cosine vs fp32", "size"] + _latency_header(batches)
+            + ["compress time", "kept in float"], rows))
     return "\n\n".join(out)
 
 
-def _speed(a: onnx.ModelProto, b: onnx.ModelProto, x: np.ndarray) -> float:
-    """Median latency of b over a's at batch 1, interleaved rounds, one thread."""
-    base, new = median_latency([a, b], Dataset({"x": x}), LatencyConfig(batch_sizes=(1,), runs=20, warmup=3, threads=1), 3)
-    return new[1] / base[1]
-
-
-INTRO = """Both quantizers get the same calibration data (200 digits for onnxruntime's, as in the tables
-above; all 1,000 for ours, of which `quantize` ranges activations on 512; 32 rendered lines, pages
-or crops for PP-OCR). onnxruntime's `quantize_static` is run as a user would for the best result it
-offers: QDQ, per-channel int8 weights, int8 activations, MinMax calibration; per-channel weights
-need opset 13, so PP-OCR's opset-11/12 models are converted with onnx's version converter first
-(without it onnxruntime refuses to load the output). Ours is `fold-bn,quantize` with default
-options (uint8 activations ranged by "auto", int8 symmetric per-channel weights rounded by GPTQ,
-bias correction, head logits in float; opset raised to 13 the same way). Latency is onnxruntime
-CPU, one thread, as a ratio to the fp32 model in the same interleaved rounds."""
+INTRO = """All quantizers get the same calibration data (200 digits for onnxruntime's `quantize_static`,
+as in the tables above; all 1,000 for ours, of which `quantize` ranges activations on 512; 32
+rendered lines, pages or crops for PP-OCR; `quantize_dynamic` needs none). `quantize_static` is
+run as a user would for the best result it offers: QDQ, per-channel int8 weights, int8
+activations, MinMax calibration; per-channel weights need opset 13, so PP-OCR's opset-11/12 models
+are converted with onnx's version converter first (without it onnxruntime refuses to load the
+output). `quantize_dynamic` runs with its defaults. Ours: `fold-bn` first on the MNIST models
+(PP-OCR's are exported with BatchNorm folded), then `quantize` with default options (uint8
+activations ranged by "auto", int8 symmetric per-channel weights rounded by GPTQ, bias correction,
+head logits in float) and a budget of 1 point, the CLI's default, for the mixed-precision search
+(the "kept in float" column); then the same with each tool switched off, dynamic activations,
+`quantize-weights` at 4 bits and binary. Latency is onnxruntime CPU as a ratio to the fp32 model
+in the same interleaved rounds, with 1 and 2 intra-op threads ("1T", "2T")."""

@@ -3,8 +3,8 @@ an accuracy budget.
 
 The search follows the automatic mixed precision of AIMET in its simplest greedy form. Every layer
 is scored by how much of the fully quantized model's output error goes away when that layer alone
-is kept at higher precision (one model per layer, measured for real on the evaluation samples);
-then the fewest of the costliest layers are kept back, found by doubling and bisecting over that
+is kept at higher precision (one model per layer, measured for real on the evaluation samples), or
+by an estimate the caller gives (cheap: no model per layer); then the fewest of the costliest layers are kept back, found by doubling and bisecting over that
 order, until the user-facing metric (top-1 agreement, decoded sequences, map IoU; see
 `metrics.budget_metric`) against the float model is within the budget.
 """
@@ -53,17 +53,19 @@ class Search:
 
 
 def search(candidates: Sequence[str], build: Callable[[set[str]], onnx.ModelProto], score: Scorer,
-           budget: float) -> Search:
+           budget: float, estimate: dict[str, float] | None = None, measure: int | None = None) -> Search:
     """The fewest candidates (layer ids) to keep at higher precision, costliest first, for a drop
-    of at most `budget` points; `build(kept)` makes the model with those layers kept back."""
+    of at most `budget` points; `build(kept)` makes the model with those layers kept back. The
+    cost of each candidate is measured (one model each), or taken from `estimate`, or measured for
+    the `measure` costliest by the estimate only (the rest follow in the estimate's order)."""
     first = score.calls
     full, full_err = score(build(set()))
     if 100.0 - full <= budget + 1e-9:
         return Search([], full, full, True, score.calls - first)
-    gain = {}
-    for c in progress(candidates, total=len(candidates), desc="precision"):
-        gain[c] = full_err - score(build({c}))[1]
-    order = sorted(candidates, key=lambda c: -gain[c])
+    by_estimate = sorted(candidates, key=lambda c: -estimate[c]) if estimate else list(candidates)
+    measured = by_estimate if estimate is None else by_estimate[:measure or 0]
+    gain = {c: full_err - score(build({c}))[1] for c in progress(measured, total=len(measured), desc="precision")}
+    order = sorted(measured, key=lambda c: -gain[c]) + [c for c in by_estimate if c not in gain]
     scores: dict[int, float] = {0: full}
 
     def at(k: int) -> float:

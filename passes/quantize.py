@@ -40,6 +40,7 @@ __all__ = ["Quantize"]
 
 ABSORBED = frozenset({"Relu", "Clip"})     # an activation the output's requantization can absorb
 INT8 = onnx.TensorProto.INT8
+ACT = "activation:"       # mixed-precision candidates that are activations, not layers
 FLOAT_GUARDED = frozenset({"Conv", "ConvTranspose", "Gemm"})   # see _insert_qdq
 DEPTHWISE_SPREAD = 3.0    # max / median channel range above which a depthwise conv keeps per-channel scales
 
@@ -63,6 +64,8 @@ class Quantize(Pass):
     max_drop: float | None = None     # that budget, in points of agreement with the float model on the
                                       # calibration data; None: the run's --max-drop (none: no search)
     eval_samples: int = 256           # calibration samples the mixed-precision search scores on
+    sensitivity: Literal["measured", "estimated"] = "measured"    # of each weight and activation: one model each, or its own error
+    measure_top: int = 0              # "measured": only the costliest this many by the estimate (0: all)
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -94,7 +97,8 @@ class Quantize(Pass):
                          max_samples=self.calib_samples)
         params = {name: Cal.uint8_params(*Cal.activation_range(Cal.summarize([values[name]]), self.calibration,
                                                                self.percentile)) for name in acts}
-        x_scale = {id(n): params[n.inputs[0].name][0] for n in layers}
+        x_name = {id(n): n.inputs[0].name for n in layers}
+        x_scale = {id(n): params[x_name[id(n)]][0] for n in layers}
         for name, tensor in acts.items():
             _insert_qdq(graph, tensor, *params[name], layers)
         done_layers: dict[str, _Layer] = {}
@@ -113,7 +117,11 @@ class Quantize(Pass):
                  "weight_rel_error": float(np.mean([d.error for d in done_layers.values()]))}
         budget = self.max_drop if self.max_drop is not None else ctx.max_drop
         if budget is not None and self.mixed_precision:
-            graph = _mixed_precision(self, float_graph, graph, done_layers, params, budget, ctx, data, stats, notes)
+            reader = {x_name[id(n)]: n for n in layers}
+            estimate = {G.layer_id(n): done_layers[G.layer_id(n)].error for n in layers}
+            estimate.update({ACT + name: _input_noise(reader.get(name), values[name], *params[name]) for name in acts})
+            graph = _mixed_precision(self, float_graph, graph, done_layers, params, budget, ctx, data, stats, notes,
+                                     estimate if self.sensitivity == "estimated" or self.measure_top else None)
         return PassResult(graph, stats["layers_quantized"] > 0, stats, notes)
 
     def _bodies(self, graph: gs.Graph) -> list[str]:
@@ -150,13 +158,15 @@ class Quantize(Pass):
         stats = {"layers_quantized": len(layers) + lstms, "activations": "dynamic"}
         return PassResult(graph, bool(layers) or lstms > 0 or bool(body_notes), stats, notes)
 
-    def build(self, float_graph: gs.Graph, chosen: dict[str, "_Layer"], params: dict[str, tuple[float, int]]) -> gs.Graph:
-        """The float graph with the layers in `chosen` quantized as recorded (their activations
-        at the calibrated `params`)."""
+    def build(self, float_graph: gs.Graph, chosen: dict[str, "_Layer"], params: dict[str, tuple[float, int]],
+              float_acts: frozenset[str] = frozenset()) -> gs.Graph:
+        """The float graph with the layers in `chosen` quantized as recorded and their activations
+        at the calibrated `params`, except those named in `float_acts`."""
         graph = float_graph.copy()
         layers = [n for n in graph.nodes if G.layer_id(n) in chosen]
         for name, tensor in self._activations(graph, layers).items():
-            _insert_qdq(graph, tensor, *params[name], layers)
+            if name not in float_acts:
+                _insert_qdq(graph, tensor, *params[name], layers)
         for node in layers:
             _write(graph, node, chosen[G.layer_id(node)])
         return graph
@@ -268,23 +278,57 @@ def _write(graph: gs.Graph, node: gs.Node, layer: _Layer) -> None:
 
 def _mixed_precision(p: Quantize, float_graph: gs.Graph, graph: gs.Graph, done: dict[str, _Layer],
                      params: dict[str, tuple[float, int]], budget: float, ctx: Context, data: Dataset,
-                     stats: dict, notes: list[str]) -> gs.Graph:
-    """Keep the layers whose quantization costs the most in float until the agreement with the
-    float model on the calibration data is within `budget` points (`onnxcompress.precision`)."""
+                     stats: dict, notes: list[str], estimate: dict[str, float] | None) -> gs.Graph:
+    """Keep the weights and activations whose quantization costs the most in float until the
+    agreement with the float model on the calibration data is within `budget` points
+    (`onnxcompress.precision`). Candidates: each layer (its weight and its input), and each
+    quantized activation on its own."""
     like = ctx.original
-    build = lambda kept: G.to_model(G.tidy(p.build(float_graph, {k: v for k, v in done.items() if k not in kept}, params)), like=like)
+
+    def make(kept: set[str]) -> gs.Graph:
+        acts = frozenset(k[len(ACT):] for k in kept if k.startswith(ACT))
+        return p.build(float_graph, {k: v for k, v in done.items() if k not in kept}, params, acts)
+
+    candidates = list(done) + [ACT + name for name in params]
     scorer = Scorer(G.to_model(float_graph.copy(), like=like), data.take(p.eval_samples), ctx.providers, ctx.batch_size)
-    found = search(list(done), build, scorer, budget)
+    measure = None if p.sensitivity == "estimated" else p.measure_top
+    found = search(candidates, lambda kept: G.to_model(G.tidy(make(kept)), like=like), scorer, budget, estimate, measure)
     names = {G.layer_id(n): f"{n.op} '{G.display_name(n)}'" for n in float_graph.nodes}
-    stats.update(layers_float=len(found.kept), int8_agreement=found.quantized_score, agreement=found.score,
-                 precision_evaluations=found.evaluations)
-    if found.kept:
-        stats["layers_quantized"] -= len(found.kept)
-        notes.append(f"mixed precision: {scorer.metric} with the float model on {len(scorer.data)} calibration samples "
-                     f"{found.quantized_score:.1f} with every layer int8, {found.score:.1f} with {len(found.kept)} kept "
-                     f"in float (budget {budget:g} points): " + ", ".join(names[k] for k in found.kept))
-        return p.build(float_graph, {k: v for k, v in done.items() if k not in found.kept}, params)
-    return graph
+    layers = [names[k] for k in found.kept if not k.startswith(ACT)]
+    acts = [k[len(ACT):] for k in found.kept if k.startswith(ACT)]
+    stats.update(layers_float=len(layers), activations_float=len(acts), int8_agreement=found.quantized_score,
+                 agreement=found.score, precision_evaluations=found.evaluations)
+    if not found.kept:
+        return graph
+    stats["layers_quantized"] -= len(layers)
+    notes.append(f"mixed precision: {scorer.metric} with the float model on {len(scorer.data)} calibration samples "
+                 f"{found.quantized_score:.1f} with every layer int8, {found.score:.1f} with {len(layers)} layers and "
+                 f"{len(acts)} activations kept in float (budget {budget:g} points)"
+                 + (": layers " + ", ".join(layers) if layers else "") + ("; activations " + ", ".join(acts) if acts else ""))
+    return make(set(found.kept))
+
+
+def _input_noise(node: gs.Node | None, x: np.ndarray, scale: float, zero_point: int) -> float:
+    """The layer's output error from its input's uint8 round trip, relative to its output, with
+    each input channel weighted by the energy of the weights that read it (noise assumed white):
+    sum_c a_c ||x_c - dq(q(x_c))||^2 / sum_c a_c ||x_c||^2."""
+    if node is None:                                        # not a layer's input: plain relative error
+        x = x.astype(np.float64)
+        back = (np.clip(np.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
+        return float(np.sum((x - back) ** 2) / max(np.sum(x ** 2), 1e-30))
+    w = W.layer_weight(node).value
+    rows = out_rows(node, w).astype(np.float64)
+    if node.op == "Conv":
+        g, cg = int(node.attrs.get("group", 1)), w.shape[1]
+        energy = (rows.reshape(g, rows.shape[0] // g, cg, -1) ** 2).sum((1, 3)).reshape(-1)
+        axis = 1
+    else:
+        energy, axis = (rows ** 2).sum(0), x.ndim - 1
+    x = np.moveaxis(x.astype(np.float64), axis, -1).reshape(-1, x.shape[axis])
+    noise = x - (np.clip(np.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
+    if energy.size != x.shape[1]:
+        return float(np.sum(noise ** 2) / max(np.sum(x ** 2), 1e-30))
+    return float(energy @ (noise ** 2).sum(0) / max(energy @ (x ** 2).sum(0), 1e-30))
 
 
 def _integer_layers(graph: gs.Graph) -> int:

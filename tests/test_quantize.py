@@ -251,6 +251,6 @@ def test_mixed_precision_keeps_the_one_sensitive_layer_in_float_within_the_budge
     step = result.report.steps[-1]
     assert step.fidelity["y"]["top1_agreement"] >= 99.0
     assert step.stats["layers_float"] == 1 and step.stats["layers_quantized"] == 2
-    assert "1 kept in float (budget 1 points): Gemm 'sensitive'" in str(step.notes)
+    assert "1 layers and 0 activations kept in float (budget 1 points): layers Gemm 'sensitive'" in str(step.notes)
     kinds = [(n.name, W.layer_weight(n).kind) for n in G.to_graph(result.model).nodes if n.op == "Gemm"]
     assert [k for _, k in kinds] == ["qdq", "dense", "qdq"] and kinds[1][0] == "sensitive"
