@@ -12,9 +12,15 @@ the scale the integer kernels assume.
 Accuracy tools: weights are rounded by data (`rounding="gptq"`, the default: layers front to back
 on the model as quantized so far, each rounding error compensated on the columns not yet rounded
 through the inverse Gram matrix of the layer's quantized inputs), and the shift this leaves in each
-output channel's mean is folded into the bias (`bias_correction`). Per-channel weight scales need
-DequantizeLinear's `axis` (opset 13): a model below it is converted by onnx's version converter
-first, and the report says so.
+output channel's mean is folded into the bias (`bias_correction`). With a budget (`max_drop`, or
+the run's), mixed precision keeps the weights and activations whose quantization costs the most in
+float until the agreement with the float model on the calibration data holds
+(`onnxcompress.precision`). Per-channel weight scales need DequantizeLinear's `axis` (opset 13): a
+model below it is converted by onnx's version converter first, and the report says so.
+
+Also handled: LSTMs (onnxruntime's DynamicQuantizeLSTM, whatever `activations` says), layers inside
+If/Loop/Scan bodies (MatMul/Gemm dynamically, Conv weights int8: calibration cannot reach a body's
+activations), and `activations="dynamic"` for MatMul-heavy models (`onnxcompress.dynamic`).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress import calibration as Cal, graph as G, weights as W
+from onnxcompress import calibration as Cal, graph as G, qdq as Q, weights as W
 from onnxcompress.layers import channel_spread, from_out_rows, group_slices, out_axis, out_rows
 from onnxcompress.data import Dataset
 from onnxcompress.dynamic import dynamic_lstm, dynamic_matmul, symmetric_int8
@@ -34,14 +40,12 @@ from onnxcompress.precision import Scorer, search
 from onnxcompress.recovery import sequential
 from onnxcompress.runtime import capture
 from onnxcompress.solvers import gptq
-from onnxcompress.storage import Quantized, add_node, constant
+from onnxcompress.storage import Quantized
 
 __all__ = ["Quantize"]
 
-ABSORBED = frozenset({"Relu", "Clip"})     # an activation the output's requantization can absorb
 INT8 = onnx.TensorProto.INT8
 ACT = "activation:"       # mixed-precision candidates that are activations, not layers
-FLOAT_GUARDED = frozenset({"Conv", "ConvTranspose", "Gemm"})   # see _insert_qdq
 DEPTHWISE_SPREAD = 3.0    # max / median channel range above which a depthwise conv keeps per-channel scales
 
 
@@ -75,7 +79,7 @@ class Quantize(Pass):
         return 13 if self.per_channel and self.activations == "static" else 10
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
-        done = _integer_layers(graph)
+        done = Q.integer_layers(graph)
         if done:
             return PassResult(graph, False, {"layers_quantized": 0},
                               [f"the model is already quantized ({done} layers with integer weights or kernels); "
@@ -100,7 +104,7 @@ class Quantize(Pass):
         x_name = {id(n): n.inputs[0].name for n in layers}
         x_scale = {id(n): params[x_name[id(n)]][0] for n in layers}
         for name, tensor in acts.items():
-            _insert_qdq(graph, tensor, *params[name], layers)
+            Q.insert_qdq(graph, tensor, *params[name], layers)
         done_layers: dict[str, _Layer] = {}
 
         def visit(node: gs.Node, grams: list[np.ndarray] | None) -> None:
@@ -119,10 +123,10 @@ class Quantize(Pass):
         if budget is not None and self.mixed_precision:
             reader = {x_name[id(n)]: n for n in layers}
             estimate = {G.layer_id(n): done_layers[G.layer_id(n)].error for n in layers}
-            estimate.update({ACT + name: _input_noise(reader.get(name), values[name], *params[name]) for name in acts})
+            estimate.update({ACT + name: Q.input_noise(reader.get(name), values[name], *params[name]) for name in acts})
             graph = _mixed_precision(self, float_graph, graph, done_layers, params, budget, ctx, data, stats, notes,
                                      estimate if self.sensitivity == "estimated" or self.measure_top else None)
-        return PassResult(graph, stats["layers_quantized"] > 0, stats, notes)
+        return PassResult(graph, stats["layers_quantized"] > 0 or bool(lstms or body_notes), stats, notes)
 
     def _bodies(self, graph: gs.Graph) -> list[str]:
         """Layers inside If/Loop/Scan bodies, whose activations calibration cannot reach: MatMul and
@@ -166,7 +170,7 @@ class Quantize(Pass):
         layers = [n for n in graph.nodes if G.layer_id(n) in chosen]
         for name, tensor in self._activations(graph, layers).items():
             if name not in float_acts:
-                _insert_qdq(graph, tensor, *params[name], layers)
+                Q.insert_qdq(graph, tensor, *params[name], layers)
         for node in layers:
             _write(graph, node, chosen[G.layer_id(node)])
         return graph
@@ -193,9 +197,9 @@ class Quantize(Pass):
         for node in layers:
             acts[node.inputs[0].name] = node.inputs[0]
             y = node.outputs[0]
-            if len(y.outputs) == 1 and y.outputs[0].op in ABSORBED and y.name not in outputs:
+            if len(y.outputs) == 1 and y.outputs[0].op in Q.ABSORBED and y.name not in outputs:
                 y = y.outputs[0].outputs[0]
-            feeds_float_layers = bool(y.outputs) and all(n.op in FLOAT_GUARDED | {"MatMul"} and id(n) not in ids
+            feeds_float_layers = bool(y.outputs) and all(n.op in Q.FLOAT_GUARDED | {"MatMul"} and id(n) not in ids
                                                           for n in y.outputs)
             if not head(y) and not feeds_float_layers:
                 acts[y.name] = y
@@ -301,48 +305,12 @@ def _mixed_precision(p: Quantize, float_graph: gs.Graph, graph: gs.Graph, done: 
     if not found.kept:
         return graph
     stats["layers_quantized"] -= len(layers)
+    stats["activations_quantized"] -= len(acts)
     notes.append(f"mixed precision: {scorer.metric} with the float model on {len(scorer.data)} calibration samples "
                  f"{found.quantized_score:.1f} with every layer int8, {found.score:.1f} with {len(layers)} layers and "
                  f"{len(acts)} activations kept in float (budget {budget:g} points)"
                  + (": layers " + ", ".join(layers) if layers else "") + ("; activations " + ", ".join(acts) if acts else ""))
     return make(set(found.kept))
-
-
-def _input_noise(node: gs.Node | None, x: np.ndarray, scale: float, zero_point: int) -> float:
-    """The layer's output error from its input's uint8 round trip, relative to its output, with
-    each input channel weighted by the energy of the weights that read it (noise assumed white):
-    sum_c a_c ||x_c - dq(q(x_c))||^2 / sum_c a_c ||x_c||^2."""
-    if node is None:                                        # not a layer's input: plain relative error
-        x = x.astype(np.float64)
-        back = (np.clip(np.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
-        return float(np.sum((x - back) ** 2) / max(np.sum(x ** 2), 1e-30))
-    w = W.layer_weight(node).value
-    rows = out_rows(node, w).astype(np.float64)
-    if node.op == "Conv":
-        g, cg = int(node.attrs.get("group", 1)), w.shape[1]
-        energy = (rows.reshape(g, rows.shape[0] // g, cg, -1) ** 2).sum((1, 3)).reshape(-1)
-        axis = 1
-    else:
-        energy, axis = (rows ** 2).sum(0), x.ndim - 1
-    x = np.moveaxis(x.astype(np.float64), axis, -1).reshape(-1, x.shape[axis])
-    noise = x - (np.clip(np.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
-    if energy.size != x.shape[1]:
-        return float(np.sum(noise ** 2) / max(np.sum(x ** 2), 1e-30))
-    return float(energy @ (noise ** 2).sum(0) / max(energy @ (x ** 2).sum(0), 1e-30))
-
-
-def _integer_layers(graph: gs.Graph) -> int:
-    """Layers that already compute with integer weights: QDQ or MatMulNBits weights, or QOperator
-    and integer kernels (QLinearConv, ConvInteger, ...)."""
-    count = 0
-    for node in graph.nodes:
-        if node.op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits", "DynamicQuantizeLSTM",
-                       "DynamicQuantizeMatMul"):
-            count += 1
-        elif node.op in W.LAYERS and node.op != "Gather":
-            s = W.layer_weight(node)
-            count += s is not None and s.kind in ("qdq", "nbits")
-    return count
 
 
 def _relative_error(rows: np.ndarray, new: np.ndarray, groups: list[tuple[slice, np.ndarray]]) -> float:
@@ -352,52 +320,3 @@ def _relative_error(rows: np.ndarray, new: np.ndarray, groups: list[tuple[slice,
         return float(np.sum(d ** 2) / max(np.sum(rows ** 2), 1e-30))
     quad = lambda a: sum(np.einsum("ij,jk,ik->", a[part], h[:-1, :-1], a[part]) for part, h in groups)
     return float(quad(d) / max(quad(rows), 1e-30))
-
-
-def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float, zero_point: int, layers: list[gs.Node]) -> None:
-    """tensor -> QuantizeLinear -> DequantizeLinear -> every consumer (a graph output stays float).
-
-    A Conv, ConvTranspose or Gemm left in float reads the float tensor, or, where that tensor is a
-    quantized layer's requantized output (reading it in float would undo that layer's fusion), the
-    codes through a DequantizeLinear of its own whose scale is repeated per input channel: given a
-    per-tensor one, onnxruntime (WeightBiasQuantization) would quantize the float layer's weight
-    itself, per tensor, when its output leads to a QuantizeLinear; on PP-OCRv4 rec that took the
-    lines decoded as fp32 from 88% to 16% for a model with every weight in float."""
-    base = G.stem(tensor.name)
-    sc = constant(graph, base + "_scale", np.array(scale, np.float32))
-    zp = constant(graph, base + "_zero_point", np.array(zero_point, np.uint8))
-    consumers = list(tensor.outputs)
-    q = add_node(graph, "QuantizeLinear", [tensor, sc, zp], {}, base + "_q", np.uint8)
-    dq = add_node(graph, "DequantizeLinear", [q, sc, zp], {}, base + "_dq", np.float32)
-    quantized = {id(n) for n in layers}
-    producer = G.producer(tensor)
-    if producer is not None and producer.op in ABSORBED and producer.inputs:
-        producer = G.producer(producer.inputs[0])
-    fused = producer is not None and id(producer) in quantized       # its output requantized by a kernel
-    for node in consumers:
-        source = dq
-        if node.op in FLOAT_GUARDED and id(node) not in quantized:
-            channels = _input_channels(node)
-            if not fused or channels is None:
-                source = tensor                                      # the float layer reads the float tensor
-            else:
-                axis, n = channels
-                source = add_node(graph, "DequantizeLinear", [q, constant(graph, base + "_scales", np.full(n, scale, np.float32)),
-                                                              constant(graph, base + "_zero_points", np.full(n, zero_point, np.uint8))],
-                                  {"axis": axis}, base + "_dq_float", np.float32)
-        node.inputs = [source if t is tensor else t for t in node.inputs]
-
-
-def _input_channels(node: gs.Node) -> tuple[int, int] | None:
-    """(axis, size) of a known dimension of a Conv, ConvTranspose or Gemm's first input."""
-    w = G.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None:
-        w = W.layer_weight(node).value if node.op in W.LAYERS and W.layer_weight(node) is not None else None
-    if w is None or w.ndim < 2:
-        return None
-    if node.op == "Conv":
-        return 1, int(w.shape[1]) * int(node.attrs.get("group", 1))
-    if node.op == "ConvTranspose":
-        return 1, int(w.shape[0])
-    k = int(w.shape[1] if node.attrs.get("transB", 0) else w.shape[0])
-    return (0, k) if node.attrs.get("transA", 0) else (1, k)
