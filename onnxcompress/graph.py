@@ -245,14 +245,28 @@ def ensure_inputs(node: gs.Node, n: int) -> None:
         node.inputs.append(gs.Variable.empty())
 
 
+def _signature(graph: gs.Graph) -> tuple:
+    return len(graph.nodes), id(graph.nodes[-1]) if graph.nodes else None, len(graph.inputs), len(graph.outputs)
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
-    names = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-    if base not in names:
-        return base
-    i = 1
-    while f"{base}_{i}" in names:
+    """`base`, or `base_1`, `base_2`, ...: a name no node or tensor of the graph has, nor any name
+    this function returned for it before. The names are cached on the graph until a node is
+    added or removed (rewrites add hundreds of nodes to graphs of thousands)."""
+    cached = getattr(graph, "_unique_names", None)
+    if cached is None or cached[0] != _signature(graph):
+        names = {n.name for n in graph.nodes} | {t.name for t in list(graph.inputs) + list(graph.outputs)}
+        names |= {t.name for n in graph.nodes for t in list(n.inputs) + list(n.outputs)}
+        names |= cached[1] if cached is not None else set()
+        cached = (_signature(graph), names)
+        graph._unique_names = cached
+    names = cached[1]
+    name, i = base, 0
+    while name in names:
         i += 1
-    return f"{base}_{i}"
+        name = f"{base}_{i}"
+    names.add(name)
+    return name
 
 
 _DERIVED = re.compile(r"(_(refit|bnfold|folded|pruned|codebook|index|i64|cast|\d+))+$")
