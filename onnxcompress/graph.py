@@ -253,7 +253,7 @@ def unique_name(graph: gs.Graph, base: str) -> str:
     """`base`, or `base_1`, `base_2`, ...: a name no node or tensor of the graph has, nor any name
     this function returned for it before. The names are cached on the graph until a node is
     added or removed (rewrites add hundreds of nodes to graphs of thousands)."""
-    cached = getattr(graph, "_unique_names", None)
+    cached = graph.__dict__.get("_unique_names")      # not getattr: graphsurgeon looks missing names up as functions
     if cached is None or cached[0] != _signature(graph):
         names = {n.name for n in graph.nodes} | {t.name for t in list(graph.inputs) + list(graph.outputs)}
         names |= {t.name for n in graph.nodes for t in list(n.inputs) + list(n.outputs)}

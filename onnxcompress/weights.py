@@ -397,7 +397,7 @@ def _place(graph: gs.Graph, node: gs.Node, index: int, s: Stored, storage: Stora
     if isinstance(storage, NBits):
         storage.emit_into(graph, node)
         return Stored(storage.decode(), storage, s.sources, node.inputs[1])
-    out = storage.emit(graph, G.unique_name(graph, base))
+    out = storage.emit(graph, base)            # each piece it adds gets a unique name of its own
     want = s.value.dtype
     if storage.decode().dtype != want:
         out = add_node(graph, "Cast", [out], {"to": onnx.helper.np_dtype_to_tensor_dtype(want)}, base + "_cast", want)
