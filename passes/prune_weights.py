@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress import graph as G, weights as W
+from onnxcompress import weights as W
 from onnxcompress.importance import input_norms
 from onnxcompress.layers import from_out_rows, out_rows
 from onnxcompress.pass_api import Context, Pass, PassResult
