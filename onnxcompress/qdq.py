@@ -58,9 +58,8 @@ def insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float, zero_point: int
 
 def _input_channels(node: gs.Node) -> tuple[int, int] | None:
     """(axis, size) of a known dimension of a Conv, ConvTranspose or Gemm's first input."""
-    w = G.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None:
-        w = W.layer_weight(node).value if node.op in W.LAYERS and W.layer_weight(node) is not None else None
+    s = W.layer_weight(node) if len(node.inputs) > 1 else None
+    w = s.value if s is not None else None
     if w is None or w.ndim < 2:
         return None
     if node.op == "Conv":

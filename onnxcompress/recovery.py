@@ -255,6 +255,13 @@ def sequential(graph: gs.Graph, ctx: Context, data: Dataset,
         visit[id(node)](node, grams)
 
 
+def mean_shift(rows: np.ndarray, new: np.ndarray, groups: list[tuple[slice, np.ndarray]]) -> np.ndarray:
+    """Per output row, how much replacing `rows` by `new` moves the layer's mean output: (W - Q)
+    times the inputs' mean, read from each group's Gram matrix of `sequential` (its last row holds
+    the inputs' sums and the row count). Bias correction adds it to the bias."""
+    return np.concatenate([(rows - new)[part] @ (gram[-1, :-1] / gram[-1, -1]) for part, gram in groups])
+
+
 def prune_sequential(graph: gs.Graph, ctx: Context, data: Dataset, layers: list[tuple[gs.Node, np.ndarray]],
                      max_rows: int = 20000, seed: int = 0) -> dict[int, np.ndarray]:
     """SparseGPT front to back: each (layer, keep-mask) loses as many weights as its mask drops

@@ -474,8 +474,7 @@ def quantizable_layers(graph: gs.Graph, ops: frozenset[str], exclude: tuple[str,
             notes.append(f"{label}: transA or alpha != 1; left in float")
         else:
             layers.append(node)
-    order = {id(n): i for i, n in enumerate(graph.nodes)}
-    return sorted(layers, key=lambda n: order[id(n)]), notes
+    return layers, notes             # in graph order: distinct_weights lists weights by their first layer
 
 
 def to_matmul_nbits(graph: gs.Graph, node: gs.Node, storage: NBits) -> None:

@@ -34,13 +34,13 @@ import onnx_graphsurgeon as gs
 from onnxcompress import calibration as Cal, graph as G, qdq as Q, weights as W
 from onnxcompress.layers import channel_spread, from_out_rows, group_slices, out_axis, out_rows
 from onnxcompress.data import Dataset
-from onnxcompress.dynamic import dynamic_lstm, dynamic_matmul, symmetric_int8
+from onnxcompress.dynamic import dynamic_lstm, dynamic_matmul
 from onnxcompress.pass_api import Context, Pass, PassResult
 from onnxcompress.precision import Scorer, search
-from onnxcompress.recovery import sequential
+from onnxcompress.recovery import mean_shift, sequential
 from onnxcompress.runtime import capture
 from onnxcompress.solvers import gptq
-from onnxcompress.storage import Quantized
+from onnxcompress.storage import Quantized, as_quantized
 
 __all__ = ["Quantize"]
 
@@ -121,11 +121,12 @@ class Quantize(Pass):
                  "weight_rel_error": float(np.mean([d.error for d in done_layers.values()]))}
         budget = self.max_drop if self.max_drop is not None else ctx.max_drop
         if budget is not None and self.mixed_precision:
-            reader = {x_name[id(n)]: n for n in layers}
-            estimate = {G.layer_id(n): done_layers[G.layer_id(n)].error for n in layers}
-            estimate.update({ACT + name: Q.input_noise(reader.get(name), values[name], *params[name]) for name in acts})
-            graph = _mixed_precision(self, float_graph, graph, done_layers, params, budget, ctx, data, stats, notes,
-                                     estimate if self.sensitivity == "estimated" or self.measure_top else None)
+            estimate = None
+            if self.sensitivity == "estimated" or self.measure_top:
+                reader = {x_name[id(n)]: n for n in layers}
+                estimate = {G.layer_id(n): done_layers[G.layer_id(n)].error for n in layers}
+                estimate.update({ACT + name: Q.input_noise(reader.get(name), values[name], *params[name]) for name in acts})
+            graph = _mixed_precision(self, float_graph, graph, done_layers, params, budget, ctx, data, stats, notes, estimate)
         return PassResult(graph, stats["layers_quantized"] > 0 or bool(lstms or body_notes), stats, notes)
 
     def _bodies(self, graph: gs.Graph) -> list[str]:
@@ -138,10 +139,7 @@ class Quantize(Pass):
                 for node in layers:
                     if node.op == "Conv":
                         s = W.layer_weight(node)
-                        codes, scale = symmetric_int8(out_rows(node, s.value).astype(np.float64))
-                        full = lambda a: from_out_rows(node, a, s.value.shape)
-                        W.convert(body, node, 1, s, Quantized(full(codes.astype(np.int64)), full(np.broadcast_to(scale[:, None], codes.shape)),
-                                                               np.zeros(s.value.shape, np.int64), INT8, 0, 0, True, ()))
+                        W.convert(body, node, 1, s, as_quantized(s.value, INT8, axis=0))
                     else:
                         dynamic_matmul(body, node)
                 if layers:
@@ -222,7 +220,7 @@ class Quantize(Pass):
             new = grid(rows, scale[:, None])
         delta = np.zeros(rows.shape[0])
         if groups and self.bias_correction:                 # keep each output channel's mean
-            delta = np.concatenate([(rows - new)[part] @ (gram[-1, :-1] / gram[-1, -1]) for part, gram in groups])
+            delta = mean_shift(rows, new, groups)
         q = np.round(new / scale[:, None]).astype(np.int64)
         axis = out_axis(node) if per_channel else None
         weight = Quantized(from_out_rows(node, q, s.value.shape),

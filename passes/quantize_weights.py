@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress import graph as G, weights as W
 from onnxcompress.layers import from_out_rows, group_slices, out_axis, out_rows
 from onnxcompress.pass_api import Context, Pass, PassResult
-from onnxcompress.recovery import sequential
+from onnxcompress.recovery import mean_shift, sequential
 from onnxcompress.solvers import gptq
 from onnxcompress.storage import NBits, Quantized
 
@@ -93,7 +93,7 @@ class QuantizeWeights(Pass):
             scale = np.concatenate([_refit(rows[p], codes[p] - zp[p][:, cols], g[:-1, :-1], scale[p]) for p, g in groups])
         new = (codes - zp[:, cols]) * scale[:, cols]
         if groups:
-            delta = np.concatenate([(rows - new)[p] @ (g[-1, :-1] / g[-1, -1]) for p, g in groups])
+            delta = mean_shift(rows, new, groups)
             b = W.layer_bias(node)
             if node.op != "MatMul" and (b is None or b.value.size == len(delta)) and np.any(delta):
                 W.write_bias(graph, node, (0 if b is None else b.value.reshape(-1)) + delta.astype(np.float32))
