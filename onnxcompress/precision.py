@@ -34,6 +34,12 @@ class Scorer:
         self.metric = budget_metric(None, fidelity(self.reference, self.reference))[0]
         self.calls = 0
 
+    @property
+    def resolution(self) -> float:
+        """The smallest drop an agreement metric can show: one sample of the data, in points (0 for
+        continuous metrics such as a map's IoU)."""
+        return 100.0 / len(self.data) if "agreement" in self.metric else 0.0
+
     def __call__(self, model: onnx.ModelProto) -> tuple[float, float]:
         self.calls += 1
         out = run_model(make_session(model, self.providers), self.data, self.batch_size)

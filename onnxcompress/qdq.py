@@ -7,16 +7,23 @@ estimates what a layer's output loses when its input is rounded to uint8.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import graph as G, weights as W
 from .layers import out_rows
-from .storage import add_node, constant
+from .storage import Quantized, add_node, constant
 
-__all__ = ["ABSORBED", "FLOAT_GUARDED", "insert_qdq", "integer_layers", "input_noise"]
+__all__ = ["ABSORBED", "CODE_OPS", "FLOAT_GUARDED", "QLINEAR_POOLS", "insert_qdq", "integer_layers", "input_noise",
+           "pad_input_channels"]
 
 ABSORBED = frozenset({"Relu", "Clip"})          # an activation the output's requantization can absorb
+CODE_OPS = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "MaxPool"})
+                                                # run on the uint8 codes when the DQ before and Q after share a scale
+QLINEAR_POOLS = frozenset({"GlobalAveragePool", "AveragePool"})   # have integer kernels (QLinear*) of their own
+CHANNEL_MULTIPLE = 4                            # input channels onnxruntime's fast int8 conv kernels want
 FLOAT_GUARDED = frozenset({"Conv", "ConvTranspose", "Gemm"})   # what onnxruntime would quantize itself
 INTEGER_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits",
                          "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"})
@@ -54,6 +61,36 @@ def insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float, zero_point: int
                                                               constant(graph, base + "_zero_points", np.full(n, zero_point, np.uint8))],
                                   {"axis": axis}, base + "_dq_float", np.float32)
         node.inputs = [source if t is tensor else t for t in node.inputs]
+
+
+def pad_input_channels(graph: gs.Graph, layers: list[gs.Node]) -> list[str]:
+    """Quantized Convs (group 1) whose input channels are not a multiple of CHANNEL_MULTIPLE get
+    zero weight channels up to it, and their uint8 input codes padded with the zero point between
+    the QuantizeLinear and the DequantizeLinear, so that onnxruntime runs its fast int8 kernel: on
+    the MNIST ResNet's 1-channel stem at batch 32 the generic one took 598 us, fp32 94 us. Returns
+    the names of the convs padded."""
+    padded = []
+    for node in layers:
+        s = W.layer_weight(node) if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 else None
+        if s is None or not isinstance(s.storage, Quantized) or s.value.ndim < 3:
+            continue
+        pad = -s.value.shape[1] % CHANNEL_MULTIPLE
+        dq = G.producer(node.inputs[0])
+        q = G.producer(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" and len(dq.inputs) == 3 else None
+        if not pad or q is None or q.op != "QuantizeLinear":
+            continue
+        w = s.storage
+        widths = [(0, 0), (0, pad)] + [(0, 0)] * (w.q.ndim - 2)
+        W.convert(graph, node, 1, s, replace(w, q=np.pad(w.q, widths), scale=np.pad(w.scale, widths, mode="edge"),
+                                             zero_point=np.pad(w.zero_point, widths)))
+        pads = np.zeros(2 * w.q.ndim, np.int64)
+        pads[w.q.ndim + 1] = pad                                 # at the end of the channel axis
+        base = G.stem(dq.inputs[0].name) + "_cpad"
+        codes = add_node(graph, "Pad", [dq.inputs[0], constant(graph, base + "s", pads), dq.inputs[2]],
+                         {"mode": "constant"}, base, np.uint8)
+        node.inputs[0] = add_node(graph, "DequantizeLinear", [codes, dq.inputs[1], dq.inputs[2]], {}, base + "_dq", np.float32)
+        padded.append(G.display_name(node))
+    return padded
 
 
 def _input_channels(node: gs.Node) -> tuple[int, int] | None:

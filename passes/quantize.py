@@ -35,6 +35,7 @@ from onnxcompress import calibration as Cal, graph as G, qdq as Q, weights as W
 from onnxcompress.layers import channel_spread, from_out_rows, group_slices, out_axis, out_rows
 from onnxcompress.data import Dataset
 from onnxcompress.dynamic import dynamic_lstm, dynamic_matmul
+from onnxcompress.equalize import equalize
 from onnxcompress.pass_api import Context, Pass, PassResult
 from onnxcompress.precision import Scorer, search
 from onnxcompress.recovery import mean_shift, sequential
@@ -62,6 +63,7 @@ class Quantize(Pass):
     depthwise_per_channel: bool = False   # depthwise convs: one scale per tensor unless this is set
     rounding: Literal["nearest", "gptq"] = "gptq"
     bias_correction: bool = True
+    equalize: bool = True            # cross-layer equalization of pairs joined by ReLU-like ops (onnxcompress.equalize)
     calib_samples: int = 512          # samples whose activations set the ranges
     exclude: tuple[str, ...] = ()
     mixed_precision: bool = True      # keep the costliest layers in float until the budget holds
@@ -95,12 +97,16 @@ class Quantize(Pass):
             notes.append(f"{len(lstms)} LSTM layers quantized dynamically (DynamicQuantizeLSTM)")
         if not layers:
             return PassResult(graph, bool(lstms or body_notes), {"layers_quantized": len(lstms)}, notes)
+        if self.equalize and (pairs := equalize(graph, self.exclude)):
+            notes.append(f"cross-layer equalization: {len(pairs)} layer pairs rescaled (the float model's function unchanged)")
         float_graph = graph.copy()
-        acts = self._activations(graph, layers)
+        acts, ties, chains = self._activations(graph, layers)
         values = capture(G.to_model(graph, like=ctx.original), data, list(acts), ctx.providers, ctx.batch_size,
                          max_samples=self.calib_samples)
         params = {name: Cal.uint8_params(*Cal.activation_range(Cal.summarize([values[name]]), self.calibration,
                                                                self.percentile)) for name in acts}
+        for name in _tie_order(ties):
+            params[name] = params[ties[name]]
         x_name = {id(n): n.inputs[0].name for n in layers}
         x_scale = {id(n): params[x_name[id(n)]][0] for n in layers}
         for name, tensor in acts.items():
@@ -117,6 +123,10 @@ class Quantize(Pass):
         else:
             for node in layers:
                 visit(node, None)
+        padded = Q.pad_input_channels(graph, layers)
+        if padded:
+            notes.append(f"input channels padded to a multiple of {Q.CHANNEL_MULTIPLE} with zero weights (onnxruntime's "
+                         f"fast int8 conv kernel): {', '.join(padded)}")
         stats = {"layers_quantized": len(layers), "activations_quantized": len(acts),
                  "weight_rel_error": float(np.mean([d.error for d in done_layers.values()]))}
         budget = self.max_drop if self.max_drop is not None else ctx.max_drop
@@ -125,8 +135,10 @@ class Quantize(Pass):
             if self.sensitivity == "estimated" or self.measure_top:
                 reader = {x_name[id(n)]: n for n in layers}
                 estimate = {G.layer_id(n): done_layers[G.layer_id(n)].error for n in layers}
-                estimate.update({ACT + name: Q.input_noise(reader.get(name), values[name], *params[name]) for name in acts})
-            graph = _mixed_precision(self, float_graph, graph, done_layers, params, budget, ctx, data, stats, notes, estimate)
+                estimate.update({ACT + name: Q.input_noise(reader.get(name), values[name], *params[name])
+                                 for name in acts if name not in chains})
+            graph = _mixed_precision(self, float_graph, graph, done_layers, params, chains, budget, ctx, data, stats,
+                                     notes, estimate)
         return PassResult(graph, stats["layers_quantized"] > 0 or bool(lstms or body_notes), stats, notes)
 
     def _bodies(self, graph: gs.Graph) -> list[str]:
@@ -166,17 +178,26 @@ class Quantize(Pass):
         at the calibrated `params`, except those named in `float_acts`."""
         graph = float_graph.copy()
         layers = [n for n in graph.nodes if G.layer_id(n) in chosen]
-        for name, tensor in self._activations(graph, layers).items():
+        for name, tensor in self._activations(graph, layers)[0].items():
             if name not in float_acts:
                 Q.insert_qdq(graph, tensor, *params[name], layers)
         for node in layers:
             _write(graph, node, chosen[G.layer_id(node)])
+        Q.pad_input_channels(graph, layers)
         return graph
 
-    def _activations(self, graph: gs.Graph, layers: list[gs.Node]) -> dict[str, gs.Tensor]:
-        """The tensors to quantize: each layer's input, and its output (after a Relu/Clip it feeds
-        alone) unless it reaches a graph output before any other quantized layer: a head's logits
-        stay float (8-bit logits over thousands of classes flip argmax decisions)."""
+    def _activations(self, graph: gs.Graph, layers: list[gs.Node]
+                     ) -> tuple[dict[str, gs.Tensor], dict[str, str], dict[str, str]]:
+        """The tensors to quantize; which of them take another's scale; and, for those quantized
+        upstream of a layer's input, that input (mixed precision keeps such a chain in float
+        together: one of its tensors alone would not take its rounding away). Each layer's
+        input; its output (after a Relu/Clip it feeds alone) unless it reaches a graph output before
+        any other quantized layer (a head's logits stay float: 8-bit logits over thousands of classes
+        flip argmax decisions) or feeds only float layers; and upstream of a layer's input, through
+        ops onnxruntime runs on uint8 codes (Flatten, MaxPool, ... sharing their input's scale) or
+        with integer kernels of their own (average pools), the tensors that a quantized layer or a
+        residual Add with quantized inputs produces: the MNIST ResNet's last Add, its pooling and
+        Flatten then run in int8 instead of dequantizing before the pool."""
         outputs = {t.name for t in graph.outputs}
         ids = {id(n) for n in layers}
 
@@ -201,7 +222,31 @@ class Quantize(Pass):
                                                           for n in y.outputs)
             if not head(y) and not feeds_float_layers:
                 acts[y.name] = y
-        return acts
+
+        def quantized_source(t: gs.Tensor) -> bool:
+            p = G.producer(t)
+            if p is not None and p.op in Q.ABSORBED and len(p.inputs[0].outputs) == 1:
+                p = G.producer(p.inputs[0])
+            return p is not None and (id(p) in ids or p.op in ("Add", "Concat")
+                                      and all(i.name in acts for i in p.inputs if not isinstance(i, gs.Constant)))
+
+        ties: dict[str, str] = {}
+        chains: dict[str, str] = {}
+        for node in layers:
+            x, chain = node.inputs[0], []
+            while (p := G.producer(x)) is not None and p.op in Q.CODE_OPS | Q.QLINEAR_POOLS and p.inputs:
+                chain.append((p, x))
+                x = p.inputs[0]
+                if x.name in acts or quantized_source(x):        # quantize the whole chain up to x
+                    for op, out in chain:
+                        if op.op in Q.CODE_OPS:
+                            ties[out.name] = op.inputs[0].name
+                        u = op.inputs[0]
+                        if u.name not in acts:
+                            acts[u.name] = u
+                            chains[u.name] = node.inputs[0].name
+                    break
+        return acts, ties, chains
 
     def _quantize_weights(self, node: gs.Node, x_scale: float, grams: list[np.ndarray] | None) -> "_Layer":
         """One layer's weight as int8 codes (per channel) and its bias as int32 codes at input scale
@@ -279,21 +324,26 @@ def _write(graph: gs.Graph, node: gs.Node, layer: _Layer) -> None:
 
 
 def _mixed_precision(p: Quantize, float_graph: gs.Graph, graph: gs.Graph, done: dict[str, _Layer],
-                     params: dict[str, tuple[float, int]], budget: float, ctx: Context, data: Dataset,
-                     stats: dict, notes: list[str], estimate: dict[str, float] | None) -> gs.Graph:
+                     params: dict[str, tuple[float, int]], chains: dict[str, str], budget: float, ctx: Context,
+                     data: Dataset, stats: dict, notes: list[str], estimate: dict[str, float] | None) -> gs.Graph:
     """Keep the weights and activations whose quantization costs the most in float until the
     agreement with the float model on the calibration data is within `budget` points
     (`onnxcompress.precision`). Candidates: each layer (its weight and its input), and each
-    quantized activation on its own."""
+    quantized activation on its own (with the tensors quantized upstream of it, `chains`)."""
     like = ctx.original
 
     def make(kept: set[str]) -> gs.Graph:
-        acts = frozenset(k[len(ACT):] for k in kept if k.startswith(ACT))
-        return p.build(float_graph, {k: v for k, v in done.items() if k not in kept}, params, acts)
+        acts = {k[len(ACT):] for k in kept if k.startswith(ACT)}
+        acts |= {name for name, start in chains.items() if start in acts}
+        return p.build(float_graph, {k: v for k, v in done.items() if k not in kept}, params, frozenset(acts))
 
-    candidates = list(done) + [ACT + name for name in params]
+    candidates = list(done) + [ACT + name for name in params if name not in chains]
     scorer = Scorer(G.to_model(float_graph.copy(), like=like), data.take(p.eval_samples), ctx.providers, ctx.batch_size)
     measure = None if p.sensitivity == "estimated" else p.measure_top
+    if scorer.resolution > budget:          # with few samples one changed answer is more than the budget
+        notes.append(f"mixed precision: a budget of {budget:g} points is finer than one of the {len(scorer.data)} calibration "
+                     f"samples it is scored on ({scorer.resolution:.2f} points); searched for at most one changed")
+        budget = scorer.resolution
     found = search(candidates, lambda kept: G.to_model(G.tidy(make(kept)), like=like), scorer, budget, estimate, measure)
     names = {G.layer_id(n): f"{n.op} '{G.display_name(n)}'" for n in float_graph.nodes}
     layers = [names[k] for k in found.kept if not k.startswith(ACT)]
@@ -309,6 +359,19 @@ def _mixed_precision(p: Quantize, float_graph: gs.Graph, graph: gs.Graph, done: 
                  f"{len(acts)} activations kept in float (budget {budget:g} points)"
                  + (": layers " + ", ".join(layers) if layers else "") + ("; activations " + ", ".join(acts) if acts else ""))
     return make(set(found.kept))
+
+
+def _tie_order(ties: dict[str, str]) -> list[str]:
+    """The tied tensors, each after the one it copies its scale from (chains: Flatten after MaxPool)."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ties and name not in order:
+            visit(ties[name])
+            order.append(name)
+    for name in ties:
+        visit(name)
+    return order
 
 
 def _relative_error(rows: np.ndarray, new: np.ndarray, groups: list[tuple[slice, np.ndarray]]) -> float:
