@@ -82,25 +82,30 @@ class _Scorer:
 
 def sensitivity(model: onnx.ModelProto, prune: Prune, calib: Dataset, evaluation: Dataset,
                 ratios: Sequence[float] = (0.25, 0.5, 0.75), latency: LatencyConfig | None = None,
-                providers: Sequence[str] = DEFAULT_PROVIDERS, recovered: bool = False) -> Sensitivity:
+                providers: Sequence[str] = DEFAULT_PROVIDERS, recovered: bool = False,
+                units: dict[str, int] | None = None) -> Sensitivity:
     """Score, MACs (and latency) of the model with each prunable group pruned alone at each ratio.
 
-    `prune(model, {group: ratio})` returns the model pruned (`recovered` says whether it recovers)."""
+    `prune(model, {group: ratio})` returns the model pruned (`recovered` says whether it recovers).
+    `units` ({name: size}) replaces the channel groups with other units a `prune` understands (the
+    layers `factor-lowrank` factors, a ratio being the share of a layer's MACs taken away)."""
     shapes = {k: [1, *v.shape[1:]] for k, v in calib.feeds.items()}
-    an = analyze(G.to_graph(model), model, shapes)
-    groups = [g for g in an.groups if not g.frozen]
+    if units is None:
+        an = analyze(G.to_graph(model), model, shapes)
+        units = {g.name: len(g.units) for g in an.groups if not g.frozen}
+    groups = list(units)
     scorer = _Scorer(model, evaluation, providers)
-    result = Sensitivity(scorer(model), total_macs(model, shapes), tuple(ratios), [g.name for g in groups],
-                         {g.name: len(g.units) for g in groups}, metric=scorer.metric, recovered=recovered)
+    result = Sensitivity(scorer(model), total_macs(model, shapes), tuple(ratios), groups, dict(units),
+                         metric=scorer.metric, recovered=recovered)
     if latency is not None:
         result.base_latency = _latency(model, latency, evaluation, providers)
     for g in progress(groups, desc="sensitivity"):
         for r in ratios:
-            pruned = prune(model, {g.name: r})
-            result.score.setdefault(g.name, []).append(scorer(pruned))
-            result.macs.setdefault(g.name, []).append(total_macs(pruned, shapes))
+            pruned = prune(model, {g: r})
+            result.score.setdefault(g, []).append(scorer(pruned))
+            result.macs.setdefault(g, []).append(total_macs(pruned, shapes))
             if latency is not None:
-                result.latency.setdefault(g.name, []).append(_latency(pruned, latency, evaluation, providers))
+                result.latency.setdefault(g, []).append(_latency(pruned, latency, evaluation, providers))
     return result
 
 

@@ -1,0 +1,112 @@
+"""Factoring one layer into two cheaper ones, fit to the layer's outputs on data.
+
+A layer y = W x (W: [out, fan_in] rows, x: its unfolded inputs) is replaced by y = A (B x). The
+factors minimise the error on the layer's real inputs, not on the weights: with H the inputs'
+second-moment matrix, ||(W - AB) x||^2 summed over the data is ||(W - AB) H^(1/2)||_F^2, so the
+best rank-K pair comes from the SVD of W H^(1/2) (Eckart-Young in the whitened space; Zhang et
+al. 2015 fit VGG-16's layers this way). Without data H is the identity: the plain truncated SVD.
+
+`split` rewrites the graph: the layer's node becomes the second factor (keeping its output tensor,
+its bias and so its identity: recovery refits it onto the teacher's output) and a new node in
+front computes the first. `ctx.state.pairs` records the pair.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import graph as G, weights as W
+from .layers import out_rows
+from .pass_api import Context
+from .storage import add_node, constant
+
+__all__ = ["whitened_factors", "spectrum", "split", "lowrank_layout", "layer_cost", "eligible"]
+
+RIDGE = 1e-6        # relative to the mean eigenvalue: keeps H^(-1/2) finite for dead inputs
+
+
+def _sqrt_and_inverse(gram: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """H^(1/2) and H^(-1/2) of the inputs' second moments (the identity without data)."""
+    if gram is None:
+        return np.eye(n), np.eye(n)
+    h = gram[:-1, :-1] / max(gram[-1, -1], 1.0)        # the last row/column holds sums and the row count
+    vals, vecs = np.linalg.eigh((h + h.T) / 2)
+    vals = np.maximum(vals, 0) + RIDGE * max(float(vals.mean()), 1e-30)
+    return (vecs * np.sqrt(vals)) @ vecs.T, (vecs / np.sqrt(vals)) @ vecs.T
+
+
+def whitened_factors(rows: np.ndarray, gram: np.ndarray | None, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """A [out, rank], B [rank, fan_in] with A B closest to `rows` on the inputs behind `gram`
+    ([x, 1]^T [x, 1] as `recovery.sequential` gives it, or None), and the share of the whitened
+    energy kept."""
+    rows = rows.astype(np.float64)
+    root, inv_root = _sqrt_and_inverse(gram, rows.shape[1])
+    u, s, vt = np.linalg.svd(rows @ root, full_matrices=False)
+    k = min(rank, len(s))
+    half = np.sqrt(s[:k])
+    energy = float(np.sum(s[:k] ** 2) / max(np.sum(s ** 2), 1e-30))
+    return u[:, :k] * half, (half[:, None] * vt[:k]) @ inv_root, energy
+
+
+def spectrum(rows: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
+    """The whitened singular values (for ranks chosen by retained energy)."""
+    root, _ = _sqrt_and_inverse(gram, rows.shape[1])
+    return np.linalg.svd(rows.astype(np.float64) @ root, compute_uv=False)
+
+
+def eligible(node: gs.Node) -> str | None:
+    """Why the layer cannot be factored (None: it can): a Conv with group 1, a Gemm without
+    transA/alpha/beta, a MatMul whose second input is a constant [fan_in, out] matrix."""
+    s = W.layer_weight(node)
+    if node.op not in ("Conv", "Gemm", "MatMul") or s is None:
+        return "not a Conv, Gemm or MatMul with a constant weight"
+    if node.op == "MatMul" and s.value.ndim != 2:
+        return "its weight is not a 2-D matrix"
+    if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0
+                              or node.attrs.get("beta", 1.0) != 1.0):
+        return "transA, alpha or beta set"
+    if node.op == "Conv" and int(node.attrs.get("group", 1)) != 1:
+        return "a grouped or depthwise conv"
+    if node.op == "Conv" and s.value.ndim != 4:
+        return "not a 2-D conv"
+    return None
+
+
+def layer_cost(node: gs.Node) -> tuple[int, int, int]:
+    """(out, fan_in, taps): the layer's MACs per output position are out x fan_in (fan_in counts
+    the kernel's taps for a Conv: in_channels x kh x kw); taps = kh x kw (1 otherwise)."""
+    w = W.layer_weight(node).value
+    rows = out_rows(node, w)
+    taps = int(np.prod(w.shape[2:])) if node.op == "Conv" else 1
+    return rows.shape[0], rows.shape[1], taps
+
+
+def lowrank_layout(node: gs.Node, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, dict, np.ndarray]:
+    """(first weight, first attrs, second weight) for rows ~ a @ b in the node's op: a Conv becomes
+    the same k x k conv to `rank` channels then a 1x1 conv; a Gemm or MatMul two of its kind."""
+    w = W.layer_weight(node).value
+    if node.op == "Conv":
+        attrs = {k: v for k, v in node.attrs.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
+        return b.reshape(len(b), *w.shape[1:]), attrs, a.reshape(*a.shape, 1, 1)
+    if node.op == "Gemm":
+        return b, {"transB": 1}, (a if node.attrs.get("transB", 0) else a.T)
+    return b.T, {}, a.T                                   # MatMul: x @ [fan_in, out]
+
+
+def split(graph: gs.Graph, ctx: Context, node: gs.Node, first_weight: np.ndarray, first_attrs: dict,
+          second_weight: np.ndarray, suffix: str) -> gs.Node:
+    """Put a new layer computing `first_weight` (in the node's op and layout, with `first_attrs`)
+    in front of `node`, which keeps its output and bias and gets `second_weight` (a 1x1 conv's, or
+    a Gemm/MatMul's in the node's own layout). Returns the new node."""
+    dtype = W.layer_weight(node).value.dtype
+    base = G.stem(G.layer_id(node)) + suffix
+    weight = constant(graph, base + "_w", first_weight.astype(dtype))
+    hidden = add_node(graph, node.op, [node.inputs[0], weight], first_attrs, base, dtype)
+    first = graph.nodes[-1]
+    spec = W.LAYERS[node.op]
+    node.inputs[0] = hidden
+    node.inputs[spec.weight] = constant(graph, G.stem(G.layer_id(node)) + "_w" + suffix + "2", second_weight.astype(dtype))
+    if node.op == "Conv":
+        node.attrs = {k: v for k, v in node.attrs.items() if k not in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
+    ctx.state.pairs[G.layer_id(node)] = G.layer_id(first)
+    return first

@@ -1,0 +1,79 @@
+"""factor-lowrank: exact where the weights have the rank, geometry carried over, refusals explained."""
+import numpy as np
+import onnx
+from onnx import helper
+
+from conftest import make_model, max_abs_diff, rand, tensor
+from onnxcompress import Dataset, LatencyConfig, PassManager
+from onnxcompress import graph as G, weights as W
+from onnxcompress.metrics import total_macs
+from onnxcompress.passes import FactorLowRank
+
+NO_LATENCY = LatencyConfig(enabled=False)
+
+
+def _run(model, p, x):
+    return PassManager([p], calib=Dataset({"x": x}), latency=NO_LATENCY).run(model)
+
+
+def test_a_rank_k_gemm_is_recovered_exactly_at_rank_k():
+    w = rand(24, 3) @ rand(3, 40, seed=1)                     # rank 3, [out, in] with transB
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="fc")]
+    model = make_model(nodes, [tensor("x", ["N", 40])], [tensor("y", ["N", 24])], {"w": w, "b": rand(24, seed=2)}, opset=13)
+    x = rand(64, 40, seed=3)
+    result = _run(model, FactorLowRank(ranks={"fc": 3}, recover=False), x)
+    gemms = [n for n in G.to_graph(result.model).nodes if n.op == "Gemm"]
+    assert [W.layer_weight(n).value.shape for n in gemms] == [(3, 40), (24, 3)]
+    assert max_abs_diff(model, result.model, {"x": x}) < 1e-4
+    assert "factored: fc rank 3 (100.0% energy)" in result.report.steps[-1].notes
+
+
+def test_a_low_rank_conv_keeps_strides_pads_and_dilations_exactly():
+    rows = rand(16, 2) @ rand(2, 8 * 9, seed=1)               # [O, I*k*k] of rank 2
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[2, 2], pads=[2, 1, 2, 1], dilations=[2, 1],
+                              name="conv")]
+    model = make_model(nodes, [tensor("x", ["N", 8, 11, 9])], [tensor("y", ["N", 16, 6, 5])],
+                       {"w": rows.reshape(16, 8, 3, 3), "b": rand(16, seed=2)}, opset=13)
+    x = rand(8, 8, 11, 9, seed=4)
+    result = _run(model, FactorLowRank(ranks={"conv": 2}, recover=False), x)
+    first, second = [n for n in G.to_graph(result.model).nodes if n.op == "Conv"]
+    assert W.layer_weight(first).value.shape == (2, 8, 3, 3) and W.layer_weight(second).value.shape == (16, 2, 1, 1)
+    assert first.attrs == {"strides": [2, 2], "pads": [2, 1, 2, 1], "dilations": [2, 1]} and second.attrs == {}
+    assert second.outputs[0].name == "y" and W.layer_bias(second) is not None
+    assert max_abs_diff(model, result.model, {"x": x}) < 1e-4
+
+
+def test_a_batched_matmul_factors_and_whitening_beats_the_plain_svd():
+    """Inputs with a few strong directions: the data-aware factors lose less on them than the
+    weights' own truncated SVD at the same rank."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    model = make_model(nodes, [tensor("x", ["N", 5, 32])], [tensor("y", ["N", 5, 32])], {"w": rand(32, 32)}, opset=13)
+    x = (rand(64, 5, 32, seed=5) * np.geomspace(10, 0.01, 32).astype(np.float32))
+    errs = {}
+    for aware in (True, False):
+        result = _run(model, FactorLowRank(ranks={"mm": 8}, data_aware=aware, recover=False), x)
+        assert [W.layer_weight(n).value.shape for n in G.to_graph(result.model).nodes if n.op == "MatMul"] == [(32, 8), (8, 32)]
+        errs[aware] = max_abs_diff(model, result.model, {"x": x})
+    assert errs[True] < 0.3 * errs[False]
+
+
+def test_ranks_at_or_above_break_even_are_refused_with_a_note():
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1, name="fc")]
+    model = make_model(nodes, [tensor("x", ["N", 10])], [tensor("y", ["N", 10])], {"w": rand(10, 10)}, opset=13)
+    result = _run(model, FactorLowRank(ranks={"fc": 5}), rand(32, 10))
+    step = result.report.steps[-1]
+    assert step.status != "applied" or step.stats["layers_factored"] == 0
+    assert "Gemm 'fc': rank 5 is at or above break-even (5.0): factoring would not reduce MACs; left as is" in step.notes
+    assert [n.op_type for n in result.model.graph.node] == ["Gemm"]
+
+
+def test_resnet_at_half_the_macs_stays_valid_and_close(resnet, calib, test_set):
+    """Residual blocks, BatchNorm folded first; the allocation reaches the MAC target."""
+    from onnxcompress.pass_api import default_registry
+    result = PassManager([default_registry().create("fold-bn", {}), FactorLowRank(macs=0.5)],
+                         calib=calib.take(256), eval_data=test_set, latency=NO_LATENCY).run(resnet)
+    steps = result.report.steps
+    onnx.checker.check_model(result.model)
+    shapes = {"input": [1, 1, 28, 28]}
+    assert total_macs(result.model, shapes) <= 0.5 * total_macs(resnet, shapes)
+    assert steps[-1].accuracy >= steps[0].accuracy - 1.5
