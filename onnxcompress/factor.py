@@ -12,15 +12,22 @@ front computes the first. `ctx.state.pairs` records the pair.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import graph as G, weights as W
 from .layers import out_rows
-from .pass_api import Context
+from .pass_api import Context, Pass, PassResult
+from .recovery import RecoverySettings, recover, sequential
+from .sensitivity import allocate, sensitivity
 from .storage import add_node, constant
 
-__all__ = ["whitened_factors", "spectrum", "split", "lowrank_layout", "layer_cost", "eligible"]
+__all__ = ["Factoring", "whitened_factors", "spectrum", "split", "lowrank_layout", "layer_cost", "eligible"]
+
+RATIOS = (0.25, 0.5, 0.75)      # shares of a layer's MACs the sensitivity analysis takes away
 
 RIDGE = 1e-6        # relative to the mean eigenvalue: keeps H^(-1/2) finite for dead inputs
 
@@ -110,3 +117,106 @@ def split(graph: gs.Graph, ctx: Context, node: gs.Node, first_weight: np.ndarray
         node.attrs = {k: v for k, v in node.attrs.items() if k not in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
     ctx.state.pairs[G.layer_id(node)] = G.layer_id(first)
     return first
+
+
+@dataclass
+class Factoring(Pass):
+    """What factor-lowrank and factor-depthwise share: find the eligible layers, gather their
+    inputs' second moments, choose each layer's size (rank or channel multiplier: named, or for a
+    MAC target, allocated by measured sensitivity), split, recover. Subclasses say how big a layer
+    can be (`_size`, `_size_at`) and how to split it (`_split`)."""
+
+    macs: float = 0.5                 # the model's MACs to reach (or each layer's, allocation="uniform")
+    allocation: Literal["sensitivity", "uniform"] = "sensitivity"
+    exclude: tuple[str, ...] = ()
+    data_aware: bool = True           # fit on the layers' inputs (needs calibration data)
+    recover: bool = True              # refit the second factors and the head on the original's outputs
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.macs < 1.0:
+            raise ValueError(f"macs must be in (0, 1), got {self.macs}")
+
+    # -- what a subclass provides -------------------------------------------------------------
+    def _eligible(self, node: gs.Node) -> str | None:
+        raise NotImplementedError
+
+    def _named(self, node: gs.Node) -> int | None:       # a size the user gave for this layer
+        return None
+
+    def _size(self, node: gs.Node, gram: np.ndarray | None) -> tuple[int, str]:
+        """The layer's size from the options (not the allocation), or why it is not factored."""
+        raise NotImplementedError
+
+    def _size_at(self, node: gs.Node, ratio: float) -> int:
+        """The size that takes `ratio` of the layer's MACs away."""
+        raise NotImplementedError
+
+    def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, size: int) -> str:
+        """Factor the layer; returns a few words for the report."""
+        raise NotImplementedError
+
+    def _allocates(self) -> bool:
+        return self.allocation == "sensitivity"
+
+    # -- the driver ---------------------------------------------------------------------------
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        notes: list[str] = []
+        layers: dict[str, gs.Node] = {}
+        for node in list(graph.nodes):
+            if node.op not in self.handles or {node.name, G.layer_id(node)} & set(self.exclude):
+                continue
+            why = self._eligible(node)
+            if why is not None:
+                if W.layer_weight(node) is not None:
+                    notes.append(f"{node.op} '{G.display_name(node)}': {why}; left as is")
+                continue
+            layers[G.layer_id(node)] = node
+        allocates = self._allocates() and bool(layers)
+        data = ctx.require_calib(self.name) if (self.data_aware or self.recover or allocates) and layers else None
+        grams: dict[str, np.ndarray | None] = {k: None for k in layers}
+        if data is not None and self.data_aware:
+            def keep(node: gs.Node, g: list[np.ndarray] | None) -> None:
+                grams[G.layer_id(node)] = g[0] if g else None
+            sequential(graph, ctx, data, {id(n): keep for n in layers.values()})
+        sizes: dict[str, int] = {}
+        for lid, node in layers.items():
+            size, why = self._size(node, grams[lid])
+            if why:
+                notes.append(f"{node.op} '{G.display_name(node)}': {why}; left as is")
+            else:
+                sizes[lid] = size
+        stats: dict = {}
+        if allocates and sizes:
+            sizes = self._allocate(graph, ctx, data, {k: layers[k] for k in sizes}, grams, stats, notes)
+        done = [self._split(graph, ctx, layers[lid], grams[lid], size) for lid, size in sizes.items()]
+        stats["layers_factored"] = len(done)
+        if done:
+            notes.append("factored: " + ", ".join(done))
+            if self.recover:
+                result = recover(graph, ctx, data, RecoverySettings(temperature=ctx.temperature, alpha=ctx.alpha))
+                stats.update(result.stats)
+                notes += result.notes
+        return PassResult(graph, bool(done), stats, notes)
+
+    def _allocate(self, graph: gs.Graph, ctx: Context, data, layers: dict[str, gs.Node], grams: dict,
+                  stats: dict, notes: list[str]) -> dict[str, int]:
+        """Sizes for `macs` of the model's MACs with the least accuracy lost: each layer factored
+        alone with 25/50/75% of its MACs taken away and scored against the original, then the
+        greedy allocation of structured pruning's sensitivity analysis (`onnxcompress.sensitivity`)."""
+        model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
+
+        def factored(m, ratios: dict[str, float]):
+            g, scratch = G.to_graph(m), ctx.fork()
+            by_id = {G.layer_id(n): n for n in g.nodes}
+            for lid, r in ratios.items():
+                self._split(g, scratch, by_id[lid], grams[lid], self._size_at(layers[lid], r))
+            return G.to_model(G.tidy(g), like=m)
+
+        units = {lid: layer_cost(n)[0] for lid, n in layers.items()}
+        sens = sensitivity(model, factored, data, data, RATIOS, providers=ctx.providers, units=units)
+        chosen, measured = allocate(model, factored, sens, data, self.macs, providers=ctx.providers)
+        stats.update(macs_ratio=measured["macs"] / sens.base_macs, target_met=bool(measured["target_met"]))
+        if not measured["target_met"]:
+            notes.append(f"macs={self.macs:g}: factoring the eligible layers as far as measured reaches "
+                         f"{measured['macs'] / sens.base_macs:.2f} of the model's MACs")
+        return {lid: self._size_at(layers[lid], r) for lid, r in chosen.items()}

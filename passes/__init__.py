@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .cluster_weights import ClusterWeights
 from .distill import Distill
+from .factor_depthwise import FactorDepthwise
 from .factor_lowrank import FactorLowRank
 from .fold_bn import FoldBatchNorm
 from .prune_channels import PruneChannels
@@ -10,6 +11,6 @@ from .prune_weights import PruneWeights
 from .quantize import Quantize
 from .quantize_weights import QuantizeWeights
 
-BUILTIN = (ClusterWeights, Distill, FactorLowRank, FoldBatchNorm, PruneChannels, PruneWeights, Quantize, QuantizeWeights)
+BUILTIN = (ClusterWeights, Distill, FactorDepthwise, FactorLowRank, FoldBatchNorm, PruneChannels, PruneWeights, Quantize, QuantizeWeights)
 
-__all__ = ["BUILTIN", "ClusterWeights", "Distill", "FactorLowRank", "FoldBatchNorm", "PruneChannels", "PruneWeights", "Quantize", "QuantizeWeights"]
+__all__ = ["BUILTIN", "ClusterWeights", "Distill", "FactorDepthwise", "FactorLowRank", "FoldBatchNorm", "PruneChannels", "PruneWeights", "Quantize", "QuantizeWeights"]

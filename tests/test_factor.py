@@ -3,7 +3,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from conftest import make_model, max_abs_diff, rand, tensor
+from conftest import make_model, max_abs_diff, rand, run, tensor
 from onnxcompress import Dataset, LatencyConfig, PassManager
 from onnxcompress import graph as G, weights as W
 from onnxcompress.metrics import total_macs
@@ -77,3 +77,37 @@ def test_resnet_at_half_the_macs_stays_valid_and_close(resnet, calib, test_set):
     shapes = {"input": [1, 1, 28, 28]}
     assert total_macs(result.model, shapes) <= 0.5 * total_macs(resnet, shapes)
     assert steps[-1].accuracy >= steps[0].accuracy - 1.5
+
+
+def test_an_exactly_separable_conv_is_recovered_by_factor_depthwise():
+    """A conv built as depthwise (multiplier 2) x pointwise, with strides and dilations: factored
+    back at multiplier 2 it computes the same to 1e-5."""
+    from onnxcompress.passes import FactorDepthwise
+    i, m, o = 6, 2, 12
+    dw, pw = rand(i * m, 3, 3, seed=1), rand(o, i * m, seed=2)
+    w = np.einsum("ocm,cmhw->ochw", pw.reshape(o, i, m), dw.reshape(i, m, 3, 3))
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[2, 1], pads=[1, 2, 1, 2], dilations=[1, 2],
+                              name="conv")]
+    model = make_model(nodes, [tensor("x", ["N", i, 9, 9])], [tensor("y", ["N", o, 5, 9])],
+                       {"w": w.astype(np.float32), "b": rand(o, seed=3)}, opset=13)
+    x = rand(16, i, 9, 9, seed=4)
+    result = _run(model, FactorDepthwise(multipliers={"conv": 2}, recover=False), x)
+    first, second = [n for n in G.to_graph(result.model).nodes if n.op == "Conv"]
+    assert W.layer_weight(first).value.shape == (12, 1, 3, 3) and first.attrs["group"] == 6
+    assert first.attrs["strides"] == [2, 1] and first.attrs["dilations"] == [1, 2]
+    assert W.layer_weight(second).value.shape == (12, 12, 1, 1)
+    y = np.abs(run(model, {"x": x})[0]).max()
+    assert max_abs_diff(model, result.model, {"x": x}) <= 1e-5 * max(y, 1.0)
+    assert "factored: conv multiplier 2 (100.0% energy)" in result.report.steps[-1].notes
+
+
+def test_factor_depthwise_refuses_multipliers_above_break_even_and_1x1_convs():
+    from onnxcompress.passes import FactorDepthwise
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1], name="c3"),
+             helper.make_node("Conv", ["h", "w1"], ["y"], name="c1")]
+    model = make_model(nodes, [tensor("x", ["N", 4, 6, 6])], [tensor("y", ["N", 4, 6, 6])],
+                       {"w": rand(4, 4, 3, 3), "w1": rand(4, 4, 1, 1, seed=1)}, opset=13)
+    result = _run(model, FactorDepthwise(multipliers={"c3": 3}), rand(8, 4, 6, 6))
+    notes = result.report.steps[-1].notes
+    assert "Conv 'c3': multiplier 3 is at or above break-even (2.8): factoring would not reduce MACs; left as is" in notes
+    assert "Conv 'c1': a 1x1 conv (nothing to split); left as is" in notes
