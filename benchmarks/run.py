@@ -459,8 +459,9 @@ def main() -> None:
     ap.add_argument("--skip-compose", action="store_true", help="skip the composition experiments")
     ap.add_argument("--skip-cluster", action="store_true", help="skip the clustering and container experiments")
     ap.add_argument("--skip-quantize", action="store_true", help="skip the quantization comparison")
+    ap.add_argument("--skip-factor", action="store_true", help="skip the factoring experiments")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
-    ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize"],
+    ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize", "factor"],
                     help="run only that section and replace it in --output (the rest untouched)")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
@@ -478,6 +479,9 @@ def main() -> None:
         elif args.only == "quantize":
             from benchmarks import quant
             section, title = quant.quant_section(calib, test, cfg, args.rounds, models), quant.SECTION_TITLE
+        elif args.only == "factor":
+            from benchmarks import factor
+            section, title = factor.factor_section(calib, test, cfg, args.rounds, models), factor.SECTION_TITLE
         else:
             section, title = cluster.deep_compression_section(calib, test, models), cluster.DEEP_TITLE
         path = Path(args.output)
@@ -520,6 +524,11 @@ def main() -> None:
         print("quantization ...", flush=True)
         sections.append(quant_section(calib, test, cfg, args.rounds,
                                       {m: io.load_model(ROOT / "models" / f"{m}.onnx") for m in args.models}))
+    if not args.skip_factor:
+        from benchmarks.factor import factor_section
+        print("factoring ...", flush=True)
+        sections.append(factor_section(calib, test, cfg, args.rounds,
+                                       {m: io.load_model(ROOT / "models" / f"{m}.onnx") for m in args.models}))
     if not args.skip_ocr:
         print("PP-OCR models ...", flush=True)
         sections.append(ocr_section(cfg, args.rounds))

@@ -25,7 +25,7 @@ from .recovery import RecoverySettings, recover, sequential
 from .sensitivity import allocate, sensitivity
 from .storage import add_node, constant
 
-__all__ = ["Factoring", "whitened_factors", "spectrum", "split", "lowrank_layout", "layer_cost", "eligible"]
+__all__ = ["Factoring", "WhitenedSVD", "whitened_svd", "split", "lowrank_layout", "layer_cost", "eligible"]
 
 RATIOS = (0.25, 0.5, 0.75)      # shares of a layer's MACs the sensitivity analysis takes away
 
@@ -42,23 +42,28 @@ def _sqrt_and_inverse(gram: np.ndarray | None, n: int) -> tuple[np.ndarray, np.n
     return (vecs * np.sqrt(vals)) @ vecs.T, (vecs / np.sqrt(vals)) @ vecs.T
 
 
-def whitened_factors(rows: np.ndarray, gram: np.ndarray | None, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """A [out, rank], B [rank, fan_in] with A B closest to `rows` on the inputs behind `gram`
-    ([x, 1]^T [x, 1] as `recovery.sequential` gives it, or None), and the share of the whitened
-    energy kept."""
-    rows = rows.astype(np.float64)
+@dataclass
+class WhitenedSVD:
+    """The SVD of a layer's rows whitened by its inputs' second moments, to cut at any rank."""
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+    inv_root: np.ndarray
+
+    def take(self, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """A [out, rank], B [rank, fan_in] with A B closest to the rows on the inputs, and the
+        share of the whitened energy kept."""
+        k = min(rank, len(self.s))
+        half = np.sqrt(self.s[:k])
+        energy = float(np.sum(self.s[:k] ** 2) / max(np.sum(self.s ** 2), 1e-30))
+        return self.u[:, :k] * half, (half[:, None] * self.vt[:k]) @ self.inv_root, energy
+
+
+def whitened_svd(rows: np.ndarray, gram: np.ndarray | None) -> WhitenedSVD:
+    """For `gram` = [x, 1]^T [x, 1] as `recovery.sequential` gives it (None: no data)."""
     root, inv_root = _sqrt_and_inverse(gram, rows.shape[1])
-    u, s, vt = np.linalg.svd(rows @ root, full_matrices=False)
-    k = min(rank, len(s))
-    half = np.sqrt(s[:k])
-    energy = float(np.sum(s[:k] ** 2) / max(np.sum(s ** 2), 1e-30))
-    return u[:, :k] * half, (half[:, None] * vt[:k]) @ inv_root, energy
-
-
-def spectrum(rows: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
-    """The whitened singular values (for ranks chosen by retained energy)."""
-    root, _ = _sqrt_and_inverse(gram, rows.shape[1])
-    return np.linalg.svd(rows.astype(np.float64) @ root, compute_uv=False)
+    u, s, vt = np.linalg.svd(rows.astype(np.float64) @ root, full_matrices=False)
+    return WhitenedSVD(u, s, vt, inv_root)
 
 
 def eligible(node: gs.Node) -> str | None:
@@ -151,8 +156,10 @@ class Factoring(Pass):
         """The size that takes `ratio` of the layer's MACs away."""
         raise NotImplementedError
 
-    def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, size: int) -> str:
-        """Factor the layer; returns a few words for the report."""
+    def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, size: int,
+               cache: dict) -> str:
+        """Factor the layer (`cache`: what it computed for the layer before, by layer id, for the
+        allocation's trials at other sizes); returns a few words for the report."""
         raise NotImplementedError
 
     def _allocates(self) -> bool:
@@ -161,6 +168,7 @@ class Factoring(Pass):
     # -- the driver ---------------------------------------------------------------------------
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         notes: list[str] = []
+        self._cache: dict = {}                # per-layer decompositions, reused across sizes
         layers: dict[str, gs.Node] = {}
         for node in list(graph.nodes):
             if node.op not in self.handles or {node.name, G.layer_id(node)} & set(self.exclude):
@@ -188,7 +196,7 @@ class Factoring(Pass):
         stats: dict = {}
         if allocates and sizes:
             sizes = self._allocate(graph, ctx, data, {k: layers[k] for k in sizes}, grams, stats, notes)
-        done = [self._split(graph, ctx, layers[lid], grams[lid], size) for lid, size in sizes.items()]
+        done = [self._split(graph, ctx, layers[lid], grams[lid], size, self._cache) for lid, size in sizes.items()]
         stats["layers_factored"] = len(done)
         if done:
             notes.append("factored: " + ", ".join(done))
@@ -209,7 +217,7 @@ class Factoring(Pass):
             g, scratch = G.to_graph(m), ctx.fork()
             by_id = {G.layer_id(n): n for n in g.nodes}
             for lid, r in ratios.items():
-                self._split(g, scratch, by_id[lid], grams[lid], self._size_at(layers[lid], r))
+                self._split(g, scratch, by_id[lid], grams[lid], self._size_at(layers[lid], r), self._cache)
             return G.to_model(G.tidy(g), like=m)
 
         units = {lid: layer_cost(n)[0] for lid, n in layers.items()}

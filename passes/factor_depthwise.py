@@ -6,7 +6,7 @@ I m k^2 + O I m and costs m (k^2 + O) / (O k^2) of the conv's MACs: below break-
 m < O k^2 / (k^2 + O). Initial factors per input channel i: the O x k^2 slice of the weights that
 reads channel i, whitened by the second moments of channel i's k x k patches (the identity
 without data), keeps its m best singular directions: the depthwise filters and their pointwise
-mixing (`onnxcompress.factor.whitened_factors`). Strides, pads and dilations go to the depthwise
+mixing (`onnxcompress.factor.whitened_svd`). Strides, pads and dilations go to the depthwise
 conv; the pointwise one keeps the bias and the output tensor, and recovery refits it by least
 squares from the student's depthwise outputs onto the original conv's outputs.
 
@@ -61,15 +61,18 @@ class FactorDepthwise(F.Factoring):
         out, _, taps = F.layer_cost(node)
         return max(1, int(np.floor((1.0 - ratio) * out * taps / (taps + out))))
 
-    def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, m: int) -> str:
-        name = G.display_name(node)
+    def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, m: int,
+               cache: dict) -> str:
+        name, lid = G.display_name(node), G.layer_id(node)
         w = W.layer_weight(node).value.astype(np.float64)          # [O, I, kh, kw]
         o, i, taps = w.shape[0], w.shape[1], int(np.prod(w.shape[2:]))
+        if lid not in cache:                                        # one whitened SVD per input channel
+            cols = [np.r_[c * taps:(c + 1) * taps, i * taps] for c in range(i)]   # its taps, and the sums row
+            cache[lid] = [F.whitened_svd(w[:, c].reshape(o, taps), None if gram is None else gram[np.ix_(cols[c], cols[c])])
+                          for c in range(i)]
         depth, point, kept = np.zeros((i * m, taps)), np.zeros((o, i * m)), []
         for c in range(i):
-            cols = np.r_[c * taps:(c + 1) * taps, i * taps]             # channel c's taps, and the sums row
-            g = gram[np.ix_(cols, cols)] if gram is not None else None
-            a, b, energy = F.whitened_factors(w[:, c].reshape(o, taps), g, m)
+            a, b, energy = cache[lid][c].take(m)
             depth[c * m:c * m + b.shape[0]], point[:, c * m:c * m + a.shape[1]] = b, a
             kept.append(energy)
         attrs = {k: v for k, v in node.attrs.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}

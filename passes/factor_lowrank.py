@@ -61,7 +61,7 @@ class FactorLowRank(F.Factoring):
         if named is not None:
             rank = int(named)
         elif self.energy is not None:
-            s2 = F.spectrum(out_rows(node, W.layer_weight(node).value), gram) ** 2
+            s2 = F.whitened_svd(out_rows(node, W.layer_weight(node).value), gram).s ** 2
             rank = int(np.searchsorted(np.cumsum(s2) / s2.sum(), self.energy - 1e-12) + 1)
         else:
             rank = self._size_at(node, 1.0 - self.macs)
@@ -75,8 +75,11 @@ class FactorLowRank(F.Factoring):
         out, fan, _ = F.layer_cost(node)
         return max(1, int(np.floor((1.0 - ratio) * out * fan / (fan + out))))
 
-    def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, rank: int) -> str:
-        name = G.display_name(node)
-        a, b, energy = F.whitened_factors(out_rows(node, W.layer_weight(node).value), gram, rank)
+    def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, rank: int,
+               cache: dict) -> str:
+        name, lid = G.display_name(node), G.layer_id(node)
+        if lid not in cache:
+            cache[lid] = F.whitened_svd(out_rows(node, W.layer_weight(node).value), gram)
+        a, b, energy = cache[lid].take(rank)
         F.split(graph, ctx, node, *F.lowrank_layout(node, a, b), "_lowrank")
         return f"{name} rank {rank} ({energy:.1%} energy)"

@@ -31,7 +31,7 @@ def test_bad_pipelines(spec, message):
 
 
 def test_unknown_pass_names_known_ones():
-    with pytest.raises(OptionError, match=r"unknown pass 'prune' \(known: cluster-weights, distill, fold-bn, prune-channels, prune-weights"):
+    with pytest.raises(OptionError, match=r"unknown pass 'prune' \(known: cluster-weights, distill, factor-depthwise, factor-lowrank, fold-bn, prune-channels, prune-weights"):
         default_registry().create("prune")
 
 

@@ -1,0 +1,177 @@
+"""Architecture rewriting (`python benchmarks/run.py --only factor`): factor-lowrank and
+factor-depthwise at half the MACs on the reference models, beside structured pruning at the same
+MACs and the two combined (accuracy, MACs, parameters, latency ratios at batch 1 and 32 from
+interleaved rounds); PP-OCRv4 rec and det at 0.7x MACs on rendered text; and the arithmetic, layer
+by layer, for one model."""
+from __future__ import annotations
+
+import string
+import time
+
+import numpy as np
+import onnx
+
+from benchmarks import ocr
+from benchmarks.run import accuracy, median_latency
+from onnxcompress import Dataset, LatencyConfig, PassManager, graph as G, weights as W
+from onnxcompress.metrics import node_macs, total_macs
+from onnxcompress.pass_api import Context, default_registry
+from onnxcompress.passes import FactorDepthwise, FactorLowRank, FoldBatchNorm, PruneChannels
+from onnxcompress.report import markdown_table
+from onnxcompress.sensitivity import allocate, pass_pruner, sensitivity
+
+SECTION_TITLE = "## Architecture rewriting: low-rank and depthwise factoring"
+MNIST_MODELS = ("resnet", "vgg", "mobilenet", "mlp")
+OCR_MODELS = (("ch_PP-OCRv4_rec_infer.onnx", "rec"), ("ch_PP-OCRv4_det_infer.onnx", "det"))
+OCR_LATENCY = {"rec": (1, 32), "det": (1, 4)}
+
+
+def _run(model: onnx.ModelProto, calib, passes) -> tuple[onnx.ModelProto, float, list[str], dict]:
+    t0 = time.perf_counter()
+    result = PassManager(passes, calib=calib, max_drop=None, latency=LatencyConfig(enabled=False)).run(model)
+    step = result.report.steps[-1]
+    return result.model, time.perf_counter() - t0, step.notes, step.stats
+
+
+def _pruned_at(model: onnx.ModelProto, calib, target: float) -> list:
+    """prune-channels with per-group ratios for `target` of the MACs, allocated by the
+    sensitivity analysis (what `onnxcompress sensitivity --target` prints), then recovered."""
+    ctx = Context(original=model, calib=calib)
+    prune = pass_pruner(default_registry(), ctx, round_to=1)
+    sens = sensitivity(model, prune, calib, calib)
+    ratios, _ = allocate(model, prune, sens, calib, target)
+    return [PruneChannels(ratio=0.0, ratios=ratios)]
+
+
+def _variants(model: onnx.ModelProto, calib, fold: bool) -> list[tuple[str, list]]:
+    pre = [FoldBatchNorm()] if fold else []
+    folded = PassManager(pre, latency=LatencyConfig(enabled=False)).run(model).model if pre else model
+    return [
+        ("factor-lowrank(macs=0.5)", pre + [FactorLowRank(macs=0.5)]),
+        ("factor-lowrank(macs=0.5, allocation='uniform')", pre + [FactorLowRank(macs=0.5, allocation="uniform")]),
+        ("factor-lowrank(macs=0.5, data_aware=false)", pre + [FactorLowRank(macs=0.5, data_aware=False)]),
+        ("factor-depthwise(macs=0.5)", pre + [FactorDepthwise(macs=0.5)]),
+        ("prune-channels at 0.5x MACs (sensitivity allocation)", pre + _pruned_at(folded, calib, 0.5)),
+        ("prune-channels at 0.7x MACs, then factor-lowrank to 0.5x", pre + _pruned_at(folded, calib, 0.7)
+         + [FactorLowRank(macs=0.5 / 0.7)]),
+    ]
+
+
+def factor_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[str, onnx.ModelProto]) -> str:
+    parts = [SECTION_TITLE + "\n\n" + INTRO]
+    rows, shapes = [], {"input": [1, 1, 28, 28]}
+    layer_table = ""
+    for name in [m for m in MNIST_MODELS if m in models]:
+        print(f"  factor {name} ...", flush=True)
+        model = models[name]
+        cal = calib.take(500)
+        made = [("fp32 original", model, 0.0, [], {})]
+        for label, passes in _variants(model, cal, fold=True):
+            made.append((label, *_run(model, cal, passes)))
+            print(f"    {label}: made", flush=True)
+        lat = median_latency([m for _, m, *_ in made], test, cfg, rounds)
+        base_macs, base_params = total_macs(model, shapes), _params(model)
+        for (label, m, secs, notes, stats), ms in zip(made, lat):
+            macs = total_macs(m, shapes)
+            rows.append([name, label, f"{accuracy(m, test):.2f}%", f"{macs / base_macs:.2f}x",
+                         f"{_params(m) / base_params:.2f}x"]
+                        + [f"{ms[b] / lat[0][b]:.2f}x" for b in cfg.batch_sizes]
+                        + [f"{(base_macs / macs) / (lat[0][b] / ms[b]):.2f}" for b in cfg.batch_sizes]
+                        + [f"{secs:.1f}s" if secs else "-"])
+            if name == "resnet" and label == "factor-lowrank(macs=0.5)":
+                layer_table = _layer_table(model, m, notes, shapes)
+    parts.append("### Reference models (MNIST), batch 1 and 32, one thread\n\n" + markdown_table(
+        ["model", "variant", "accuracy", "MACs", "params"] + [f"latency b{b}" for b in cfg.batch_sizes]
+        + [f"MAC cut / speedup b{b}" for b in cfg.batch_sizes] + ["compress time"], rows))
+    if layer_table:
+        parts.append("### The arithmetic, layer by layer: resnet, factor-lowrank(macs=0.5)\n\n" + layer_table)
+    parts.append(_ocr_part())
+    return "\n\n".join(parts) + "\n"
+
+
+def _params(model: onnx.ModelProto) -> int:
+    g = G.to_graph(model)
+    return sum(int(np.prod(W.layer_weight(n).value.shape)) for n in g.nodes
+               if n.op in ("Conv", "Gemm", "MatMul") and W.layer_weight(n) is not None)
+
+
+def _layer_table(before: onnx.ModelProto, after: onnx.ModelProto, notes: list[str], shapes) -> str:
+    """Per original layer: its weight, parameters and MACs before and after (its two factors)."""
+    macs_before = {n: m for n, _, m in node_macs(before, shapes)}
+    macs_after = {n: m for n, _, m in node_macs(after, shapes)}
+    g_before, g_after = G.to_graph(before), G.to_graph(after)
+    after_by_out = {n.outputs[0].name: n for n in g_after.nodes if n.outputs}
+    producers = {o.name: n for n in g_after.nodes for o in n.outputs}
+    rows = []
+    for node in g_before.nodes:
+        if node.op not in ("Conv", "Gemm") or W.layer_weight(node) is None:
+            continue
+        second = after_by_out.get(node.outputs[0].name)
+        if second is None:
+            continue
+        first = producers.get(second.inputs[0].name)
+        pair = [second] if first is None or first.op not in ("Conv", "Gemm") or W.layer_weight(first) is None else [first, second]
+        p_before = int(np.prod(W.layer_weight(node).value.shape))
+        p_after = sum(int(np.prod(W.layer_weight(n).value.shape)) for n in pair)
+        m_before = macs_before.get(node.name) or 0
+        m_after = sum(macs_after.get(n.name) or 0 for n in pair)
+        shape = " -> ".join("x".join(map(str, W.layer_weight(n).value.shape)) for n in pair)
+        rows.append([G.display_name(node), "x".join(map(str, W.layer_weight(node).value.shape)), shape,
+                     f"{p_before:,}", f"{p_after:,}", f"{m_before:,}", f"{m_after:,}",
+                     f"{m_after / m_before:.2f}x" if m_before else "-"])
+    total = [sum(int(r[i].replace(",", "")) for r in rows) for i in (3, 4, 5, 6)]
+    rows.append(["total", "", "", *(f"{t:,}" for t in total), f"{total[3] / total[2]:.2f}x"])
+    return markdown_table(["layer", "weight", "factors", "params before", "params after", "MACs before",
+                           "MACs after", "MACs ratio"], rows)
+
+
+def _ocr_part() -> str:
+    folder = ocr.models_dir()
+    chars = ocr.rec_characters(onnx.load(str(folder / "ch_PP-OCRv4_rec_infer.onnx")))
+    alphabet = "".join(c for c in string.digits + string.ascii_letters if c in set(chars[1:-1]))
+    out = []
+    for file, kind in OCR_MODELS:
+        print(f"  factor PP-OCR {kind} ...", flush=True)
+        model = onnx.load(str(folder / file))
+        if kind == "rec":
+            (calib_x, _), (eval_x, truth) = ocr.rec_data(32, 1, alphabet), ocr.rec_data(128, 2, alphabet)
+            shapes = {"x": [1, *calib_x.shape[1:]]}
+        else:
+            (calib_x, _), (eval_x, truth) = (ocr.det_data(8, 1, alphabet, ocr.DET_PAGE),
+                                             ocr.det_data(16, 2, alphabet, ocr.DET_PAGE))
+            shapes = {"x": [1, *calib_x.shape[1:]]}
+        calib = Dataset({"x": calib_x})
+        ref = ocr._run(model, eval_x)
+        made, rows = [("fp32 original", model, 0.0, [], {})], []
+        for label, p in [("factor-lowrank(macs=0.7)", FactorLowRank(macs=0.7)),
+                         ("factor-depthwise(macs=0.7)", FactorDepthwise(macs=0.7))]:
+            try:
+                made.append((label, *_run(model, calib, [p])))
+            except Exception as e:          # reported in the table, not hidden
+                rows.append([label, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}"] + ["-"] * 6)
+            print(f"    {label}: made", flush=True)
+        batches = OCR_LATENCY[kind]
+        lat = median_latency([m for _, m, *_ in made], Dataset({"x": eval_x[:max(batches)]}),
+                             LatencyConfig(batch_sizes=batches, runs=10, warmup=2), 3)
+        base = total_macs(model, shapes)
+        for (label, m, secs, notes, stats), ms in zip(made, lat):
+            got = ocr._run(m, eval_x)
+            rows.append([label, ocr.user_metric(kind, got, ref, truth, chars), f"{total_macs(m, shapes) / base:.2f}x",
+                         str(stats.get("layers_factored", "-"))] + [f"{ms[b] / lat[0][b]:.2f}x" for b in batches]
+                        + [f"{secs:.1f}s" if secs else "-"])
+            print(f"    {rows[-1][:3]}", flush=True)
+        out.append(f"### {file} ({kind})\n\n" + markdown_table(
+            ["variant", ocr.METRIC_HEADER[kind], "MACs", "layers factored"] + [f"latency b{b}" for b in batches]
+            + ["compress time"], rows))
+    return "\n\n".join(out)
+
+
+INTRO = """`factor-lowrank` and `factor-depthwise` with their defaults (data-aware factors, per-layer
+sizes allocated by measured sensitivity for the MAC target, recovery of the second factors and the
+head on the original's outputs), beside `prune-channels` with per-group ratios allocated by the
+same sensitivity analysis for the same MACs, and both combined; `fold-bn` first on the MNIST
+models; 500 calibration digits (32 rendered lines, 8 pages for PP-OCR). MACs at batch 1 from
+shape inference; params: weights of Conv/Gemm/MatMul layers. Latency: onnxruntime CPU, one
+thread, ratio to the original in the same interleaved rounds. "MAC cut / speedup" is the MAC
+reduction divided by the measured speedup: 1.0 means the model got as much faster as it got
+smaller; above 1, the kernels run the factored layers slower per MAC."""
