@@ -51,6 +51,8 @@ def _variants(model: onnx.ModelProto, calib, fold: bool) -> list[tuple[str, list
         ("factor-lowrank(macs=0.5, allocation='uniform')", pre + [FactorLowRank(macs=0.5, allocation="uniform")]),
         ("factor-lowrank(macs=0.5, data_aware=false)", pre + [FactorLowRank(macs=0.5, data_aware=False)]),
         ("factor-depthwise(macs=0.5)", pre + [FactorDepthwise(macs=0.5)]),
+        ("factor-lowrank(latency=0.5)", pre + [FactorLowRank(latency=0.5)]),
+        ("factor-depthwise(latency=0.5)", pre + [FactorDepthwise(latency=0.5)]),
         ("prune-channels at 0.5x MACs (sensitivity allocation)", pre + _pruned_at(folded, calib, 0.5)),
         ("prune-channels at 0.7x MACs, then factor-lowrank to 0.5x", pre + _pruned_at(folded, calib, 0.7)
          + [FactorLowRank(macs=0.5 / 0.7)]),

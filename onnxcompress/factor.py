@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from . import graph as G, weights as W
 from .layers import out_rows
+from .metrics import LatencyConfig
 from .pass_api import Context, Pass, PassResult
 from .recovery import RecoverySettings, recover, sequential
 from .sensitivity import allocate, sensitivity
@@ -28,6 +29,7 @@ from .storage import add_node, constant
 __all__ = ["Factoring", "WhitenedSVD", "whitened_svd", "split", "lowrank_layout", "layer_cost", "eligible"]
 
 RATIOS = (0.25, 0.5, 0.75)      # shares of a layer's MACs the sensitivity analysis takes away
+LATENCY_BATCHES = (1, 32)       # a latency target is the mean ratio over these batch sizes
 
 RIDGE = 1e-6        # relative to the mean eigenvalue: keeps H^(-1/2) finite for dead inputs
 
@@ -132,6 +134,7 @@ class Factoring(Pass):
     can be (`_size`, `_size_at`) and how to split it (`_split`)."""
 
     macs: float = 0.5                 # the model's MACs to reach (or each layer's, allocation="uniform")
+    latency: float | None = None      # or the model's latency to reach (onnxruntime, measured per trial)
     allocation: Literal["sensitivity", "uniform"] = "sensitivity"
     exclude: tuple[str, ...] = ()
     data_aware: bool = True           # fit on the layers' inputs (needs calibration data)
@@ -140,6 +143,8 @@ class Factoring(Pass):
     def __post_init__(self) -> None:
         if not 0.0 < self.macs < 1.0:
             raise ValueError(f"macs must be in (0, 1), got {self.macs}")
+        if self.latency is not None and not 0.0 < self.latency < 1.0:
+            raise ValueError(f"latency must be in (0, 1), got {self.latency}")
 
     # -- what a subclass provides -------------------------------------------------------------
     def _eligible(self, node: gs.Node) -> str | None:
@@ -196,8 +201,12 @@ class Factoring(Pass):
         stats: dict = {}
         if allocates and sizes:
             sizes = self._allocate(graph, ctx, data, {k: layers[k] for k in sizes}, grams, stats, notes)
+        stored = {lid: W.layer_weight(layers[lid]).kind for lid in sizes}
         done = [self._split(graph, ctx, layers[lid], grams[lid], size, self._cache) for lid, size in sizes.items()]
         stats["layers_factored"] = len(done)
+        if any(kind != "dense" for kind in stored.values()):
+            notes.append(f"{sum(k != 'dense' for k in stored.values())} factored layers had {'/'.join(sorted(set(stored.values()) - {'dense'}))} "
+                         "weights; their factors are float (quantize or cluster after factoring)")
         if done:
             notes.append("factored: " + ", ".join(done))
             if self.recover:
@@ -221,10 +230,15 @@ class Factoring(Pass):
             return G.to_model(G.tidy(g), like=m)
 
         units = {lid: layer_cost(n)[0] for lid, n in layers.items()}
-        sens = sensitivity(model, factored, data, data, RATIOS, providers=ctx.providers, units=units)
-        chosen, measured = allocate(model, factored, sens, data, self.macs, providers=ctx.providers)
+        timing = LatencyConfig(batch_sizes=LATENCY_BATCHES) if self.latency is not None else None
+        sens = sensitivity(model, factored, data, data, RATIOS, latency=timing, providers=ctx.providers, units=units)
+        by, target = ("latency", self.latency) if timing else ("macs", self.macs)
+        chosen, measured = allocate(model, factored, sens, data, target, by=by, latency=timing, providers=ctx.providers)
         stats.update(macs_ratio=measured["macs"] / sens.base_macs, target_met=bool(measured["target_met"]))
+        if timing:
+            stats["latency_ratio"] = measured["latency_ms"] / sens.base_latency
         if not measured["target_met"]:
-            notes.append(f"macs={self.macs:g}: factoring the eligible layers as far as measured reaches "
-                         f"{measured['macs'] / sens.base_macs:.2f} of the model's MACs")
+            reached = stats.get("latency_ratio", stats["macs_ratio"])
+            notes.append(f"{by}={target:g}: factoring the eligible layers as far as measured reaches "
+                         f"{reached:.2f} of the model's {'latency' if timing else 'MACs'}")
         return {lid: self._size_at(layers[lid], r) for lid, r in chosen.items()}
