@@ -111,3 +111,35 @@ def test_factor_depthwise_refuses_multipliers_above_break_even_and_1x1_convs():
     notes = result.report.steps[-1].notes
     assert "Conv 'c3': multiplier 3 is at or above break-even (2.8): factoring would not reduce MACs; left as is" in notes
     assert "Conv 'c1': a 1x1 conv (nothing to split); left as is" in notes
+
+
+def test_constant_node_weights_at_opset_11_and_quantize_after_factoring():
+    """A conv whose weight is a Constant node (as PP-OCR's opset-11 exports), factored, then both
+    factors quantized to int8 by the next pass."""
+    from onnxcompress.passes import Quantize
+    rows = rand(8, 3) @ rand(3, 4 * 9, seed=1)
+    nodes = [helper.make_node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(rows.reshape(8, 4, 3, 3), "w")),
+             helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["h"], ["y"])]
+    model = make_model(nodes, [tensor("x", ["N", 4, 6, 6])], [tensor("y", ["N", 8, 6, 6])], {}, opset=11)
+    x = rand(32, 4, 6, 6, seed=2)
+    result = PassManager([FactorLowRank(ranks={"conv": 3}, recover=False), Quantize()], calib=Dataset({"x": x}),
+                         latency=NO_LATENCY).run(model)
+    assert [s.status for s in result.report.steps[1:]] == ["applied", "applied"]
+    convs = [n for n in G.to_graph(result.model).nodes if n.op == "Conv"]
+    assert [W.layer_weight(n).kind for n in convs] == ["qdq", "qdq"]
+    # rank 3 between the factors: quantize pads the 1x1 conv's input to 4 channels for the int8 kernel
+    assert [W.layer_weight(n).value.shape for n in convs] == [(3, 4, 3, 3), (8, 4, 1, 1)]
+    y = run(model, {"x": x})[0]
+    assert np.abs(run(result.model, {"x": x})[0] - y).max() < 0.05 * np.abs(y).max()
+
+
+def test_factoring_a_clustered_layer_says_its_factors_are_float():
+    from onnxcompress.passes import ClusterWeights
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1, name="fc")]
+    model = make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 64])], {"w": rand(64, 64)}, opset=13)
+    result = PassManager([ClusterWeights(bits=4), FactorLowRank(ranks={"fc": 8}, recover=False)],
+                         calib=Dataset({"x": rand(128, 64, seed=1)}), latency=NO_LATENCY).run(model)
+    notes = result.report.steps[-1].notes
+    assert "1 factored layers had codebook weights; their factors are float (quantize or cluster after factoring)" in notes
+    assert [W.layer_weight(n).kind for n in G.to_graph(result.model).nodes if n.op == "Gemm"] == ["dense", "dense"]
