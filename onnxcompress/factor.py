@@ -13,7 +13,7 @@ front computes the first. `ctx.state.pairs` records the pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -150,16 +150,39 @@ class Factoring(Pass):
     def _eligible(self, node: gs.Node) -> str | None:
         raise NotImplementedError
 
-    def _named(self, node: gs.Node) -> int | None:       # a size the user gave for this layer
+    size_word: ClassVar[str] = "size"      # "rank", "multiplier"
+
+    def _sizes(self) -> dict[str, int]:
+        """Sizes the user named per layer (node name or output tensor)."""
+        return {}
+
+    def _breakeven(self, node: gs.Node) -> float:
+        """The size at which the factors cost as many MACs as the layer."""
+        raise NotImplementedError
+
+    def _option_size(self, node: gs.Node, gram: np.ndarray | None) -> int | None:
+        """A size some other option asks for (energy=), or None."""
         return None
 
     def _size(self, node: gs.Node, gram: np.ndarray | None) -> tuple[int, str]:
-        """The layer's size from the options (not the allocation), or why it is not factored."""
-        raise NotImplementedError
+        """The layer's size from the options (named, another option, or `macs` of its own MACs),
+        or why it is not factored."""
+        breakeven, sizes = self._breakeven(node), self._sizes()
+        named = sizes.get(node.name, sizes.get(G.layer_id(node)))
+        if sizes and named is None:
+            return 0, f"not named in {self.size_word}s"
+        size = int(named) if named is not None else self._option_size(node, gram)
+        size = self._size_at(node, 1.0 - self.macs) if size is None else size
+        if size < 1:
+            return 0, f"{self.size_word} {size} is below 1"
+        if size >= breakeven:
+            return 0, (f"{self.size_word} {size} is at or above break-even ({breakeven:.1f}): "
+                       "factoring would not reduce MACs")
+        return size, ""
 
     def _size_at(self, node: gs.Node, ratio: float) -> int:
         """The size that takes `ratio` of the layer's MACs away."""
-        raise NotImplementedError
+        return max(1, int(np.floor((1.0 - ratio) * self._breakeven(node))))
 
     def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, size: int,
                cache: dict) -> str:

@@ -33,6 +33,7 @@ class FactorDepthwise(F.Factoring):
 
     name = "factor-depthwise"
     handles = frozenset({"Conv"})
+    size_word = "multiplier"
     multipliers: dict[str, int] = field(default_factory=dict)   # per layer (node name or output tensor)
 
     def _allocates(self) -> bool:
@@ -44,22 +45,12 @@ class FactorDepthwise(F.Factoring):
             why = "a 1x1 conv (nothing to split)"
         return why
 
-    def _size(self, node: gs.Node, gram: np.ndarray | None) -> tuple[int, str]:
-        out, _, taps = F.layer_cost(node)
-        breakeven = out * taps / (taps + out)
-        named = self.multipliers.get(node.name, self.multipliers.get(G.layer_id(node)))
-        if self.multipliers and named is None:
-            return 0, "not named in multipliers"
-        m = int(named) if named is not None else int(np.floor(self.macs * breakeven))
-        if m < 1:
-            return 0, f"{self.macs:g} of its MACs leaves no multiplier (break-even {breakeven:.1f})"
-        if m >= breakeven:
-            return 0, f"multiplier {m} is at or above break-even ({breakeven:.1f}): factoring would not reduce MACs"
-        return m, ""
+    def _sizes(self) -> dict[str, int]:
+        return self.multipliers
 
-    def _size_at(self, node: gs.Node, ratio: float) -> int:
+    def _breakeven(self, node: gs.Node) -> float:
         out, _, taps = F.layer_cost(node)
-        return max(1, int(np.floor((1.0 - ratio) * out * taps / (taps + out))))
+        return out * taps / (taps + out)
 
     def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, m: int,
                cache: dict) -> str:

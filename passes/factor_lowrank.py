@@ -35,6 +35,7 @@ class FactorLowRank(F.Factoring):
 
     name = "factor-lowrank"
     handles = frozenset({"Conv", "Gemm", "MatMul"})
+    size_word = "rank"
     energy: float | None = None       # or: the smallest rank keeping this share of the whitened energy
     ranks: dict[str, int] = field(default_factory=dict)   # or per layer (node name or output tensor)
 
@@ -52,28 +53,18 @@ class FactorLowRank(F.Factoring):
             why = "a single output"
         return why
 
-    def _size(self, node: gs.Node, gram: np.ndarray | None) -> tuple[int, str]:
-        out, fan, _ = F.layer_cost(node)
-        breakeven = out * fan / (fan + out)              # rank at which the two factors cost as much
-        named = self.ranks.get(node.name, self.ranks.get(G.layer_id(node)))
-        if self.ranks and named is None:
-            return 0, "not named in ranks"
-        if named is not None:
-            rank = int(named)
-        elif self.energy is not None:
-            s2 = F.whitened_svd(out_rows(node, W.layer_weight(node).value), gram).s ** 2
-            rank = int(np.searchsorted(np.cumsum(s2) / s2.sum(), self.energy - 1e-12) + 1)
-        else:
-            rank = self._size_at(node, 1.0 - self.macs)
-        if rank < 1:
-            return 0, f"{self.macs:g} of its MACs leaves no rank (break-even {breakeven:.1f})"
-        if rank >= breakeven:
-            return 0, f"rank {rank} is at or above break-even ({breakeven:.1f}): factoring would not reduce MACs"
-        return rank, ""
+    def _sizes(self) -> dict[str, int]:
+        return self.ranks
 
-    def _size_at(self, node: gs.Node, ratio: float) -> int:
+    def _breakeven(self, node: gs.Node) -> float:
         out, fan, _ = F.layer_cost(node)
-        return max(1, int(np.floor((1.0 - ratio) * out * fan / (fan + out))))
+        return out * fan / (fan + out)
+
+    def _option_size(self, node: gs.Node, gram: np.ndarray | None) -> int | None:
+        if self.energy is None:
+            return None
+        s2 = F.whitened_svd(out_rows(node, W.layer_weight(node).value), gram).s ** 2
+        return int(np.searchsorted(np.cumsum(s2) / s2.sum(), self.energy - 1e-12) + 1)
 
     def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, rank: int,
                cache: dict) -> str:
