@@ -75,7 +75,7 @@ def _latency_cells(models: list[onnx.ModelProto], data, cfg: LatencyConfig, roun
 
 def _kept(notes: list[str]) -> str:
     """What the mixed-precision search kept in float, from the pass's note ("-" if nothing)."""
-    note = next((n for n in notes if n.startswith("mixed precision:")), None)
+    note = next((n for n in notes if n.startswith("mixed precision:") and " kept in float" in n), None)
     if note is None:
         return "-"
     return note.split(" kept in float")[0].rsplit(" with ", 1)[-1].replace(" layers and ", " layers, ")
