@@ -80,8 +80,9 @@ def factor_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[st
                         + [f"{ms[b] / lat[0][b]:.2f}x" for b in cfg.batch_sizes]
                         + [f"{(base_macs / macs) / (lat[0][b] / ms[b]):.2f}" for b in cfg.batch_sizes]
                         + [f"{secs:.1f}s" if secs else "-"])
-            if name == "resnet" and label == "factor-lowrank(macs=0.5)":
-                layer_table = _layer_table(model, m, notes, shapes)
+            if name == "resnet" and label == "factor-lowrank(macs=0.5)":     # against the BN-folded model
+                folded = PassManager([FoldBatchNorm()], latency=LatencyConfig(enabled=False)).run(model).model
+                layer_table = _layer_table(folded, m, shapes)
     parts.append("### Reference models (MNIST), batch 1 and 32, one thread\n\n" + markdown_table(
         ["model", "variant", "accuracy", "MACs", "params"] + [f"latency b{b}" for b in cfg.batch_sizes]
         + [f"MAC cut / speedup b{b}" for b in cfg.batch_sizes] + ["compress time"], rows))
@@ -97,7 +98,7 @@ def _params(model: onnx.ModelProto) -> int:
                if n.op in ("Conv", "Gemm", "MatMul") and W.layer_weight(n) is not None)
 
 
-def _layer_table(before: onnx.ModelProto, after: onnx.ModelProto, notes: list[str], shapes) -> str:
+def _layer_table(before: onnx.ModelProto, after: onnx.ModelProto, shapes) -> str:
     """Per original layer: its weight, parameters and MACs before and after (its two factors)."""
     macs_before = {n: m for n, _, m in node_macs(before, shapes)}
     macs_after = {n: m for n, _, m in node_macs(after, shapes)}
