@@ -155,7 +155,7 @@ def _ocr_part() -> str:
             print(f"    {label}: made", flush=True)
         batches = OCR_LATENCY[kind]
         lat = median_latency([m for _, m, *_ in made], Dataset({"x": eval_x[:max(batches)]}),
-                             LatencyConfig(batch_sizes=batches, runs=10, warmup=2), 3)
+                             LatencyConfig(batch_sizes=batches, runs=10, warmup=2, threads=1), 3)
         base = total_macs(model, shapes)
         for (label, m, secs, notes, stats), ms in zip(made, lat):
             got = ocr._run(m, eval_x)
