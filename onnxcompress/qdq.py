@@ -2,8 +2,9 @@
 
 `insert_qdq` puts QuantizeLinear -> DequantizeLinear on an activation so that onnxruntime fuses the
 DQ -> layer -> Q groups into QLinearConv / QLinearMatMul / QGemm, while keeping the layers left in
-float really in float; `integer_layers` tells whether a model is quantized already; `input_noise`
-estimates what a layer's output loses when its input is rounded to uint8.
+float really in float; `pad_input_channels` gives convs the channel multiple onnxruntime's fast int8
+kernel needs; `integer_layers` tells whether a model is quantized already; `input_noise` estimates
+what a layer's output loses when its input is rounded to uint8.
 """
 from __future__ import annotations
 

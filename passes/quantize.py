@@ -179,7 +179,7 @@ class Quantize(Pass):
         graph = float_graph.copy()
         layers = [n for n in graph.nodes if G.layer_id(n) in chosen]
         for name, tensor in self._activations(graph, layers)[0].items():
-            if name not in float_acts:
+            if name not in float_acts and name in params:   # (a walk upstream may reach further with fewer layers)
                 Q.insert_qdq(graph, tensor, *params[name], layers)
         for node in layers:
             _write(graph, node, chosen[G.layer_id(node)])
