@@ -143,3 +143,14 @@ def test_factoring_a_clustered_layer_says_its_factors_are_float():
     notes = result.report.steps[-1].notes
     assert "1 factored layers had codebook weights; their factors are float (quantize or cluster after factoring)" in notes
     assert [W.layer_weight(n).kind for n in G.to_graph(result.model).nodes if n.op == "Gemm"] == ["dense", "dense"]
+
+
+def test_chosen_ranks_are_multiples_of_round_to_below_break_even():
+    """A 50x50 Gemm at half its MACs: rank 12 exactly (break-even 25), 16 in multiples of 8."""
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1, name="fc")]
+    model = make_model(nodes, [tensor("x", ["N", 50])], [tensor("y", ["N", 50])], {"w": rand(50, 50)}, opset=13)
+    x = rand(64, 50, seed=1)
+    for round_to, rank in ((8, 16), (1, 12)):
+        result = _run(model, FactorLowRank(macs=0.5, allocation="uniform", round_to=round_to, recover=False), x)
+        first = next(n for n in G.to_graph(result.model).nodes if n.op == "Gemm")
+        assert W.layer_weight(first).value.shape == (rank, 50)
