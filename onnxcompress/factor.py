@@ -30,6 +30,7 @@ __all__ = ["Factoring", "WhitenedSVD", "whitened_svd", "split", "lowrank_layout"
 
 RATIOS = (0.25, 0.5, 0.75)      # shares of a layer's MACs the sensitivity analysis takes away
 LATENCY_BATCHES = (1, 32)       # a latency target is the mean ratio over these batch sizes
+CONV_GEOMETRY = ("strides", "pads", "dilations", "auto_pad", "kernel_shape")   # what moves to the first factor
 
 RIDGE = 1e-6        # relative to the mean eigenvalue: keeps H^(-1/2) finite for dead inputs
 
@@ -100,7 +101,7 @@ def lowrank_layout(node: gs.Node, a: np.ndarray, b: np.ndarray) -> tuple[np.ndar
     the same k x k conv to `rank` channels then a 1x1 conv; a Gemm or MatMul two of its kind."""
     w = W.layer_weight(node).value
     if node.op == "Conv":
-        attrs = {k: v for k, v in node.attrs.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
+        attrs = {k: v for k, v in node.attrs.items() if k in CONV_GEOMETRY}
         return b.reshape(len(b), *w.shape[1:]), attrs, a.reshape(*a.shape, 1, 1)
     if node.op == "Gemm":
         return b, {"transB": 1}, (a if node.attrs.get("transB", 0) else a.T)
@@ -121,7 +122,7 @@ def split(graph: gs.Graph, ctx: Context, node: gs.Node, first_weight: np.ndarray
     node.inputs[0] = hidden
     node.inputs[spec.weight] = constant(graph, G.stem(G.layer_id(node)) + "_w" + suffix + "2", second_weight.astype(dtype))
     if node.op == "Conv":
-        node.attrs = {k: v for k, v in node.attrs.items() if k not in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
+        node.attrs = {k: v for k, v in node.attrs.items() if k not in CONV_GEOMETRY}
     ctx.state.pairs[G.layer_id(node)] = G.layer_id(first)
     return first
 
@@ -225,7 +226,9 @@ class Factoring(Pass):
         if data is not None and self.data_aware:
             def keep(node: gs.Node, g: list[np.ndarray] | None) -> None:
                 grams[G.layer_id(node)] = g[0] if g else None
-            sequential(graph, ctx, data, {id(n): keep for n in layers.values()})
+            named = self._sizes()                 # with sizes named, only those layers need their moments
+            sequential(graph, ctx, data, {id(n): keep for lid, n in layers.items()
+                                          if not named or n.name in named or lid in named})
         sizes: dict[str, int] = {}
         for lid, node in layers.items():
             size, why = self._size(node, grams[lid])

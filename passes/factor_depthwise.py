@@ -66,7 +66,7 @@ class FactorDepthwise(F.Factoring):
             a, b, energy = cache[lid][c].take(m)
             depth[c * m:c * m + b.shape[0]], point[:, c * m:c * m + a.shape[1]] = b, a
             kept.append(energy)
-        attrs = {k: v for k, v in node.attrs.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
+        attrs = {k: v for k, v in node.attrs.items() if k in F.CONV_GEOMETRY}
         F.split(graph, ctx, node, depth.reshape(i * m, 1, *w.shape[2:]), {**attrs, "group": i},
                 point.reshape(o, i * m, 1, 1), "_depthwise")
         return f"{name} multiplier {m} ({np.mean(kept):.1%} energy)"
