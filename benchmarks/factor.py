@@ -1,7 +1,7 @@
 """Architecture rewriting (`python benchmarks/run.py --only factor`): factor-lowrank and
 factor-depthwise at half the MACs on the reference models, beside structured pruning at the same
 MACs and the two combined (accuracy, MACs, parameters, latency ratios at batch 1 and 32 from
-interleaved rounds); PP-OCRv4 rec and det at 0.7x MACs on rendered text; and the arithmetic, layer
+interleaved rounds); the three PP-OCR models with default options and at 0.7x MACs on rendered text; and the arithmetic, layer
 by layer, for one model."""
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from onnxcompress.sensitivity import allocate, pass_pruner, sensitivity
 
 SECTION_TITLE = "## Architecture rewriting: low-rank and depthwise factoring"
 MNIST_MODELS = ("resnet", "vgg", "mobilenet", "mlp")
-OCR_MODELS = (("ch_PP-OCRv4_rec_infer.onnx", "rec"), ("ch_PP-OCRv4_det_infer.onnx", "det"))
-OCR_LATENCY = {"rec": (1, 32), "det": (1, 4)}
+OCR_MODELS = (("ch_PP-OCRv4_rec_infer.onnx", "rec"), ("ch_ppocr_mobile_v2.0_cls_infer.onnx", "cls"),
+              ("ch_PP-OCRv4_det_infer.onnx", "det"))
+OCR_LATENCY = {"rec": (1, 32), "cls": (1, 32), "det": (1, 4)}
 
 
 def _run(model: onnx.ModelProto, calib, passes) -> tuple[onnx.ModelProto, float, list[str], dict]:
@@ -93,9 +94,8 @@ def factor_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[st
 
 
 def _params(model: onnx.ModelProto) -> int:
-    g = G.to_graph(model)
-    return sum(int(np.prod(W.layer_weight(n).value.shape)) for n in g.nodes
-               if n.op in ("Conv", "Gemm", "MatMul") and W.layer_weight(n) is not None)
+    """The layers' weights (distinct ones, whatever their storage)."""
+    return W.storage_summary(G.to_graph(model)).weights
 
 
 def _layer_table(before: onnx.ModelProto, after: onnx.ModelProto, shapes) -> str:
@@ -139,6 +139,9 @@ def _ocr_part() -> str:
         if kind == "rec":
             (calib_x, _), (eval_x, truth) = ocr.rec_data(32, 1, alphabet), ocr.rec_data(128, 2, alphabet)
             shapes = {"x": [1, *calib_x.shape[1:]]}
+        elif kind == "cls":
+            (calib_x, _), (eval_x, truth) = ocr.cls_data(32, 1, alphabet), ocr.cls_data(128, 2, alphabet)
+            shapes = {"x": [1, *calib_x.shape[1:]]}
         else:
             (calib_x, _), (eval_x, truth) = (ocr.det_data(8, 1, alphabet, ocr.DET_PAGE),
                                              ocr.det_data(16, 2, alphabet, ocr.DET_PAGE))
@@ -146,7 +149,9 @@ def _ocr_part() -> str:
         calib = Dataset({"x": calib_x})
         ref = ocr._run(model, eval_x)
         made, rows = [("fp32 original", model, 0.0, [], {})], []
-        for label, p in [("factor-lowrank(macs=0.7)", FactorLowRank(macs=0.7)),
+        for label, p in [("factor-lowrank (defaults: macs=0.5)", FactorLowRank()),
+                         ("factor-depthwise (defaults: macs=0.5)", FactorDepthwise()),
+                         ("factor-lowrank(macs=0.7)", FactorLowRank(macs=0.7)),
                          ("factor-depthwise(macs=0.7)", FactorDepthwise(macs=0.7))]:
             try:
                 made.append((label, *_run(model, calib, [p])))
@@ -173,7 +178,7 @@ INTRO = """`factor-lowrank` and `factor-depthwise` with their defaults (data-awa
 sizes allocated by measured sensitivity for the MAC target, recovery of the second factors and the
 head on the original's outputs), beside `prune-channels` with per-group ratios allocated by the
 same sensitivity analysis for the same MACs, and both combined; `fold-bn` first on the MNIST
-models; 500 calibration digits (32 rendered lines, 8 pages for PP-OCR). MACs at batch 1 from
+models; 500 calibration digits (32 rendered lines or angle crops, 8 pages for PP-OCR). MACs at batch 1 from
 shape inference; params: weights of Conv/Gemm/MatMul layers. Latency: onnxruntime CPU, one
 thread, ratio to the original in the same interleaved rounds. "MAC cut / speedup" is the MAC
 reduction divided by the measured speedup: 1.0 means the model got as much faster as it got
