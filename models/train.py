@@ -5,6 +5,7 @@ Fixed seeds; 3,000 digits train, 1,000 become models/mnist_calib.npz, 1,000 mode
 Inputs are normalized 1x28x28 float32 images named "input"; outputs are 10 logits named "logits".
 
     python models/train.py            # writes models/*.onnx, models/*.npz, prints test accuracy
+    python models/train.py --twins    # writes only models/{resnet,vgg,mobilenet}_small.onnx (see TWINS)
 """
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ def load_splits(seed: int = 0):
     return (x[:3000], y[:3000]), (x[3000:4000], y[3000:4000]), (x[4000:5000], y[4000:5000])
 
 
+def scaled(c: int, width: float = 1.0, div: int = 2) -> int:
+    """Channel count `c` times `width`, rounded to the nearest multiple of `div` (at least `div`).
+    Width 1.0 returns `c` unchanged, so the reference models are exactly what they always were."""
+    if width == 1.0:
+        return c
+    return max(div, int(c * width / div + 0.5) * div)
+
+
 def conv_bn(cin, cout, k=3, stride=1, groups=1):
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
 
@@ -45,17 +54,18 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Three stages of two residual blocks (16, 32, 64 channels), BatchNorm throughout."""
+    """Three stages of two residual blocks (16, 32, 64 channels at width 1), BatchNorm throughout."""
 
-    def __init__(self):
+    def __init__(self, width: float = 1.0):
         super().__init__()
-        self.stem = conv_bn(1, 16)
-        blocks, cin = [], 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        c16, c32, c64 = (scaled(c, width) for c in (16, 32, 64))
+        self.stem = conv_bn(1, c16)
+        blocks, cin = [], c16
+        for cout, stride in ((c16, 1), (c32, 2), (c64, 2)):
             blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
             cin = cout
         self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, 10)
+        self.fc = nn.Linear(c64, 10)
 
     def forward(self, x):
         x = self.blocks(F.relu(self.stem(x)))
@@ -63,11 +73,12 @@ class ResNet(nn.Module):
 
 
 class VGG(nn.Module):
-    """A plain conv stack with max pooling, then Flatten -> Gemm -> Gemm."""
+    """A plain conv stack with max pooling, then Flatten -> Gemm -> Gemm (the hidden Gemm width scales
+    with the convs)."""
 
-    def __init__(self):
+    def __init__(self, width: float = 1.0):
         super().__init__()
-        cfg = [32, 32, "M", 64, 64, "M", 128, "M"]
+        cfg = [c if c == "M" else scaled(c, width) for c in (32, 32, "M", 64, 64, "M", 128, "M")]
         layers, cin = [], 1
         for c in cfg:
             if c == "M":
@@ -76,7 +87,8 @@ class VGG(nn.Module):
                 layers += [nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
                 cin = c
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(128 * 3 * 3, 128), nn.ReLU(), nn.Linear(128, 10))
+        hidden = scaled(128, width)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(cin * 3 * 3, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -85,11 +97,12 @@ class VGG(nn.Module):
 class MobileNet(nn.Module):
     """Depthwise-separable blocks (depthwise 3x3 + pointwise 1x1, each with BatchNorm and ReLU6)."""
 
-    def __init__(self):
+    def __init__(self, width: float = 1.0):
         super().__init__()
-        layers = [conv_bn(1, 16, 3, 1), nn.ReLU6()]
-        cin = 16
+        cin = scaled(16, width)
+        layers = [conv_bn(1, cin, 3, 1), nn.ReLU6()]
         for cout, stride in ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1)):
+            cout = scaled(cout, width)
             layers += [conv_bn(cin, cin, 3, stride, groups=cin), nn.ReLU6(), conv_bn(cin, cout, 1), nn.ReLU6()]
             cin = cout
         self.features = nn.Sequential(*layers)
@@ -110,6 +123,12 @@ class MLP(nn.Module):
 
 
 MODELS = {"resnet": ResNet, "vgg": VGG, "mobilenet": MobileNet, "mlp": MLP}
+
+# Width multipliers of the small "twins" (models/<name>_small.onnx): about half the MACs of the
+# reference model, trained from scratch with the same recipe, to answer "is a pruned large network
+# better than a small network of the same MACs trained from scratch on the same data?". Channels are
+# rounded to even counts: resnet 12-22-44, vgg 22-22-46-46-92 + Gemm 92, mobilenet 10 then 22-44-44-88-88.
+TWINS = {"resnet": 0.70, "vgg": 0.715, "mobilenet": 0.685}
 
 
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> nn.Module:
@@ -141,13 +160,48 @@ def export(model: nn.Module, path: Path) -> None:
                       do_constant_folding=False, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
 
 
+def train_twins(names: list[str], epochs: int) -> None:
+    """Train the small twins only; writes models/<name>_small.onnx and nothing else (not the npz files,
+    not the reference models). Same splits, recipe and seeds as the reference run: each twin's torch
+    seed is its reference's (its index in MODELS), and the numpy shifts, seeded 0 once, follow the same
+    sequence as in `python models/train.py` (each model draws the same number of shifts)."""
+    import onnx
+    from onnxcompress.metrics import total_macs
+
+    shapes = {"input": [1, 1, 28, 28]}
+    (xtr, ytr), _, (xte, yte) = load_splits()
+    # `train` seeds torch only after the model is built, so each model's initial weights come from
+    # the state the previous `train` left, and the first model's from torch's start-up seed, which is
+    # random in every process. Seeding here with the first model's seed makes the whole run reproducible;
+    # the later twins are initialized the same way as their references were.
+    torch.manual_seed(list(MODELS).index(names[0]) if names else 0)
+    for name in names:
+        width = TWINS[name]
+        model = train(MODELS[name](width), xtr, ytr, epochs, seed=list(MODELS).index(name))
+        with torch.no_grad():
+            acc = (model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean() * 100
+        params = sum(p.numel() for p in model.parameters())
+        path = HERE / f"{name}_small.onnx"
+        export(model, path)
+        macs = total_macs(onnx.load(str(path)), shapes)
+        ref = total_macs(onnx.load(str(HERE / f"{name}.onnx")), shapes)
+        print(f"{name}_small (width {width}): {params} parameters, {macs} MACs = {macs / ref:.4f}x {name}, "
+              f"test accuracy {acc:.2f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--only", nargs="*", default=list(MODELS))
+    ap.add_argument("--twins", action="store_true",
+                    help="train only the small twins (TWINS) of the names in --only; writes models/<name>_small.onnx")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args()
     np.random.seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    if args.twins:
+        train_twins([n for n in args.only if n in TWINS], args.epochs)
+        return
     (xtr, ytr), (xc, yc), (xte, yte) = load_splits()
     np.savez_compressed(HERE / "mnist_calib.npz", input=xc, labels=yc)
     np.savez_compressed(HERE / "mnist_test.npz", input=xte, labels=yte)
