@@ -15,10 +15,8 @@ from benchmarks import ocr
 from benchmarks.run import accuracy, median_latency
 from onnxcompress import Dataset, LatencyConfig, PassManager, graph as G, weights as W
 from onnxcompress.metrics import node_macs, total_macs
-from onnxcompress.pass_api import Context, default_registry
 from onnxcompress.passes import FactorDepthwise, FactorLowRank, FoldBatchNorm, PruneChannels
 from onnxcompress.report import markdown_table
-from onnxcompress.sensitivity import allocate, pass_pruner, sensitivity
 
 SECTION_TITLE = "## Architecture rewriting: low-rank and depthwise factoring"
 MNIST_MODELS = ("resnet", "vgg", "mobilenet", "mlp")
@@ -35,13 +33,9 @@ def _run(model: onnx.ModelProto, calib, passes) -> tuple[onnx.ModelProto, float,
 
 
 def _pruned_at(model: onnx.ModelProto, calib, target: float) -> list:
-    """prune-channels with per-group ratios for `target` of the MACs, allocated by the
-    sensitivity analysis (what `onnxcompress sensitivity --target` prints), then recovered."""
-    ctx = Context(original=model, calib=calib)
-    prune = pass_pruner(default_registry(), ctx, round_to=1)
-    sens = sensitivity(model, prune, calib, calib)
-    ratios, _ = allocate(model, prune, sens, calib, target)
-    return [PruneChannels(ratio=0.0, ratios=ratios)]
+    """prune-channels with per-group ratios for `target` of the MACs, allocated inside the pass by
+    the sensitivity analysis, then recovered."""
+    return [PruneChannels(macs=target)]
 
 
 def _variants(model: onnx.ModelProto, calib, fold: bool) -> list[tuple[str, list]]:

@@ -182,58 +182,14 @@ softened probabilities (layer-wise targets come from the teacher that shares the
 # -- structured pruning -------------------------------------------------------------------------
 
 STRUCTURED_MODELS = ("resnet", "vgg", "mobilenet")
-STRUCTURED = dict(round_to=16, target_macs=0.5)
-# The criterion per model: the one that lost least accuracy at this target in our runs (lasso, the
-# reconstruction-based ranking, wins on the depthwise-separable MobileNet; l1 elsewhere).
-CRITERION = {"resnet": "l1", "vgg": "l1", "mobilenet": "lasso"}
 
 
 def structured_section(calib, test, cfg: LatencyConfig, rounds: int, models=STRUCTURED_MODELS,
                        facts: dict | None = None) -> str:
-    """At >= 2x fewer MACs: one-shot without and with recovery, iterative with recovery, and
-    unstructured pruning at the same parameter count, all measured in one run."""
-    from onnxcompress.metrics import count_params
-    from onnxcompress.pass_api import Context
-    from onnxcompress.passes import PruneChannels, PruneWeights
-    from onnxcompress.sensitivity import allocate, pass_pruner, sensitivity
+    """`prune-channels` from one line (benchmarks/prune.py)."""
+    from benchmarks.prune import prune_section
 
-    parts = [STRUCTURED_TEXT.format(**STRUCTURED)]
-    for name in models:
-        print(f"  structured {name} ...", flush=True)
-        model = io.load_model(ROOT / "models" / f"{name}.onnx")
-        ctx = Context(calib=calib.take(300), original=model, teachers=[model])
-        criterion = CRITERION.get(name, "l1")
-        prune = pass_pruner(default_registry(), ctx, criterion, STRUCTURED["round_to"], recover=True)
-        t0 = time.perf_counter()
-        sens = sensitivity(model, prune, calib.take(300), test.take(500), ratios=(0.25, 0.5, 0.75))
-        ratios, _ = allocate(model, prune, sens, calib, STRUCTURED["target_macs"])
-        alloc_s = time.perf_counter() - t0
-        opts = dict(ratio=0.0, ratios=ratios, criterion=criterion, round_to=STRUCTURED["round_to"])
-        rows = [Row("original", model, 0.0)]
-        for label, p in (("one-shot, no recovery", PruneChannels(**opts, recover=False)),
-                         ("one-shot + recovery", PruneChannels(**opts)),
-                         ("iterative (3 steps) + recovery", PruneChannels(**opts, steps=3))):
-            t0 = time.perf_counter()
-            result = PassManager([p], calib=calib, latency=LatencyConfig(enabled=False)).run(model)
-            rows.append(Row(label, result.model, time.perf_counter() - t0))
-        sparsity = 1 - count_params(rows[2].model) / count_params(model)
-        t0 = time.perf_counter()
-        same = PassManager([PruneWeights(sparsity=sparsity), Distill()], calib=calib,
-                           latency=LatencyConfig(enabled=False)).run(model).model
-        rows.append(Row(f"unstructured, same parameter count (prune-weights {sparsity:.0%} + distill)", same,
-                        time.perf_counter() - t0))
-        measure(rows, test, cfg, rounds)
-        if facts is not None:
-            base = rows[0].step
-            facts.setdefault("no_recovery_drop", []).append(base.accuracy - rows[1].step.accuracy)
-            b1 = min(cfg.batch_sizes)
-            facts.setdefault("speedup_per_mac", {})[name] = (
-                base.latency_ms[b1] / rows[2].step.latency_ms[b1] / (base.macs / rows[2].step.macs), b1)
-        spec = f"prune-channels(ratios={ratios}, criterion='{criterion}', round_to={STRUCTURED['round_to']})"
-        parts.append(f"### {name}\n\nAllocation (sensitivity with recovery at 0.25/0.5/0.75, 300 calibration and 500 "
-                     f"test digits, then greedy, "
-                     f"{alloc_s:.0f}s): `{spec}`\n\n" + structured_table(rows, cfg.batch_sizes))
-    return "\n\n".join(parts)
+    return prune_section(calib, test, cfg, rounds, models, facts)
 
 
 def _nonzero_params(row: Row) -> int:
@@ -261,19 +217,6 @@ def structured_table(rows: list[Row], batches: tuple[int, ...]) -> str:
         cells += [f"{x:.2f}x" for x in speed] + [f"{x / mac_red:.2f}" for x in speed] + [f"{row.seconds:.1f}s"]
         out.append(cells)
     return markdown_table(header, out)
-
-
-STRUCTURED_TEXT = """## Structured pruning (prune-channels)
-
-Target: at least 2x fewer MACs. The per-group ratios come from `onnxcompress sensitivity --recover
---target-macs {target_macs}` (criterion as given per model, channel counts rounded to multiples of {round_to}: on
-this AVX-512 machine onnxruntime's blocked convolution kernels work in blocks of 16 channels, and
-other counts cost more time per MAC than they save). The same structure is then reached one shot
-without recovery, one shot with recovery (least-squares refit of the changed layers, BatchNorm
-re-estimation, soft-target head refit), and in 3 steps with recovery after each. The last row is
-unstructured pruning (`prune-weights` + `distill`) leaving the same number of nonzero parameters as
-the structured model. "speedup / MAC reduction" is the latency speedup divided by the MAC
-reduction (1.0 = latency falls exactly as MACs do)."""
 
 
 # -- composition ---------------------------------------------------------------------------------
@@ -461,7 +404,7 @@ def main() -> None:
     ap.add_argument("--skip-quantize", action="store_true", help="skip the quantization comparison")
     ap.add_argument("--skip-factor", action="store_true", help="skip the factoring experiments")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
-    ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize", "factor"],
+    ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize", "factor", "prune"],
                     help="run only that section and replace it in --output (the rest untouched)")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
@@ -479,6 +422,9 @@ def main() -> None:
         elif args.only == "quantize":
             from benchmarks import quant
             section, title = quant.quant_section(calib, test, cfg, args.rounds, models), quant.SECTION_TITLE
+        elif args.only == "prune":
+            from benchmarks import prune
+            section, title = prune.prune_section(calib, test, cfg, args.rounds), prune.SECTION_TITLE
         elif args.only == "factor":
             from benchmarks import factor
             section, title = factor.factor_section(calib, test, cfg, args.rounds, models), factor.SECTION_TITLE
@@ -567,13 +513,9 @@ def footer(facts: dict) -> str:
     if per_mac:
         b1 = next(iter(per_mac.values()))[1]
         listed = ", ".join(f"{v[0]:.2f} for {k}" for k, v in per_mac.items())
-        why = (f" Speedup / MAC reduction at batch {b1} after one-shot pruning with recovery in the structured"
+        why = (f" Speedup / MAC reduction at batch {b1} of `prune-channels(macs=0.5)` in the structured"
                f" section: {listed} (VGG's pruned layers are the largest).")
-    loses = ""
-    if facts.get("no_recovery_drop"):
-        d = facts["no_recovery_drop"]
-        loses = f"; without recovery the same structure loses {min(d):.0f} to {max(d):.0f} points"
-    text = FOOTER.format(qdq=qdq, why=why, loses=loses)
+    text = FOOTER.format(qdq=qdq, why=why)
     head, *items = text.split("\n- ")
     fill = lambda item: textwrap.fill(" ".join(item.split()), 100, initial_indent="- ", subsequent_indent="  ")
     return head + "\n" + "\n".join(fill(i) for i in items) + "\n"
@@ -597,9 +539,7 @@ FOOTER = """
   its MACs) keep their cost, and at batch 1 onnxruntime's fixed cost per node does not shrink at
   all (MobileNet's kernels take a few microseconds each whatever their width, and a large share of
   its batch-1 time is spent outside them).{why}
-- One shot with recovery vs three steps with recovery: neither wins consistently on these models
-  (within a few tenths of a point){loses}.
-  Unstructured pruning at the same nonzero parameter count keeps accuracy as well but gives no
+- Unstructured pruning at the same nonzero parameter count keeps accuracy as well but gives no
   speedup at all.
 """
 

@@ -25,7 +25,7 @@ from .metrics import LatencyConfig, count_params, macs_breakdown
 from .pass_api import Registry, default_registry, type_name
 from .pipeline import parse_pipeline, parse_recipe
 from .report import Report, Step, format_table, human_bytes, human_count, render
-from .runtime import check_providers
+from .runtime import channel_multiple, check_providers
 from .validate import ValidationError, validate_model
 
 log = logging.getLogger("onnxcompress")
@@ -33,6 +33,12 @@ log = logging.getLogger("onnxcompress")
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _round_to(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got '{text}'")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -107,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib", required=True, help="calibration data (shapes, data criteria)")
     s.add_argument("--eval", help="evaluation data (default: the calibration data)")
     s.add_argument("--ratios", type=_floats, default=(0.25, 0.5, 0.75), help="ratios to try (default 0.25,0.5,0.75)")
-    s.add_argument("--criterion", default="l1", help="importance criterion (see `onnxcompress passes`)")
-    s.add_argument("--round-to", type=int, default=1, help="kept channel counts are multiples of this")
+    s.add_argument("--criterion", help="importance criterion (see `onnxcompress passes`; default: prune-channels' own)")
+    s.add_argument("--round-to", type=_round_to, default="auto",
+                   help="kept channel counts are multiples of this (default auto: what the kernels want)")
+    s.add_argument("--jobs", type=int, help="parallel worker processes for the trials (default: one per core)")
     target = s.add_mutually_exclusive_group()
     target.add_argument("--target-macs", type=float, help="allocate ratios to reach this fraction of the MACs")
     target.add_argument("--target-latency", type=float, help="allocate ratios to reach this fraction of the latency")
@@ -250,6 +258,8 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     from .sensitivity import allocate, pass_pruner, sensitivity
 
     registry.create("prune-channels", {"criterion": args.criterion, "round_to": args.round_to})  # checks both
+    if args.jobs is not None and args.jobs < 1:
+        raise InputError(f"--jobs must be at least 1, got {args.jobs}")
     providers = check_providers(args.providers)
     model = _load_checked(args.input, providers)
     names = G.input_names(model)
@@ -259,8 +269,11 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
         evaluation = evaluation.take(args.samples)
     latency = _latency(args) if args.target_latency else None
     ctx = Context(calib=calib, original=model, teachers=[model], providers=providers)
-    prune = pass_pruner(registry, ctx, args.criterion, args.round_to, args.recover)
-    sens = sensitivity(model, prune, calib, evaluation, args.ratios, latency, providers, recovered=args.recover)
+    round_to = args.round_to if args.round_to != "auto" else channel_multiple(providers)[0]
+    criterion = args.criterion or registry.create("prune-channels")._criterion(calib)
+    prune = pass_pruner(registry, ctx, criterion, round_to, args.recover)
+    sens = sensitivity(model, prune, calib, evaluation, args.ratios, latency, providers, recovered=args.recover,
+                       jobs=args.jobs)
     header = ["group", "channels"] + [f"{sens.metric} @{r:g}" for r in sens.ratios] + [f"MACs @{r:g}" for r in sens.ratios]
     rows = [[g, str(sens.channels[g])] + [f"{s:.2f} ({s - sens.base_score:+.2f})" for s in sens.score[g]]
             + [f"{m / sens.base_macs:.2f}x" for m in sens.macs[g]] for g in sens.groups]
@@ -271,8 +284,9 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     if args.target_macs or args.target_latency:
         by = "latency" if args.target_latency else "macs"
         target = args.target_latency or args.target_macs
-        ratios, measured = allocate(model, prune, sens, calib, target, by, latency, providers)
-        spec = f"prune-channels(ratios={ {k: v for k, v in ratios.items()} }, criterion='{args.criterion}', round_to={args.round_to})"
+        structure = pass_pruner(registry, ctx, criterion, round_to, recover=False)  # MACs and latency alike
+        ratios, measured = allocate(model, structure, sens, calib, target, by, latency, providers)
+        spec = f"prune-channels(ratios={ {k: v for k, v in ratios.items()} }, criterion='{criterion}', round_to={round_to})"
         print(f"\nallocation for {by} <= {target:g}x: {'met' if measured['target_met'] else 'NOT met'}; "
               f"MACs {measured['macs'] / sens.base_macs:.2f}x" +
               (f", latency {measured['latency_ms'] / sens.base_latency:.2f}x" if by == "latency" else ""))

@@ -45,6 +45,14 @@ class Dataset:
         labels = None if self.labels is None else self.labels[:n]
         return Dataset({k: v[:n] for k, v in self.feeds.items()}, labels)
 
+    def split(self, n: int) -> tuple["Dataset", "Dataset"]:
+        """The first n samples and the rest."""
+        cut = lambda a: (a[:n], a[n:])
+        parts = {k: cut(v) for k, v in self.feeds.items()}
+        labels = (None, None) if self.labels is None else cut(self.labels)
+        return (Dataset({k: v[0] for k, v in parts.items()}, labels[0]),
+                Dataset({k: v[1] for k, v in parts.items()}, labels[1]))
+
     def check_inputs(self, inputs: Mapping[str, Any]) -> None:
         """Raise InputError unless the dataset feeds exactly the model's graph inputs `inputs`."""
         missing = [n for n in inputs if n not in self.feeds]

@@ -20,16 +20,13 @@ import onnx_graphsurgeon as gs
 
 from . import graph as G, weights as W
 from .layers import out_rows
-from .metrics import LatencyConfig
 from .pass_api import Context, Pass, PassResult
 from .recovery import RecoverySettings, recover, sequential
-from .sensitivity import allocate, sensitivity
+from .sensitivity import plan
 from .storage import add_node, constant
 
 __all__ = ["Factoring", "WhitenedSVD", "whitened_svd", "split", "lowrank_layout", "layer_cost", "eligible"]
 
-RATIOS = (0.25, 0.5, 0.75)      # shares of a layer's MACs the sensitivity analysis takes away
-LATENCY_BATCHES = (1, 32)       # a latency target is the mean ratio over these batch sizes
 CONV_GEOMETRY = ("strides", "pads", "dilations", "auto_pad", "kernel_shape")   # what moves to the first factor
 
 RIDGE = 1e-6        # relative to the mean eigenvalue: keeps H^(-1/2) finite for dead inputs
@@ -268,15 +265,8 @@ class Factoring(Pass):
             return G.to_model(G.tidy(g), like=m)
 
         units = {lid: layer_cost(n)[0] for lid, n in layers.items()}
-        timing = LatencyConfig(batch_sizes=LATENCY_BATCHES) if self.latency is not None else None
-        sens = sensitivity(model, factored, data, data, RATIOS, latency=timing, providers=ctx.providers, units=units)
-        by, target = ("latency", self.latency) if timing else ("macs", self.macs)
-        chosen, measured = allocate(model, factored, sens, data, target, by=by, latency=timing, providers=ctx.providers)
-        stats.update(macs_ratio=measured["macs"] / sens.base_macs, target_met=bool(measured["target_met"]))
-        if timing:
-            stats["latency_ratio"] = measured["latency_ms"] / sens.base_latency
-        if not measured["target_met"]:
-            reached = stats.get("latency_ratio", stats["macs_ratio"])
-            notes.append(f"{by}={target:g}: factoring the eligible layers as far as measured reaches "
-                         f"{reached:.2f} of the model's {'latency' if timing else 'MACs'}")
+        by, target = ("latency", self.latency) if self.latency is not None else ("macs", self.macs)
+        chosen, more_stats, more_notes = plan(model, factored, data, target, by, units=units, providers=ctx.providers)
+        stats.update(more_stats)
+        notes += more_notes[1:]      # the first lists ratios by layer id; the report lists the sizes
         return {lid: self._size_at(layers[lid], r) for lid, r in chosen.items()}

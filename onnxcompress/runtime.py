@@ -16,7 +16,7 @@ from .progress import progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_providers", "make_session", "run_model", "iter_outputs", "fixed_batch", "capture",
+__all__ = ["check_providers", "make_session", "channel_multiple", "worker_threads", "run_model", "iter_outputs", "fixed_batch", "capture",
            "capture_session", "Stepper", "StepError"]
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -38,10 +38,43 @@ def check_providers(providers: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+# Channel multiples the kernels want: onnxruntime's CPU kernels (MLAS) pick their code by the CPU's
+# instruction set, and its blocked convolutions work on as many float32 channels as one vector holds
+# (16 for AVX-512, 8 for AVX/AVX2, 4 for SSE and ARM NEON); cuDNN's tensor-core kernels want
+# multiples of 8. numpy reads the same CPUID bits (and whether the OS enables them) at import.
+CPU_MULTIPLES = (("AVX512F", 16, "AVX-512"), ("AVX2", 8, "AVX2"), ("AVX", 8, "AVX"), ("ASIMD", 4, "NEON"),
+                 ("NEON", 4, "NEON"), ("SSE2", 4, "SSE"))
+CUDA_MULTIPLE = 8
+_WORKER_THREADS: int | None = None     # set in parallel workers: their share of the cores
+
+
+def channel_multiple(providers: Sequence[str] = DEFAULT_PROVIDERS) -> tuple[int, str]:
+    """The channel multiple the first execution provider's kernels prefer, and why (for reports)."""
+    if providers and providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        return CUDA_MULTIPLE, "CUDA tensor-core kernels"
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    for flag, multiple, isa in CPU_MULTIPLES:
+        if features.get(flag):
+            return multiple, f"{isa} CPU kernels"
+    return 1, "no vector instruction set detected"
+
+
+def worker_threads(n: int) -> None:
+    """In a worker process of a parallel sweep: every session and numpy's BLAS use `n` threads."""
+    global _WORKER_THREADS
+    _WORKER_THREADS = n
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+    threadpool_limits(n)
+
+
 def make_session(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PROVIDERS,
                  threads: int | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    threads = threads or _WORKER_THREADS
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

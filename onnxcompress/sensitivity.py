@@ -1,16 +1,22 @@
-"""Sensitivity analysis for structured pruning, and a per-group ratio allocation that meets a MAC
-or latency target with the least accuracy loss.
+"""Sensitivity analysis for structured pruning (and factoring), and a per-unit ratio allocation that
+meets a MAC or latency target with the least accuracy loss.
 
-Each prunable group is pruned alone at several ratios (one shot, no recovery) and measured. The
-allocation is greedy: starting from nothing pruned, it repeatedly moves the group whose next ratio
-costs the least accuracy per MAC (or millisecond) saved, until the pruned model, built and
-measured for real, meets the target.
+Each prunable group is pruned alone at several ratios (one shot, with or without recovery) and
+measured; these trials are independent and run in parallel worker processes (`jobs`; each worker
+gets its share of the cores; the results are those of a serial run). The allocation is greedy:
+starting from nothing pruned, it repeatedly moves the group whose next ratio costs the least
+accuracy per MAC (or millisecond) saved, until the pruned model, built and measured for real, meets
+the target. `plan` is both steps for a pass with a target (`prune-channels(macs=...)`,
+`factor-lowrank(macs=...)`); the `sensitivity` command runs them one by one and prints the table.
 """
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import sys
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -21,16 +27,19 @@ from .data import Dataset
 from .metrics import LatencyConfig, accuracy, fidelity, latency_ms, total_macs
 from .pass_api import Context, Registry
 from .progress import progress
-from .runtime import DEFAULT_PROVIDERS, make_session, run_model
+from .runtime import DEFAULT_PROVIDERS, make_session, run_model, worker_threads
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Sensitivity", "sensitivity", "allocate", "Prune", "pass_pruner"]
+__all__ = ["Sensitivity", "Scorer", "sensitivity", "allocate", "plan", "Prune", "pass_pruner", "default_jobs",
+           "RATIOS", "LATENCY_BATCHES"]
 
 Prune = Callable[[onnx.ModelProto, dict[str, float]], onnx.ModelProto]
+RATIOS = (0.25, 0.5, 0.75)      # shares of a unit taken away in the sensitivity trials
+LATENCY_BATCHES = (1, 32)       # a latency target is the mean ratio over these batch sizes
 
 
-def pass_pruner(registry: Registry, ctx: Context, criterion: str = "l1", round_to: int = 1,
+def pass_pruner(registry: Registry, ctx: Context, criterion: str | None = None, round_to: int | str = "auto",
                 recover: bool = False) -> Prune:
     """`prune(model, {group: ratio})` through the registry's "prune-channels" pass: one-shot pruning of
     the named groups only (what sensitivity and allocation measure), with or without recovery."""
@@ -41,6 +50,38 @@ def pass_pruner(registry: Registry, ctx: Context, criterion: str = "l1", round_t
         p.run(graph, ctx.fork())  # each call starts afresh from the original
         return G.to_model(G.tidy(graph), like=model)
     return prune
+
+
+def default_jobs() -> int:
+    """Worker processes for independent trials: one per core this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_TASK: Callable[[Any], Any] | None = None   # what a forked worker runs (inherited, never pickled)
+
+
+def _call(item):
+    return _TASK(item)
+
+
+def parallel_map(fn: Callable[[Any], Any], items: list, jobs: int | None = None, desc: str = "") -> list:
+    """[fn(x) for x in items] in `jobs` forked worker processes (each with its share of the cores),
+    in order. Serial where fork is unavailable (not Linux) or with one job; `fn` may be a closure."""
+    global _TASK
+    jobs = min(default_jobs() if jobs is None else jobs, len(items))
+    if jobs <= 1 or sys.platform != "linux":
+        return [fn(x) for x in progress(items, desc=desc)]
+    _TASK = fn
+    try:
+        pool = multiprocessing.get_context("fork").Pool(jobs, initializer=worker_threads,
+                                                        initargs=(max(1, default_jobs() // jobs),))
+        with pool:
+            return list(progress(pool.imap(_call, items), total=len(items), desc=desc))
+    finally:
+        _TASK = None
 
 
 @dataclass
@@ -61,7 +102,7 @@ class Sensitivity:
         return {k: v for k, v in self.__dict__.items()}
 
 
-class _Scorer:
+class Scorer:
     """Accuracy (or top-1 agreement without labels) of a model on the evaluation data."""
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, providers: Sequence[str]):
@@ -81,31 +122,38 @@ class _Scorer:
 
 
 def sensitivity(model: onnx.ModelProto, prune: Prune, calib: Dataset, evaluation: Dataset,
-                ratios: Sequence[float] = (0.25, 0.5, 0.75), latency: LatencyConfig | None = None,
+                ratios: Sequence[float] = RATIOS, latency: LatencyConfig | None = None,
                 providers: Sequence[str] = DEFAULT_PROVIDERS, recovered: bool = False,
-                units: dict[str, int] | None = None) -> Sensitivity:
+                units: dict[str, int] | None = None, jobs: int | None = None) -> Sensitivity:
     """Score, MACs (and latency) of the model with each prunable group pruned alone at each ratio.
 
     `prune(model, {group: ratio})` returns the model pruned (`recovered` says whether it recovers).
     `units` ({name: size}) replaces the channel groups with other units a `prune` understands (the
-    layers `factor-lowrank` factors, a ratio being the share of a layer's MACs taken away)."""
+    layers `factor-lowrank` factors, a ratio being the share of a layer's MACs taken away).
+    Scores and MACs come from `jobs` parallel workers (default: one per core); latencies are then
+    measured one model at a time, so that the workers do not disturb them."""
     shapes = {k: [1, *v.shape[1:]] for k, v in calib.feeds.items()}
     if units is None:
         an = analyze(G.to_graph(model), model, shapes)
         units = {g.name: len(g.units) for g in an.groups if not g.frozen}
     groups = list(units)
-    scorer = _Scorer(model, evaluation, providers)
+    scorer = Scorer(model, evaluation, providers)
     result = Sensitivity(scorer(model), total_macs(model, shapes), tuple(ratios), groups, dict(units),
                          metric=scorer.metric, recovered=recovered)
+
+    def trial(item: tuple[str, float]) -> tuple[float, int, bytes | None]:
+        pruned = prune(model, {item[0]: item[1]})
+        kept = pruned.SerializeToString() if latency is not None else None
+        return scorer(pruned), total_macs(pruned, shapes), kept
+
+    trials = [(g, r) for g in groups for r in ratios]
+    for (g, _), (score, macs, _) in zip(trials, parallel_map(trial, trials, jobs, desc="sensitivity")):
+        result.score.setdefault(g, []).append(score)
+        result.macs.setdefault(g, []).append(macs)
     if latency is not None:
         result.base_latency = _latency(model, latency, evaluation, providers)
-    for g in progress(groups, desc="sensitivity"):
-        for r in ratios:
-            pruned = prune(model, {g: r})
-            result.score.setdefault(g, []).append(scorer(pruned))
-            result.macs.setdefault(g, []).append(total_macs(pruned, shapes))
-            if latency is not None:
-                result.latency.setdefault(g, []).append(_latency(pruned, latency, evaluation, providers))
+        for g in progress(groups, desc="latency"):
+            result.latency[g] = [_latency(prune(model, {g: r}), latency, evaluation, providers) for r in ratios]
     return result
 
 
@@ -118,7 +166,8 @@ def allocate(model: onnx.ModelProto, prune: Prune, sens: Sensitivity, calib: Dat
              max_rounds: int = 200) -> tuple[dict[str, float], dict]:
     """Per-group ratios meeting `target` (a fraction of the original's MACs, or latency when
     by="latency") with the least predicted accuracy loss. Returns the ratios and what the pruned
-    model measured (MACs, latency, score without recovery)."""
+    model measured (MACs, latency). `prune` builds the candidates; it need not recover (MACs and
+    latency depend on the structure only)."""
     shapes = {k: [1, *v.shape[1:]] for k, v in calib.feeds.items()}
     cost = {g: [0.0] + [max(sens.base_score - s, 0.0) for s in sens.score[g]] for g in sens.groups}
     if by == "latency":
@@ -133,18 +182,20 @@ def allocate(model: onnx.ModelProto, prune: Prune, sens: Sensitivity, calib: Dat
     for _ in range(max_rounds):
         if measured["value"] <= target * base:
             break
-        best, best_rate = None, None
+        moves = []          # (accuracy cost per unit saved, cost, saving, group, level)
         for g in sens.groups:
             i = level[g]
             for j in range(i + 1, len(cost[g])):  # a jump: the next ratio may save nothing (round_to)
                 saved = gain[g][j] - gain[g][i]
-                if saved <= 0:
-                    continue
-                rate = (cost[g][j] - cost[g][i] + 1e-3) / saved
-                if best_rate is None or rate < best_rate:
-                    best, best_rate = (g, j), rate
-        if best is None:
+                if saved > 0:
+                    added = cost[g][j] - cost[g][i]
+                    moves.append(((added + 1e-3) / saved, added, saved, g, j))
+        if not moves:
             break
+        # Cheapest per unit saved; but once single moves would reach the target (savings add up
+        # as predicted), the one that loses least, then overshoots least.
+        finishing = [m for m in moves if m[2] >= measured["value"] - target * base]
+        best = min(finishing, key=lambda m: (m[1], m[2]))[3:] if finishing else min(moves)[3:]
         level[best[0]] = best[1]
         ratios[best[0]] = sens.ratios[best[1] - 1]
         measured = _measure(model, prune, ratios, shapes, by, latency, calib, providers)
@@ -162,3 +213,31 @@ def _measure(model, prune: Prune, ratios, shapes, by, latency, data, providers) 
     else:
         out["value"] = macs
     return out
+
+
+def plan(model: onnx.ModelProto, prune: Prune, data: Dataset, target: float, by: str = "macs",
+         structure: Prune | None = None, units: dict[str, int] | None = None, recovered: bool = False,
+         evaluation: Dataset | None = None, providers: Sequence[str] = DEFAULT_PROVIDERS, jobs: int | None = None
+         ) -> tuple[dict[str, float], dict, list[str]]:
+    """Sensitivity scored on `evaluation` (default `data`), then the allocation for `target` (by
+    "macs" or "latency", the mean over LATENCY_BATCHES): per-unit ratios, stats and notes for a
+    pass's report. `structure` builds the same structure as `prune` faster (without recovery) for
+    the allocation's trials."""
+    timing = LatencyConfig(batch_sizes=LATENCY_BATCHES) if by == "latency" else None
+    evaluation = data if evaluation is None else evaluation
+    sens = sensitivity(model, prune, data, evaluation, RATIOS, latency=timing, providers=providers, units=units,
+                       recovered=recovered, jobs=jobs)
+    chosen, measured = allocate(model, structure or prune, sens, data, target, by=by, latency=timing,
+                                providers=providers)
+    stats = {"macs_ratio": measured["macs"] / sens.base_macs, "target_met": bool(measured["target_met"])}
+    if timing:
+        stats["latency_ratio"] = measured["latency_ms"] / sens.base_latency
+    notes = [f"{by}={target:g}: {len(sens.groups)} units measured alone at {'/'.join(f'{r:.0%}' for r in RATIOS)} "
+             f"({sens.metric} on {len(evaluation)} calibration samples"
+             f"{f', after recovery on {len(data) - len(evaluation)} others' if recovered else ''}); allocated: "
+             + (", ".join(f"{k} {v:g}" for k, v in chosen.items()) or "nothing")]
+    if not measured["target_met"]:
+        reached = stats.get("latency_ratio", stats["macs_ratio"])
+        notes.append(f"{by}={target:g} not reached: as far as measured, {reached:.2f} of the model's "
+                     f"{'latency' if timing else 'MACs'}")
+    return chosen, stats, notes

@@ -1,8 +1,14 @@
 """prune-channels: structured pruning. Whole channels (and every channel coupled to them) are
 removed, so tensors, files and latency really shrink; accuracy is recovered between steps by the
-shared distillation engine (a least-squares refit of the changed layers, then the head)."""
+shared distillation engine (a least-squares refit of the changed layers, then the head).
+
+How much each group loses: `ratio` for all, `ratios` by name, or a target (`macs=0.5`, or
+`latency=0.5` measured in onnxruntime) for which the sensitivity analysis (`onnxcompress.sensitivity`,
+the `sensitivity` command's code) allocates per-group ratios with the least accuracy lost. Kept
+channel counts are multiples of what the execution provider's kernels want (`round_to="auto"`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,11 +21,15 @@ from onnxcompress.errors import OptionError
 from onnxcompress.importance import CRITERIA, DATA_CRITERIA, RANK_ONLY, group_scores
 from onnxcompress.pass_api import ChannelMap, Context, Pass, PassResult
 from onnxcompress.recovery import RecoverySettings, recover
+from onnxcompress.runtime import channel_multiple
+from onnxcompress.sensitivity import Scorer, plan
 
 __all__ = ["PruneChannels", "kept_count"]
 
 Criterion = Literal["l1", "l2", "bn-scale", "mean-act", "apoz", "thinet", "lasso"]
 assert set(CRITERIA) == set(Criterion.__args__)  # noqa: S101 - the two lists must agree
+HELD_OUT_MIN = 96     # calibration samples below which recovered trials are scored on what they fit
+TARGET_CRITERIA = ("thinet", "l1")   # tried on the allocated cut when a target is set and no criterion named
 
 
 def kept_count(channels: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
@@ -38,41 +48,63 @@ class PruneChannels(Pass):
     name = "prune-channels"
     handles = frozenset(RULES)
     ratio: float = 0.3                       # share of each group's channels removed (scope="layer")
+    macs: float | None = None                # or a target: this share of the MACs, ratios by sensitivity
+    latency: float | None = None             # or this share of the latency (onnxruntime, batch 1 and 32)
     criterion: Criterion | None = None       # default: with calibration data "thinet" (scope="global": "mean-act"), else "l1"
     steps: int = 1                           # reach the target in this many cuts
     recover: bool = True                     # least-squares refit + head refit after each cut
-    round_to: int = 1                        # kept channel counts are multiples of this
+    round_to: int | Literal["auto"] = "auto"  # kept channel counts are multiples of this ("auto": the kernels')
     min_channels: int = 1
     exclude: tuple[str, ...] = ()            # node or group names whose groups stay whole
     scope: Literal["layer", "global"] = "layer"
     ratios: dict[str, float] = field(default_factory=dict)   # per-group ratios (from `sensitivity`)
     samples: int | None = None               # calibration samples for data criteria and recovery
+    sensitivity_recover: bool = True         # with a target: measure each trial after recovery (slower, better)
+    jobs: int | None = None                  # with a target: parallel trials (default: one per core)
 
     def __post_init__(self) -> None:
         for r in [self.ratio, *self.ratios.values()]:
             if not 0.0 <= r < 1.0:
                 raise ValueError(f"ratios must be in [0, 1), got {r}")
-        if self.steps < 1 or self.round_to < 1 or self.min_channels < 1:
-            raise ValueError("steps, round_to and min_channels must be at least 1")
+        if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ValueError(f"round_to must be 'auto' or an integer of at least 1, got {self.round_to!r}")
+        if self.steps < 1 or self.min_channels < 1:
+            raise ValueError("steps and min_channels must be at least 1")
+        for key in ("macs", "latency"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"{key} must be in (0, 1), got {value}")
+        if self.macs is not None and self.latency is not None:
+            raise ValueError("give one target: macs or latency")
+        if (self.macs is not None or self.latency is not None) and self.ratios:
+            raise ValueError("a target (macs/latency) allocates the ratios: do not name ratios too")
         if self.scope == "global" and self.criterion in RANK_ONLY:
             raise ValueError(f"criterion '{self.criterion}' ranks channels within a group only: use scope='layer'")
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
-        needs_data = self.recover or self.criterion in DATA_CRITERIA
+        needs_data = self.recover or self.criterion in DATA_CRITERIA or self.macs or self.latency
         data = ctx.require_calib(self.name) if needs_data else ctx.calib
         if data is not None and self.samples:
             data = data.take(self.samples)
         criterion = self._criterion(data)
+        round_to, why = (self.round_to, "") if self.round_to != "auto" else channel_multiple(ctx.providers)
+        stats: dict[str, float] = {"round_to": round_to}
+        notes = [f"channel counts in multiples of {round_to} (round_to='auto': {why})"] if why else []
+        ratios, default = self.ratios, self.ratio
+        if self.macs is not None or self.latency is not None:
+            ratios, default = self._allocate(graph, ctx, data, round_to, criterion, stats, notes), 0.0
+            if self.criterion is None and self.scope == "layer" and ratios:
+                criterion = self._pick_criterion(graph, ctx, data, ratios, round_to, notes)
         shapes = None if data is None else {k: [1, *v.shape[1:]] for k, v in data.feeds.items()}
         analyze_now = lambda: analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original), shapes)
         an = analyze_now()
-        notes = _frozen_notes(an, self.exclude)
-        targets = {g.id: kept_count(len(g.units), self._ratio(g, an), self.round_to, self.min_channels)
+        notes += _frozen_notes(an, self.exclude)
+        targets = {g.id: kept_count(len(g.units), _ratio(g, an, ratios, default), round_to, self.min_channels)
                    for g in self._prunable(an)}
         start = {g.id: len(g.units) for g in self._prunable(an)}
-        stats: dict[str, float] = {"groups": len(an.groups), "groups_prunable": len(targets),
-                                   "channels_before": sum(start.values())}
-        if self.criterion is None:
+        stats.update({"groups": len(an.groups), "groups_prunable": len(targets),
+                      "channels_before": sum(start.values())})
+        if self.criterion is None and not any(n.startswith("criterion ") for n in notes):
             notes.append(f"channels ranked by {criterion} (the default {'without' if criterion == 'l1' else 'with'} "
                          "calibration data)")
         removed_total = 0
@@ -80,7 +112,7 @@ class PruneChannels(Pass):
             if step > 1:
                 an = analyze_now()
             goal = {n: c - round((c - targets[n]) * step / self.steps) for n, c in start.items()}
-            removed = self._choose(graph, an, goal, ctx, data, criterion)
+            removed = self._choose(graph, an, goal, ctx, data, criterion, round_to)
             removed_total += len(removed)
             _update_channel_maps(ctx, an, removed)
             apply_removal(graph, an, removed)
@@ -95,10 +127,51 @@ class PruneChannels(Pass):
     def _prunable(self, an: Analysis) -> list[Group]:
         return [g for g in an.groups if not g.frozen and not _excluded(g, an, self.exclude)]
 
-    def _ratio(self, group: Group, an: Analysis) -> float:
-        """The group's ratio: from `ratios` under any of its names, else `ratio`."""
-        names = group.names(an)
-        return next((r for key, r in self.ratios.items() if key in names), self.ratio)
+    def _pick_criterion(self, graph: gs.Graph, ctx: Context, data, ratios: dict[str, float], round_to: int,
+                        notes: list[str]) -> str:
+        """With a target and no criterion named: the allocated cut made with each of TARGET_CRITERIA,
+        recovered on two thirds of the calibration data and scored on the rest; the best is used
+        (ThiNet wins on VGG and MobileNet, l1 on ResNet's residual groups, by up to a point)."""
+        model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
+        fit, held = _fit_and_held(data)
+        scorer = Scorer(model, held, ctx.providers)
+        scores = {}
+        for c in TARGET_CRITERIA:
+            g = G.to_graph(model)
+            dataclasses.replace(self, macs=None, latency=None, ratio=0.0, ratios=dict(ratios), round_to=round_to,
+                                criterion=c).run(g, dataclasses.replace(ctx, calib=fit).fork())
+            scores[c] = scorer(G.to_model(G.tidy(g), like=model))
+        best = max(TARGET_CRITERIA, key=lambda c: scores[c])    # ties: the first
+        notes.append(f"criterion {best} chosen by {scorer.metric} on {len(held)} held-out calibration samples: "
+                     + ", ".join(f"{c} {v:.2f}" for c, v in scores.items()))
+        return best
+
+    def _allocate(self, graph: gs.Graph, ctx: Context, data, round_to: int, criterion: str, stats: dict,
+                  notes: list[str]) -> dict[str, float]:
+        """Per-group ratios for the target: each group pruned alone (this pass, one shot) at 25/50/75%
+        and scored against the original on the calibration data, then the greedy allocation. Trials
+        that recover are fit on the first two thirds and scored on the rest (scored on what they were
+        fit to, every trial looks harmless)."""
+        model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
+        fit, held = _fit_and_held(data) if self.sensitivity_recover else (data, data)
+        trial_ctx = dataclasses.replace(ctx, calib=fit)
+        one_shot = dataclasses.replace(self, macs=None, latency=None, ratio=0.0, steps=1, round_to=round_to,
+                                       criterion=criterion)
+
+        def pruner(recover: bool):
+            def prune(m, ratios: dict[str, float]):
+                g = G.to_graph(m)
+                dataclasses.replace(one_shot, ratios=dict(ratios), recover=recover).run(g, trial_ctx.fork())
+                return G.to_model(G.tidy(g), like=m)
+            return prune
+
+        by, target = ("latency", self.latency) if self.latency is not None else ("macs", self.macs)
+        chosen, more_stats, more_notes = plan(model, pruner(self.sensitivity_recover), data, target, by,
+                                              structure=pruner(False), recovered=self.sensitivity_recover,
+                                              evaluation=held, providers=ctx.providers, jobs=self.jobs)
+        stats.update({f"planned_{k}": v for k, v in more_stats.items()})
+        notes += more_notes
+        return chosen
 
     def _criterion(self, data) -> str:
         """With data to rank by (recovery needs it anyway), ThiNet (mean activation where scores
@@ -110,7 +183,8 @@ class PruneChannels(Pass):
             return "l1"
         return "thinet" if self.scope == "layer" else "mean-act"
 
-    def _choose(self, graph: gs.Graph, an: Analysis, goal: dict[str, int], ctx: Context, data, criterion: str) -> set[int]:
+    def _choose(self, graph: gs.Graph, an: Analysis, goal: dict[str, int], ctx: Context, data, criterion: str,
+                round_to: int) -> set[int]:
         """The units to remove this step: per group, the lowest-scored down to its goal; with
         scope="global", the lowest normalized scores across groups decide how many each loses."""
         groups = [g for g in self._prunable(an) if g.id in goal and len(g.units) > goal[g.id]]
@@ -122,7 +196,7 @@ class PruneChannels(Pass):
             raise OptionError(f"{self.name}: {e}") from None
         counts = {g.id: len(g.units) - goal[g.id] for g in groups}
         if self.scope == "global":
-            counts = self._global_counts(groups, scores, counts)
+            counts = self._global_counts(groups, scores, counts, round_to)
         removed: set[int] = set()
         for g in groups:
             order = np.argsort(scores[g.id], kind="stable")
@@ -130,11 +204,12 @@ class PruneChannels(Pass):
         score_of = {u: sc for g in groups for u, sc in zip(g.units, scores[g.id])}
         return _keep_every_tensor_alive(an, groups, removed, score_of)
 
-    def _global_counts(self, groups: list[Group], scores: dict[str, np.ndarray], counts: dict[str, int]) -> dict[str, int]:
+    def _global_counts(self, groups: list[Group], scores: dict[str, np.ndarray], counts: dict[str, int],
+                       round_to: int) -> dict[str, int]:
         """Spend the same total removal on the globally least important units (scores / group mean)."""
         total = sum(counts.values())
         pool = sorted((s / (scores[g.id].mean() or 1.0), g.id) for g in groups for s in scores[g.id])
-        limit = {g.id: len(g.units) - kept_count(len(g.units), 0.999, self.round_to, self.min_channels) for g in groups}
+        limit = {g.id: len(g.units) - kept_count(len(g.units), 0.999, round_to, self.min_channels) for g in groups}
         out = {g.id: 0 for g in groups}
         for _, name in pool:
             if total == 0:
@@ -142,10 +217,21 @@ class PruneChannels(Pass):
             if out[name] < limit[name]:
                 out[name] += 1
                 total -= 1
-        if self.round_to > 1:
+        if round_to > 1:
             sizes = {g.id: len(g.units) for g in groups}
-            out = {n: sizes[n] - kept_count(sizes[n], c / sizes[n], self.round_to, self.min_channels) for n, c in out.items()}
+            out = {n: sizes[n] - kept_count(sizes[n], c / sizes[n], round_to, self.min_channels) for n, c in out.items()}
         return out
+
+
+def _fit_and_held(data):
+    """Two thirds to fit recovery on, a third to score on (all of it for both when small)."""
+    return data.split(len(data) * 2 // 3) if len(data) >= HELD_OUT_MIN else (data, data)
+
+
+def _ratio(group: Group, an: Analysis, ratios: dict[str, float], default: float) -> float:
+    """The group's ratio: from `ratios` under any of its names, else `default`."""
+    names = group.names(an)
+    return next((r for key, r in ratios.items() if key in names), default)
 
 
 def _keep_every_tensor_alive(an: Analysis, groups: list[Group], removed: set[int], score_of: dict[int, float]) -> set[int]:

@@ -208,7 +208,7 @@ def test_unknown_op_freezes_its_groups_and_is_named():
     assert by_producer["c1"].frozen == "LRN 'lrn_node' is not in the channel table"
     assert by_producer["c2"].frozen is None
     assert by_producer["c3"].frozen == "graph output"
-    result = PassManager([PruneChannels(ratio=0.5, recover=False)], latency=LatencyConfig(enabled=False)).run(model)
+    result = PassManager([PruneChannels(round_to=1, ratio=0.5, recover=False)], latency=LatencyConfig(enabled=False)).run(model)
     notes = result.report.steps[1].notes
     assert any("'c1'" in n and "LRN 'lrn_node'" in n for n in notes)
     s = shapes(result.model)
@@ -218,7 +218,7 @@ def test_unknown_op_freezes_its_groups_and_is_named():
 def test_exclude_is_honoured_and_io_shapes_never_change(resnet, mnist_test):
     data = Dataset({"input": mnist_test["input"][:64]})
     keep = "/blocks/blocks.0/a/a.0/Conv"
-    result = PassManager([PruneChannels(ratio=0.5, recover=False, exclude=(keep,))], calib=data,
+    result = PassManager([PruneChannels(round_to=1, ratio=0.5, recover=False, exclude=(keep,))], calib=data,
                          latency=LatencyConfig(enabled=False)).run(resnet)
     s = shapes(result.model)
     conv_w = {n.name: s[n.input[1]] for n in result.model.graph.node if n.op_type == "Conv"}

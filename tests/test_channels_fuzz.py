@@ -79,7 +79,7 @@ def build(kinds, seed):
 @given(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=5), st.integers(0, 1000))
 def test_random_cnns_stay_valid_after_structured_pruning(kinds, seed):
     model = build(kinds, seed)
-    result = PassManager([PruneChannels(ratio=0.5, recover=False)], latency=LatencyConfig(enabled=False)).run(model)
+    result = PassManager([PruneChannels(round_to=1, ratio=0.5, recover=False)], latency=LatencyConfig(enabled=False)).run(model)
     pruned = result.model
     onnx.checker.check_model(pruned, full_check=True)
     onnx.shape_inference.infer_shapes(pruned, check_type=True, strict_mode=True)
@@ -97,8 +97,8 @@ def test_recovery_keeps_random_pruned_cnns_valid_and_never_blows_up(kinds, seed)
     model = build(kinds, seed)
     calib = Dataset({"x": rand(160, 3, 6, 6, seed=seed + 1)})
     # the same ranking for both (with data the default would be ThiNet): recovery alone differs
-    plain = PassManager([PruneChannels(ratio=0.5, criterion="l1", recover=False)], latency=LatencyConfig(enabled=False)).run(model)
-    rec = PassManager([PruneChannels(ratio=0.5, criterion="l1")], calib=calib, latency=LatencyConfig(enabled=False)).run(model)
+    plain = PassManager([PruneChannels(round_to=1, ratio=0.5, criterion="l1", recover=False)], latency=LatencyConfig(enabled=False)).run(model)
+    rec = PassManager([PruneChannels(round_to=1, ratio=0.5, criterion="l1")], calib=calib, latency=LatencyConfig(enabled=False)).run(model)
     onnx.checker.check_model(rec.model, full_check=True)
     x = {"x": rand(64, 3, 6, 6, seed=seed + 2)}
     # Random untrained nets say nothing about accuracy (the reference-model tests check the gains),

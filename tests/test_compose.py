@@ -37,8 +37,8 @@ def storages(model: onnx.ModelProto) -> Counter:
 def test_pruning_a_clustered_model_keeps_it_clustered_and_recovers(resnet, calib, test_set):
     model = clustered(resnet)
     assert storages(model) == Counter(codebook=16)
-    plain = PassManager([PruneChannels(ratio=0.3, recover=False)], eval_data=test_set, latency=NO_LATENCY).run(model)
-    rec = PassManager([PruneChannels(ratio=0.3)], calib=calib, eval_data=test_set, latency=NO_LATENCY).run(model)
+    plain = PassManager([PruneChannels(round_to=1, ratio=0.3, recover=False)], eval_data=test_set, latency=NO_LATENCY).run(model)
+    rec = PassManager([PruneChannels(round_to=1, ratio=0.3)], calib=calib, eval_data=test_set, latency=NO_LATENCY).run(model)
     assert storages(rec.model) == Counter(codebook=16)
     graph = G.to_graph(rec.model)
     for node in [n for n in graph.nodes if n.op in ("Conv", "Gemm")]:
@@ -95,9 +95,9 @@ def test_nothing_depends_on_node_names():
     named, nameless = _named_cnn(True), _named_cnn(False)
     groups = lambda m: sorted((len(g.units), bool(g.frozen)) for g in analyze(G.to_graph(m), m).groups if g.producers)
     assert groups(nameless) == groups(named) == [(3, True), (8, False), (8, False)]
-    result = PassManager([PruneChannels(ratio=0.5, recover=False, exclude=("a",))], latency=NO_LATENCY).run(nameless)
+    result = PassManager([PruneChannels(round_to=1, ratio=0.5, recover=False, exclude=("a",))], latency=NO_LATENCY).run(nameless)
     assert conv_channels(result.model) == [8, 4, 3]        # group "a" excluded by its tensor's name, "b" halved
-    ratios = PassManager([PruneChannels(ratio=0.0, ratios={"b": 0.75}, recover=False)], latency=NO_LATENCY).run(nameless)
+    ratios = PassManager([PruneChannels(round_to=1, ratio=0.0, ratios={"b": 0.75}, recover=False)], latency=NO_LATENCY).run(nameless)
     assert conv_channels(ratios.model) == [8, 2, 3]
 
 

@@ -121,9 +121,9 @@ def test_channel_maps_survive_between_runs(resnet, calib, test_set):
 def test_pruning_again_in_a_later_run_composes_the_maps(resnet, calib, test_set):
     import json
     from onnxcompress.passes import PruneChannels
-    first = PassManager([PruneChannels(ratio=0.25, recover=False)], latency=NO_LATENCY).run(resnet).model
+    first = PassManager([PruneChannels(round_to=1, ratio=0.25, recover=False)], latency=NO_LATENCY).run(resnet).model
     # Second run: its own original (first) is the teacher for its refits...
-    second = PassManager([PruneChannels(ratio=0.25)], calib=calib, eval_data=test_set, latency=NO_LATENCY).run(first)
+    second = PassManager([PruneChannels(round_to=1, ratio=0.25)], calib=calib, eval_data=test_set, latency=NO_LATENCY).run(first)
     assert not any("outputs vs" in n for n in second.report.steps[1].notes)
     maps = json.loads({p.key: p.value for p in second.model.metadata_props}["onnxcompress"])["channel_maps"]
     stem = maps["/stem/stem.0/Conv_output_0"]

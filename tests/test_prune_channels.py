@@ -16,7 +16,7 @@ def conv_channels(model):
 
 
 def test_halving_every_group_shrinks_macs_and_keeps_io(resnet, mnist_test):
-    result = PassManager([PruneChannels(ratio=0.5, recover=False)], latency=NO_LATENCY).run(resnet)
+    result = PassManager([PruneChannels(round_to=1, ratio=0.5, recover=False)], latency=NO_LATENCY).run(resnet)
     before, after = conv_channels(resnet), conv_channels(result.model)
     assert all(after[n] == before[n] // 2 for n in before)
     step = result.report.steps[1]
@@ -50,21 +50,21 @@ def test_data_criteria_need_calibration(resnet):
 
 
 def test_steps_reach_the_same_final_structure(resnet, calib):
-    one = PassManager([PruneChannels(ratio=0.5, recover=False)], latency=NO_LATENCY).run(resnet)
-    three = PassManager([PruneChannels(ratio=0.5, steps=3)], calib=calib.take(64), latency=NO_LATENCY).run(resnet)
+    one = PassManager([PruneChannels(round_to=1, ratio=0.5, recover=False)], latency=NO_LATENCY).run(resnet)
+    three = PassManager([PruneChannels(round_to=1, ratio=0.5, steps=3)], calib=calib.take(64), latency=NO_LATENCY).run(resnet)
     assert conv_channels(one.model) == conv_channels(three.model)
 
 
 def test_global_scope_spends_the_same_budget_unevenly(resnet):
-    layer = PassManager([PruneChannels(ratio=0.5, recover=False)], latency=NO_LATENCY).run(resnet)
-    glob = PassManager([PruneChannels(ratio=0.5, recover=False, scope="global")], latency=NO_LATENCY).run(resnet)
+    layer = PassManager([PruneChannels(round_to=1, ratio=0.5, recover=False)], latency=NO_LATENCY).run(resnet)
+    glob = PassManager([PruneChannels(round_to=1, ratio=0.5, recover=False, scope="global")], latency=NO_LATENCY).run(resnet)
     assert glob.report.steps[1].stats["channels_after"] == layer.report.steps[1].stats["channels_after"]
     assert conv_channels(glob.model) != conv_channels(layer.model)
 
 
 def test_per_group_ratios(resnet):
     name = "/blocks/blocks.4/a/a.0/Conv"
-    result = PassManager([PruneChannels(ratio=0.0, ratios={name: 0.75}, recover=False)], latency=NO_LATENCY).run(resnet)
+    result = PassManager([PruneChannels(round_to=1, ratio=0.0, ratios={name: 0.75}, recover=False)], latency=NO_LATENCY).run(resnet)
     changed = {n: c for n, c in conv_channels(result.model).items() if c != conv_channels(resnet)[n]}
     assert changed == {name: 16}
 

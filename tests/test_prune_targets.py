@@ -1,0 +1,95 @@
+"""prune-channels from one line: round_to="auto", MAC targets allocated inside the pass by the
+sensitivity analysis (the `sensitivity` command's code), and parallel sweeps equal to serial ones."""
+import ast
+import re
+
+import numpy as np
+import pytest
+
+from conftest import MODELS, apply_pass
+from onnxcompress import Context, Dataset, OptionError, default_registry
+from onnxcompress.cli import main
+from onnxcompress.metrics import total_macs
+from onnxcompress.passes import PruneChannels
+from onnxcompress.runtime import channel_multiple
+from onnxcompress.sensitivity import pass_pruner, sensitivity
+
+SHAPES = {"input": [1, 1, 28, 28]}
+
+
+def conv_widths(model):
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    return {n.name: inits[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv"}
+
+
+def test_round_to_auto_resolves_to_the_kernels_multiple_and_kept_counts_are_multiples(resnet, calib):
+    multiple, why = channel_multiple()
+    assert multiple >= 1 and isinstance(multiple, int) and why
+    assert channel_multiple(["CUDAExecutionProvider"])[0] == 8
+    ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
+    pruned, result = apply_pass(PruneChannels(ratio=0.5, recover=False), resnet, ctx)
+    assert result.stats["round_to"] == multiple
+    assert f"channel counts in multiples of {multiple} (round_to='auto'" in result.notes[0]
+    before, after = conv_widths(resnet), conv_widths(pruned)
+    changed = [n for n in before if after[n] != before[n]]
+    assert changed and all(after[n] % multiple == 0 for n in changed)
+
+
+def test_a_mac_target_is_met_inside_the_pass(resnet, calib):
+    ctx = Context(calib=calib.take(100), original=resnet, teachers=[resnet])
+    pruned, result = apply_pass(PruneChannels(macs=0.6, round_to=8, sensitivity_recover=False, jobs=1), resnet, ctx)
+    ratio = total_macs(pruned, SHAPES) / total_macs(resnet, SHAPES)
+    assert result.stats["planned_target_met"] and ratio <= 0.6
+    # within one rounding step: undoing the allocation's last cut of 8 channels would miss the target,
+    # so the result is not far below it (a 64-channel group at 8 channels less costs < 0.1 of the MACs)
+    assert ratio > 0.45
+    assert result.stats["planned_macs_ratio"] == pytest.approx(ratio)
+
+
+def test_in_pass_allocation_equals_the_sensitivity_command(resnet, calib, tmp_path, capsys):
+    data = calib.take(100)
+    path = tmp_path / "calib.npz"
+    np.savez(path, input=data.feeds["input"], labels=data.labels)
+    code = main(["sensitivity", str(MODELS / "resnet.onnx"), "--calib", str(path), "--target-macs", "0.6",
+                 "--round-to", "8", "--criterion", "l1", "--jobs", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    printed = ast.literal_eval(re.search(r"pipeline: prune-channels\(ratios=(\{.*?\})", out).group(1))
+    ctx = Context(calib=data, original=resnet, teachers=[resnet])
+    _, result = apply_pass(PruneChannels(macs=0.6, round_to=8, criterion="l1", sensitivity_recover=False), resnet, ctx)
+    note = next(n for n in result.notes if n.startswith("macs=0.6"))
+    allocated = dict((k, float(v)) for k, v in re.findall(r"(\S+) ([0-9.]+)(?:,|$)", note.split("allocated: ")[1]))
+    assert allocated == printed and printed
+
+
+def test_parallel_and_serial_sweeps_agree(resnet, calib):
+    ctx = Context(calib=calib.take(100), original=resnet, teachers=[resnet])
+    prune = pass_pruner(default_registry(), ctx, "l1", 8, recover=True)
+    runs = [sensitivity(resnet, prune, calib.take(100), calib.take(100), ratios=(0.5,), jobs=j) for j in (1, 2)]
+    assert runs[0].score == runs[1].score and runs[0].macs == runs[1].macs
+    assert len(runs[0].groups) == 9
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"round_to": 0}, "round_to must be 'auto' or an integer of at least 1, got 0"),
+    ({"round_to": "fast"}, "round_to"),
+    ({"macs": 1.5}, r"macs must be in \(0, 1\), got 1.5"),
+    ({"macs": 0.5, "latency": 0.5}, "give one target: macs or latency"),
+    ({"macs": 0.5, "ratios": {"a": 0.5}}, "a target .macs/latency. allocates the ratios: do not name ratios too"),
+])
+def test_bad_targets_are_refused(options, message):
+    with pytest.raises(OptionError, match=message):
+        default_registry().create("prune-channels", options)
+
+
+def test_a_target_needs_calibration_data(resnet):
+    from onnxcompress import graph as G
+
+    with pytest.raises(OptionError, match=r"pass 'prune-channels' needs calibration data \(--calib\)"):
+        PruneChannels(macs=0.5, recover=False, criterion="l1").run(G.to_graph(resnet), Context(original=resnet))
+
+
+def test_dataset_split():
+    d = Dataset({"x": np.arange(10)[:, None]}, np.arange(10))
+    a, b = d.split(7)
+    assert len(a) == 7 and len(b) == 3 and b.labels.tolist() == [7, 8, 9]
