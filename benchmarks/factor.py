@@ -5,7 +5,6 @@ interleaved rounds); the three PP-OCR models with default options and at 0.7x MA
 by layer, for one model."""
 from __future__ import annotations
 
-import string
 import time
 
 import numpy as np
@@ -13,16 +12,13 @@ import onnx
 
 from benchmarks import ocr
 from benchmarks.run import accuracy, median_latency
-from onnxcompress import Dataset, LatencyConfig, PassManager, graph as G, weights as W
+from onnxcompress import LatencyConfig, PassManager, graph as G, weights as W
 from onnxcompress.metrics import node_macs, total_macs
 from onnxcompress.passes import FactorDepthwise, FactorLowRank, FoldBatchNorm, PruneChannels
 from onnxcompress.report import markdown_table
 
 SECTION_TITLE = "## Architecture rewriting: low-rank and depthwise factoring"
 MNIST_MODELS = ("resnet", "vgg", "mobilenet", "mlp")
-OCR_MODELS = (("ch_PP-OCRv4_rec_infer.onnx", "rec"), ("ch_ppocr_mobile_v2.0_cls_infer.onnx", "cls"),
-              ("ch_PP-OCRv4_det_infer.onnx", "det"))
-OCR_LATENCY = {"rec": (1, 32), "cls": (1, 32), "det": (1, 4)}
 
 
 def _run(model: onnx.ModelProto, calib, passes) -> tuple[onnx.ModelProto, float, list[str], dict]:
@@ -123,49 +119,11 @@ def _layer_table(before: onnx.ModelProto, after: onnx.ModelProto, shapes) -> str
 
 
 def _ocr_part() -> str:
-    folder = ocr.models_dir()
-    chars = ocr.rec_characters(onnx.load(str(folder / "ch_PP-OCRv4_rec_infer.onnx")))
-    alphabet = "".join(c for c in string.digits + string.ascii_letters if c in set(chars[1:-1]))
-    out = []
-    for file, kind in OCR_MODELS:
-        print(f"  factor PP-OCR {kind} ...", flush=True)
-        model = onnx.load(str(folder / file))
-        if kind == "rec":
-            (calib_x, _), (eval_x, truth) = ocr.rec_data(32, 1, alphabet), ocr.rec_data(128, 2, alphabet)
-            shapes = {"x": [1, *calib_x.shape[1:]]}
-        elif kind == "cls":
-            (calib_x, _), (eval_x, truth) = ocr.cls_data(32, 1, alphabet), ocr.cls_data(128, 2, alphabet)
-            shapes = {"x": [1, *calib_x.shape[1:]]}
-        else:
-            (calib_x, _), (eval_x, truth) = (ocr.det_data(8, 1, alphabet, ocr.DET_PAGE),
-                                             ocr.det_data(16, 2, alphabet, ocr.DET_PAGE))
-            shapes = {"x": [1, *calib_x.shape[1:]]}
-        calib = Dataset({"x": calib_x})
-        ref = ocr._run(model, eval_x)
-        made, rows = [("fp32 original", model, 0.0, [], {})], []
-        for label, p in [("factor-lowrank (defaults: macs=0.5)", FactorLowRank()),
-                         ("factor-depthwise (defaults: macs=0.5)", FactorDepthwise()),
-                         ("factor-lowrank(macs=0.7)", FactorLowRank(macs=0.7)),
-                         ("factor-depthwise(macs=0.7)", FactorDepthwise(macs=0.7))]:
-            try:
-                made.append((label, *_run(model, calib, [p])))
-            except Exception as e:          # reported in the table, not hidden
-                rows.append([label, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}"] + ["-"] * 6)
-            print(f"    {label}: made", flush=True)
-        batches = OCR_LATENCY[kind]
-        lat = median_latency([m for _, m, *_ in made], Dataset({"x": eval_x[:max(batches)]}),
-                             LatencyConfig(batch_sizes=batches, runs=10, warmup=2, threads=1), 3)
-        base = total_macs(model, shapes)
-        for (label, m, secs, notes, stats), ms in zip(made, lat):
-            got = ocr._run(m, eval_x)
-            rows.append([label, ocr.user_metric(kind, got, ref, truth, chars), f"{total_macs(m, shapes) / base:.2f}x",
-                         str(stats.get("layers_factored", "-"))] + [f"{ms[b] / lat[0][b]:.2f}x" for b in batches]
-                        + [f"{secs:.1f}s" if secs else "-"])
-            print(f"    {rows[-1][:3]}", flush=True)
-        out.append(f"### {file} ({kind})\n\n" + markdown_table(
-            ["variant", ocr.METRIC_HEADER[kind], "MACs", "layers factored"] + [f"latency b{b}" for b in batches]
-            + ["compress time"], rows))
-    return "\n\n".join(out)
+    return ocr.pass_rows([("factor-lowrank (defaults: macs=0.5)", FactorLowRank),
+                          ("factor-depthwise (defaults: macs=0.5)", FactorDepthwise),
+                          ("factor-lowrank(macs=0.7)", lambda: FactorLowRank(macs=0.7)),
+                          ("factor-depthwise(macs=0.7)", lambda: FactorDepthwise(macs=0.7))],
+                         "layers factored", lambda stats: stats.get("layers_factored", "-"), _run)
 
 
 INTRO = """`factor-lowrank` and `factor-depthwise` with their defaults (data-aware factors, per-layer

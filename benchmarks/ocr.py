@@ -339,6 +339,61 @@ fp32's. Params and MACs are onnxcompress's counts; "gzip ratio" is zlib size ove
 """
 
 
+PASS_ROW_MODELS = (("ch_PP-OCRv4_rec_infer.onnx", "rec"), ("ch_ppocr_mobile_v2.0_cls_infer.onnx", "cls"),
+                   ("ch_PP-OCRv4_det_infer.onnx", "det"))
+PASS_ROW_LATENCY = {"rec": (1, 32), "cls": (1, 32), "det": (1, 4)}
+
+
+def pass_rows(variants, stat_header: str, stat, run, kinds=("rec", "cls", "det")) -> str:
+    """One table per PP-OCR model: fp32 and each (label, pass factory) compressed by `run(model,
+    calib, [pass])` -> (model, seconds, notes, stats) on 32 rendered samples (det: 8 pages), scored on
+    128 others (det: 16 pages) by the user metric, MACs, `stat(stats)`, one-thread latency ratios in
+    interleaved rounds and the compress time. A variant that raises is listed with its error."""
+    from benchmarks.run import median_latency
+    from onnxcompress import Dataset, LatencyConfig
+    from onnxcompress.metrics import total_macs
+    from onnxcompress.report import markdown_table
+
+    folder = models_dir()
+    chars = rec_characters(onnx.load(str(folder / "ch_PP-OCRv4_rec_infer.onnx")))
+    alphabet = "".join(c for c in string.digits + string.ascii_letters if c in set(chars[1:-1]))
+    out = []
+    for file, kind in PASS_ROW_MODELS:
+        if kind not in kinds:
+            continue
+        print(f"  PP-OCR {kind} ...", flush=True)
+        model = onnx.load(str(folder / file))
+        if kind == "det":
+            (calib_x, _), (eval_x, truth) = det_data(8, 1, alphabet, DET_PAGE), det_data(16, 2, alphabet, DET_PAGE)
+        else:
+            make = rec_data if kind == "rec" else cls_data
+            (calib_x, _), (eval_x, truth) = make(32, 1, alphabet), make(128, 2, alphabet)
+        shapes = {"x": [1, *calib_x.shape[1:]]}
+        calib = Dataset({"x": calib_x})
+        ref = _run(model, eval_x)
+        made, rows = [("fp32 original", model, 0.0, [], {})], []
+        for label, factory in variants:
+            try:
+                made.append((label, *run(model, calib, [factory()])))
+            except Exception as e:          # reported in the table, not hidden
+                rows.append([label, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}"] + ["-"] * 6)
+            print(f"    {label}: made", flush=True)
+        batches = PASS_ROW_LATENCY[kind]
+        lat = median_latency([m for _, m, *_ in made], Dataset({"x": eval_x[:max(batches)]}),
+                             LatencyConfig(batch_sizes=batches, runs=10, warmup=2, threads=1), 3)
+        base = total_macs(model, shapes)
+        for (label, m, secs, notes, stats), ms in zip(made, lat):
+            got = _run(m, eval_x)
+            rows.append([label, user_metric(kind, got, ref, truth, chars), f"{total_macs(m, shapes) / base:.2f}x",
+                         str(stat(stats))] + [f"{ms[b] / lat[0][b]:.2f}x" for b in batches]
+                        + [f"{secs:.1f}s" if secs else "-"])
+            print(f"    {rows[-1][:3]}", flush=True)
+        out.append(f"### {file} ({kind})\n\n" + markdown_table(
+            ["variant", METRIC_HEADER[kind], "MACs", stat_header] + [f"latency b{b}" for b in batches]
+            + ["compress time"], rows))
+    return "\n\n".join(out)
+
+
 def replace_section(text: str, section: str, title: str = SECTION_TITLE) -> str:
     """Replace the section titled `title` (up to the next '## ' heading) or append it."""
     start = text.find("\n" + title + "\n") + 1             # a heading at the start of a line

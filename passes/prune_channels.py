@@ -22,7 +22,7 @@ from onnxcompress.importance import CRITERIA, DATA_CRITERIA, RANK_ONLY, group_sc
 from onnxcompress.pass_api import ChannelMap, Context, Pass, PassResult
 from onnxcompress.recovery import RecoverySettings, recover
 from onnxcompress.runtime import channel_multiple
-from onnxcompress.sensitivity import Scorer, plan
+from onnxcompress.sensitivity import RATIOS, Scorer, plan
 
 __all__ = ["PruneChannels", "kept_count"]
 
@@ -165,9 +165,13 @@ class PruneChannels(Pass):
                 return G.to_model(G.tidy(g), like=m)
             return prune
 
+        shapes = {k: [1, *v.shape[1:]] for k, v in data.feeds.items()}
+        an = analyze(G.to_graph(model), model, shapes)
+        units = {g.name: len(g.units) for g in self._prunable(an)     # groups a cut can change
+                 if kept_count(len(g.units), max(RATIOS), round_to, self.min_channels) < len(g.units)}
         by, target = ("latency", self.latency) if self.latency is not None else ("macs", self.macs)
         chosen, more_stats, more_notes = plan(model, pruner(self.sensitivity_recover), data, target, by,
-                                              structure=pruner(False), recovered=self.sensitivity_recover,
+                                              structure=pruner(False), units=units, recovered=self.sensitivity_recover,
                                               evaluation=held, providers=ctx.providers, jobs=self.jobs)
         stats.update({f"planned_{k}": v for k, v in more_stats.items()})
         notes += more_notes
