@@ -270,7 +270,7 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     latency = _latency(args) if args.target_latency else None
     ctx = Context(calib=calib, original=model, teachers=[model], providers=providers)
     round_to = args.round_to if args.round_to != "auto" else channel_multiple(providers)[0]
-    criterion = args.criterion or registry.create("prune-channels")._criterion(calib)
+    criterion = args.criterion or registry.create("prune-channels").criterion_for(calib)
     prune = pass_pruner(registry, ctx, criterion, round_to, args.recover)
     sens = sensitivity(model, prune, calib, evaluation, args.ratios, latency, providers, recovered=args.recover,
                        jobs=args.jobs)

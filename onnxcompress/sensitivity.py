@@ -24,7 +24,7 @@ import onnx
 from . import graph as G
 from .channels import analyze
 from .data import Dataset
-from .metrics import LatencyConfig, accuracy, fidelity, latency_ms, total_macs
+from .metrics import LatencyConfig, accuracy, budget_metric, fidelity, latency_ms, total_macs
 from .pass_api import Context, Registry
 from .progress import progress
 from .runtime import DEFAULT_PROVIDERS, make_session, run_model, worker_threads
@@ -104,12 +104,14 @@ class Sensitivity:
 
 
 class Scorer:
-    """Accuracy (or top-1 agreement without labels) of a model on the evaluation data."""
+    """Accuracy of a model on the evaluation data, or without labels what a budget protects: its
+    agreement with the original as a user sees it (top-1, decoded sequences, map IoU)."""
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, providers: Sequence[str]):
         self.data, self.providers = data, providers
         self.reference = self.outputs(model)
-        self.metric = "accuracy" if data.labels is not None else "agreement"
+        self.metric = "accuracy" if data.labels is not None else budget_metric(
+            None, fidelity(self.reference, self.reference))[0]
 
     def outputs(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         return run_model(make_session(model, self.providers), self.data)
@@ -118,8 +120,7 @@ class Scorer:
         out = self.outputs(model)
         if self.data.labels is not None:
             return accuracy(next(iter(out.values())), self.data.labels)
-        first = next(iter(fidelity(self.reference, out).values()))
-        return first.get("top1_agreement", first["cosine"] * 100)
+        return budget_metric(None, fidelity(self.reference, out))[1]
 
 
 def sensitivity(model: onnx.ModelProto, prune: Prune, calib: Dataset, evaluation: Dataset,
