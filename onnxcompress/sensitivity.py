@@ -246,7 +246,7 @@ def plan(model: onnx.ModelProto, prune: Prune, data: Dataset, target: float, by:
         stats["latency_ratio"] = measured["latency_ms"] / sens.base_latency
     notes = [f"{by}={target:g}: {len(sens.groups)} units measured alone at {'/'.join(f'{r:.0%}' for r in RATIOS)} "
              f"({sens.metric} on {len(evaluation)} calibration samples"
-             f"{f', after recovery on {len(data) - len(evaluation)} others' if recovered else ''}); allocated: "
+             f"{'' if not recovered else ', after recovery on the same samples' if evaluation is data else f', after recovery on {len(data)} others'}); allocated: "
              + (", ".join(f"{k} {v:g}" for k, v in chosen.items()) or "nothing")]
     if not measured["target_met"]:
         reached = stats.get("latency_ratio", stats["macs_ratio"])

@@ -170,7 +170,7 @@ class PruneChannels(Pass):
         units = {g.name: len(g.units) for g in self._prunable(an)     # groups a cut can change
                  if kept_count(len(g.units), max(RATIOS), round_to, self.min_channels) < len(g.units)}
         by, target = ("latency", self.latency) if self.latency is not None else ("macs", self.macs)
-        chosen, more_stats, more_notes = plan(model, pruner(self.sensitivity_recover), data, target, by,
+        chosen, more_stats, more_notes = plan(model, pruner(self.sensitivity_recover), fit, target, by,
                                               structure=pruner(False), units=units, recovered=self.sensitivity_recover,
                                               evaluation=held, providers=ctx.providers, jobs=self.jobs)
         stats.update({f"planned_{k}": v for k, v in more_stats.items()})
