@@ -22,6 +22,7 @@ from . import graph as G, weights as W
 from .layers import out_rows
 from .pass_api import Context, Pass, PassResult
 from .recovery import RecoverySettings, recover, sequential
+from .runtime import channel_multiple
 from .sensitivity import plan
 from .storage import add_node, constant
 
@@ -135,8 +136,9 @@ class Factoring(Pass):
     latency: float | None = None      # or the model's latency to reach (onnxruntime, measured per trial)
     allocation: Literal["sensitivity", "uniform"] = "sensitivity"
     exclude: tuple[str, ...] = ()
-    round_to: int = 8                 # sizes it chooses (not named ones) in multiples of this where below
-                                      # break-even: onnxruntime's blocked convs want channel multiples
+    round_to: int | Literal["auto"] = 8   # sizes it chooses (not named ones) in multiples of this where
+                                      # below break-even: onnxruntime's blocked convs want channel
+                                      # multiples ("auto": the kernels' own, as prune-channels; 8 measured best here)
     data_aware: bool = True           # fit on the layers' inputs (needs calibration data)
     recover: bool = True              # refit the second factors and the head on the original's outputs
 
@@ -145,8 +147,8 @@ class Factoring(Pass):
             raise ValueError(f"macs must be in (0, 1), got {self.macs}")
         if self.latency is not None and not 0.0 < self.latency < 1.0:
             raise ValueError(f"latency must be in (0, 1), got {self.latency}")
-        if self.round_to < 1:
-            raise ValueError(f"round_to must be at least 1, got {self.round_to}")
+        if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ValueError(f"round_to must be 'auto' or an integer of at least 1, got {self.round_to!r}")
 
     # -- what a subclass provides -------------------------------------------------------------
     def _eligible(self, node: gs.Node) -> str | None:
@@ -188,7 +190,7 @@ class Factoring(Pass):
         batch 32, the unrounded 14/26/28/52 0.65x), else the exact size."""
         breakeven = self._breakeven(node)
         exact = max(1, int(np.floor((1.0 - ratio) * breakeven)))
-        r = self.round_to
+        r = getattr(self, "_multiple", self.round_to if self.round_to != "auto" else 1)
         for size in (max(r, int(round(exact / r)) * r), int(exact // r) * r):
             if 1 <= size < breakeven:
                 return size
@@ -207,6 +209,7 @@ class Factoring(Pass):
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         notes: list[str] = []
         self._cache: dict = {}                # per-layer decompositions, reused across sizes
+        self._multiple = self.round_to if self.round_to != "auto" else channel_multiple(ctx.providers)[0]
         layers: dict[str, gs.Node] = {}
         for node in list(graph.nodes):
             if node.op not in self.handles or {node.name, G.layer_id(node)} & set(self.exclude):
