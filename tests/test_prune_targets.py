@@ -93,3 +93,13 @@ def test_dataset_split():
     d = Dataset({"x": np.arange(10)[:, None]}, np.arange(10))
     a, b = d.split(7)
     assert len(a) == 7 and len(b) == 3 and b.labels.tolist() == [7, 8, 9]
+
+
+def test_sensitivity_command_refuses_bad_round_to_and_jobs(capsys):
+    base = ["sensitivity", str(MODELS / "resnet.onnx"), "--calib", str(MODELS / "mnist_calib.npz")]
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--round-to", "0"])
+    assert e.value.code == 2
+    assert "argument --round-to: expected 'auto' or a positive integer, got '0'" in capsys.readouterr().err
+    assert main(base + ["--jobs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "onnxcompress: error: --jobs must be at least 1, got 0"
