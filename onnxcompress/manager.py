@@ -128,7 +128,7 @@ class PassManager:
         report.steps.append(evaluator.measure(model, Step("original", "original")))
         report.steps[0].seconds = time.perf_counter() - t0
         report.budget["metric"] = budget_metric(report.steps[0].accuracy, report.steps[0].fidelity)[0]
-        report.steps[0].notes += metadata_notes
+        report.steps[0].notes += metadata_notes + _nonfinite_note(model)
         if evaluation is None and calib is None:
             report.steps[0].notes += _symbolic_dims_note(model)
         baseline, current, budget_met, done = score(report.steps[0]), model, True, []
@@ -242,6 +242,25 @@ def _units(passes: Sequence[Pass]) -> list[list[Pass]]:
         else:
             units.append([p])
     return units
+
+
+def _nonfinite_note(model: onnx.ModelProto) -> list[str]:
+    """Initializers holding NaN or Inf: named in the report, since every fit on such a model (and
+    its scores) inherits them."""
+    bad = []
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES and t.data_location != onnx.TensorProto.EXTERNAL:
+            a = onnx.numpy_helper.to_array(t)
+            n = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if n:
+                bad.append(f"'{t.name}' ({n} of {a.size})")
+    if not bad:
+        return []
+    return [f"NaN or Inf values in {len(bad)} initializer(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+            "outputs, scores and fits that read them are not meaningful: fix the model first"]
+
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def _symbolic_dims_note(model: onnx.ModelProto) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Sequence
 
+import numpy as np
 import onnx
 
 from . import io
@@ -43,9 +44,27 @@ def _check_file(model: onnx.ModelProto) -> None:
                                                    strict_mode=True)
 
 
+MAX_INPUT_BYTES = 1 << 36    # 64 GiB: a graph input declaring more than this cannot be fed
+
+
+def _check_declared_inputs(model: onnx.ModelProto) -> None:
+    """Fixed input dims claiming terabytes would make every measurement fail deep inside onnxruntime."""
+    for inp in model.graph.input:
+        tt = inp.type.tensor_type
+        dims = [d.dim_value for d in tt.shape.dim if d.HasField("dim_value")]
+        if not dims or not tt.elem_type:
+            continue
+        size = int(np.prod([max(d, 1) for d in dims], dtype=object)) * onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+        if size > MAX_INPUT_BYTES:
+            raise ValidationError(f"graph input '{inp.name}' declares dims {dims} ({size / 2**40:.1f} TiB per feed); "
+                                  f"more than {MAX_INPUT_BYTES >> 30} GiB cannot be fed")
+
+
 def validate_model(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PROVIDERS,
                    session: bool = True) -> None:
-    """Raise ValidationError unless the model passes the checker, shape inference and loads in onnxruntime."""
+    """Raise ValidationError unless the model passes the checker, shape inference and loads in
+    onnxruntime, and no graph input declares more data than any feed could hold."""
+    _check_declared_inputs(model)
     if model.ByteSize() > io.EXTERNAL_DATA_THRESHOLD:
         _check_file(model)
     else:
