@@ -6,6 +6,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
 
 from . import io
 from .runtime import DEFAULT_PROVIDERS, make_session
@@ -47,6 +48,28 @@ def _check_file(model: onnx.ModelProto) -> None:
 MAX_INPUT_BYTES = 1 << 36    # 64 GiB: a graph input declaring more than this cannot be fed
 
 
+def _check_structure(model: onnx.ModelProto) -> None:
+    """What the checker lets through and onnxruntime or graph export then trip over: a graph with
+    no outputs, names that are not UTF-8 (protobuf hands those over as bytes)."""
+    if not model.graph.output:
+        raise ValidationError("the graph has no outputs")
+    _check_strings(model, "model")
+
+
+def _check_strings(msg, where: str) -> None:
+    for fd, value in msg.ListFields():
+        repeated = not isinstance(value, (str, bytes)) and not hasattr(value, "ListFields")
+        items = value if repeated else [value]
+        if fd.type == FieldDescriptor.TYPE_MESSAGE:
+            for item in items:
+                name = getattr(item, "name", "") if fd.name in ("node", "input", "output", "initializer") else ""
+                _check_strings(item, f"{where}.{fd.name}" + (f" '{name}'" if isinstance(name, str) and name else ""))
+        elif fd.type == FieldDescriptor.TYPE_STRING:
+            for item in items:
+                if isinstance(item, bytes):
+                    raise ValidationError(f"{where}: {fd.name} {item!r} is not valid UTF-8")
+
+
 def _check_declared_inputs(model: onnx.ModelProto) -> None:
     """Fixed input dims claiming terabytes would make every measurement fail deep inside onnxruntime."""
     for inp in model.graph.input:
@@ -64,6 +87,7 @@ def validate_model(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PR
                    session: bool = True) -> None:
     """Raise ValidationError unless the model passes the checker, shape inference and loads in
     onnxruntime, and no graph input declares more data than any feed could hold."""
+    _check_structure(model)
     _check_declared_inputs(model)
     if model.ByteSize() > io.EXTERNAL_DATA_THRESHOLD:
         _check_file(model)

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import MODELS, tensor
@@ -119,3 +120,56 @@ def test_nan_weights_are_named_in_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "NaN or Inf values in 1 initializer(s): 'w' (3 of 16)" in out
+
+
+_SMALL = _gemm_model(np.arange(16, dtype=np.float32).reshape(4, 4)).SerializeToString()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=600),
+                 st.tuples(st.integers(0, len(_SMALL) - 1), st.integers(0, 255)).map(
+                     lambda p: _SMALL[:p[0]] + bytes([p[1]]) + _SMALL[p[0] + 1:]),
+                 st.integers(0, len(_SMALL)).map(lambda n: _SMALL[:n])))
+def test_loader_fuzz_only_one_line_errors(tmp_path, capsys, data):
+    """Random bytes, one byte changed, truncations: `inspect` either reads a model or says in one
+    line why not (exit 2); nothing else."""
+    path = tmp_path / "fuzz.onnx"
+    path.write_bytes(data)
+    code = main(["inspect", str(path)])
+    err = capsys.readouterr().err
+    assert code in (0, 2), err
+    if code == 2:
+        assert err.startswith("onnxcompress: error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, len(_SMALL) - 1), st.integers(0, 255)), min_size=1, max_size=3))
+def test_compress_fuzz_only_one_line_errors(tmp_path, capsys, changes):
+    """A small model with up to three bytes changed, through `compress` with two passes: it
+    compresses (exit 0) or is refused in one line (exit 2). Found: names that are not UTF-8, a
+    graph with no outputs (both crashed deep inside before)."""
+    data = bytearray(_SMALL)
+    for at, value in changes:
+        data[at] = value
+    path, out = tmp_path / "fuzz.onnx", tmp_path / "out.onnx"
+    out.unlink(missing_ok=True)          # tmp_path is shared by the examples
+    path.write_bytes(bytes(data))
+    code = main(["compress", str(path), "-o", str(out), "--passes", "fold-bn,prune-weights", "--no-latency",
+                 "--max-drop", "none"])
+    err = capsys.readouterr().err
+    assert code in (0, 2), err
+    if code == 2:
+        assert err.startswith("onnxcompress: error:") and err.count("\n") == 1 and not out.exists()
+
+
+def test_names_that_are_not_utf8_and_graphs_without_outputs_are_refused(tmp_path, capsys):
+    model = _relu_model()
+    model.graph.ClearField("output")
+    bad = _SMALL.replace(b"fc", b"\xccc", 1)
+    for name, data, phrase in (("noout", model.SerializeToString(), "the graph has no outputs"),
+                               ("utf8", bad, "model.graph.node: name b'\\xccc' is not valid UTF-8")):
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(data)
+        assert main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn"]) == 2
+        err = capsys.readouterr().err
+        assert phrase in err and err.count("\n") == 1, err
