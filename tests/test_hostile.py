@@ -173,3 +173,23 @@ def test_names_that_are_not_utf8_and_graphs_without_outputs_are_refused(tmp_path
         assert main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn"]) == 2
         err = capsys.readouterr().err
         assert phrase in err and err.count("\n") == 1, err
+
+
+def test_deeply_nested_subgraphs_pass_through_every_pass(tmp_path, capsys):
+    """If inside If, 30 deep (protobuf's own decoder stops near 33): every pass leaves it valid."""
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    body = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "b0", [], [out])
+    for i in range(30):
+        cond = helper.make_node("Constant", [], [f"c{i}"], value=numpy_helper.from_array(np.array(True)))
+        leaf = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], f"l{i}", [], [out])
+        body = helper.make_graph([cond, helper.make_node("If", [f"c{i}"], ["y"], then_branch=body, else_branch=leaf)],
+                                 f"b{i + 1}", [], [out])
+    model = helper.make_model(helper.make_graph(list(body.node), "g", [tensor("x", ["N", 4])], [out]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    path, data = tmp_path / "nested.onnx", tmp_path / "x.npz"
+    path.write_bytes(model.SerializeToString())
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
+    code = main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", str(data), "--no-latency",
+                 "--max-drop", "none", "--passes", "fold-bn,prune-weights,prune-channels,quantize,distill"])
+    assert code == 0, capsys.readouterr().err
+    assert onnx.load(str(tmp_path / "o.onnx")).graph.node[1].op_type == "If"
