@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx.version_converter
 
-from . import graph as G
+from . import graph as G, resources
 from ._version import __version__
 from .data import Dataset, conform
 from .errors import CompressError, InputError, PassError
@@ -124,9 +124,10 @@ class PassManager:
                       max_drop=self.max_drop)
         ctx.inherited_maps, metadata_notes = _inherited_maps(model)
         report = Report(name, budget={"max_drop": self.max_drop})
+        resources.reset_peak()
         t0 = time.perf_counter()
         report.steps.append(evaluator.measure(model, Step("original", "original")))
-        report.steps[0].seconds = time.perf_counter() - t0
+        report.steps[0].seconds, report.steps[0].peak_mb = time.perf_counter() - t0, resources.peak_mb()
         report.budget["metric"] = budget_metric(report.steps[0].accuracy, report.steps[0].fidelity)[0]
         report.steps[0].notes += metadata_notes + _nonfinite_note(model)
         if evaluation is None and calib is None:
@@ -167,6 +168,7 @@ class PassManager:
                evaluator: Evaluator, previous: tuple[str, ...]) -> tuple[Step, onnx.ModelProto | None]:
         """Run one pass on a fresh graph of `current`; return its step and the new model (None if unchanged)."""
         t0 = time.perf_counter()
+        resources.reset_peak()
         step = Step(p.name, "applied", options=_jsonable(p.options()))
         start, raised = _with_opset(current, p, previous)
         try:
@@ -178,7 +180,7 @@ class PassManager:
         step.stats, step.notes = dict(result.stats), list(result.notes)
         if not result.modified:  # same model: same measurements
             return replace(last, pass_=p.name, status="unchanged", options=step.options, stats=step.stats,
-                           notes=step.notes, seconds=time.perf_counter() - t0), None
+                           notes=step.notes, seconds=time.perf_counter() - t0, peak_mb=resources.peak_mb()), None
         try:
             new = G.to_model(G.tidy(result.graph), like=start)
             validate_model(new, self.providers)
@@ -196,7 +198,7 @@ class PassManager:
             evaluator.measure(new, step, ctx.state.branch_probs)
         except Exception as e:
             raise PassError(p.name, f"its output could not be measured: {type(e).__name__}: {e}", previous) from e
-        step.seconds = time.perf_counter() - t0
+        step.seconds, step.peak_mb = time.perf_counter() - t0, resources.peak_mb()
         return step, new
 
 

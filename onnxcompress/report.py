@@ -34,6 +34,7 @@ class Step:
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    peak_mb: float | None = None     # the tool's peak resident memory during this step (onnxcompress.resources)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,7 +117,7 @@ def render(report: Report) -> str:
     base = report.steps[0]
     batches = sorted({b for s in report.steps for b in s.latency_ms})
     header = ["step", "status", "accuracy", "size", "gzip", "params", "sparsity", "bits/w", "MACs"]
-    header += [f"latency b{b}" for b in batches] + ["fidelity", "time"]
+    header += [f"latency b{b}" for b in batches] + ["fidelity", "time", "peak RSS"]
     rows = []
     for s in report.steps:
         row = [s.pass_, s.status, "-" if s.accuracy is None else f"{s.accuracy:.2f}%",
@@ -126,7 +127,7 @@ def render(report: Report) -> str:
         for b in batches:
             lat, ref = s.latency_ms.get(b), base.latency_ms.get(b)
             row.append("-" if lat is None else f"{lat:.3f} ms" + (f" ({lat / ref:.2f}x)" if ref else ""))
-        rows.append(row + [_fid(s), f"{s.seconds:.1f}s"])
+        rows.append(row + [_fid(s), f"{s.seconds:.1f}s", "-" if s.peak_mb is None else f"{s.peak_mb:.0f} MB"])
     out = [f"onnxcompress {__version__}: {report.model}", format_table(rows, header)]
     if report.budget.get("metric"):
         limit = report.budget.get("max_drop")

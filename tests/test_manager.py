@@ -1,4 +1,5 @@
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,3 +122,22 @@ def test_a_rolled_back_unit_restores_the_channel_maps(resnet, test_data, calib):
     assert "rolled back (prune-channels + distill)" in result.report.steps[2].notes[-1]
     convs = [t for t in result.model.graph.initializer if len(t.dims) == 4]
     assert sorted({t.dims[0] for t in convs}) == [16, 32, 64]  # nothing pruned survived
+
+
+@dataclass
+class Hungry(Pass):
+    """Touches 400 MB, changes nothing."""
+    name = "hungry"
+
+    def run(self, graph, ctx):
+        block = np.ones(100 * 2 ** 20, np.float32)
+        return PassResult(graph, False, {"sum": float(block[::4096].sum())}, [])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-pass peaks need /proc/self/clear_refs")
+def test_each_step_reports_its_own_peak_memory(resnet):
+    report = PassManager([Hungry(), FoldBatchNorm()], latency=LatencyConfig(enabled=False)).run(resnet).report
+    peaks = [s.peak_mb for s in report.steps]
+    assert all(p and p > 0 for p in peaks)
+    assert peaks[1] > peaks[2] + 300          # the window was reset before fold-bn
+    assert report.to_dict()["steps"][1]["peak_mb"] == peaks[1]
