@@ -226,10 +226,14 @@ def _io(values) -> list[tuple[str, int, tuple]]:
 
 
 def _boundary_changes(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
-    """What a pass changed of the graph's inputs and outputs (names, types, declared dims), or ''."""
+    """What a pass changed of the graph's inputs and outputs (names, types, declared dims), or ''.
+    A pass may append outputs and add inputs with a default (an initializer of the same name, as
+    early-exit's "exit_threshold"): a caller that feeds and reads what it did before is unaffected."""
     inits = {t.name for t in before.graph.initializer}
-    was = lambda m: ([v for v in _io(m.graph.input) if v[0] not in inits], _io(m.graph.output))
-    (ins0, outs0), (ins1, outs1) = was(before), was(after)
+    defaults = inits | {t.name for t in after.graph.initializer}
+    ins0 = [v for v in _io(before.graph.input) if v[0] not in inits]
+    ins1 = [v for v in _io(after.graph.input) if v[0] not in defaults]
+    outs0, outs1 = _io(before.graph.output), _io(after.graph.output)[:len(before.graph.output)]
     parts = [f"{what}: {a} -> {b}" for what, a, b in (("inputs", ins0, ins1), ("outputs", outs0, outs1)) if a != b]
     return "; ".join(parts)
 

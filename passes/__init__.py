@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .cluster_weights import ClusterWeights
 from .distill import Distill
+from .early_exit import EarlyExit
 from .factor_depthwise import FactorDepthwise
 from .factor_lowrank import FactorLowRank
 from .fold_bn import FoldBatchNorm
@@ -11,6 +12,6 @@ from .prune_weights import PruneWeights
 from .quantize import Quantize
 from .quantize_weights import QuantizeWeights
 
-BUILTIN = (ClusterWeights, Distill, FactorDepthwise, FactorLowRank, FoldBatchNorm, PruneChannels, PruneWeights, Quantize, QuantizeWeights)
+BUILTIN = (ClusterWeights, Distill, EarlyExit, FactorDepthwise, FactorLowRank, FoldBatchNorm, PruneChannels, PruneWeights, Quantize, QuantizeWeights)
 
-__all__ = ["BUILTIN", "ClusterWeights", "Distill", "FactorDepthwise", "FactorLowRank", "FoldBatchNorm", "PruneChannels", "PruneWeights", "Quantize", "QuantizeWeights"]
+__all__ = ["BUILTIN", "ClusterWeights", "Distill", "EarlyExit", "FactorDepthwise", "FactorLowRank", "FoldBatchNorm", "PruneChannels", "PruneWeights", "Quantize", "QuantizeWeights"]

@@ -1,0 +1,269 @@
+"""Branching a classifier at run time: where a graph can be cut, an exit head on the cut tensor, and
+an `If` whose else-branch holds the rest of the network, so that onnxruntime runs it only when the
+branch is taken. Early exits use all of it; a width knob would reuse the cuts and the branch.
+
+A cut is a tensor that is the only thing the rest of the graph needs from the part before it: its
+ancestors form the first part, every other node the rest, and no node of the rest reads any other
+tensor the first part computed (constants excepted) or a graph input.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import graph as G
+from .data import Dataset
+from .runtime import DEFAULT_PROVIDERS, capture_session, iter_outputs
+from .solvers import softmax
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CannotBranch", "Cut", "cut_at", "auto_cut", "reads", "detach_output", "add_head", "min_confidence",
+           "confident", "add_override", "branch", "pooled_features", "SweepRow", "sweep", "choose", "sweep_table",
+           "THRESHOLDS"]
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+
+
+class CannotBranch(ValueError):
+    """Why a graph cannot be branched where asked (a pass turns it into a "left as is" note)."""
+
+
+@dataclass
+class Cut:
+    tensor: gs.Variable
+    first: list[gs.Node]     # the tensor's ancestors, in graph order
+    rest: list[gs.Node]      # every other top-level node, in graph order
+
+
+def reads(node: gs.Node) -> set[str]:
+    """Names a node reads: its inputs and, for If/Loop/Scan, every name its bodies read."""
+    names = {t.name for t in node.inputs if t.name}
+    for sub in node.subgraphs():
+        for inner in sub.nodes:
+            names |= reads(inner)
+    return names
+
+
+def _ancestors(graph: gs.Graph, tensor: gs.Tensor) -> set[int]:
+    """ids of the top-level nodes `tensor` depends on (through If/Loop/Scan bodies too)."""
+    made_by = {t.name: n for n in graph.nodes for t in n.outputs}
+    seen: set[int] = set()
+    stack = [made_by[tensor.name]] if tensor.name in made_by else []
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(made_by[name] for name in reads(node) if name in made_by)
+    return seen
+
+
+def cut_at(graph: gs.Graph, name: str) -> Cut:
+    """The cut after tensor `name`; raises CannotBranch saying why it is not one."""
+    tensors = graph.tensors()
+    tensor = tensors.get(name)
+    if tensor is None or not tensor.inputs:
+        raise CannotBranch(f"'{name}' is not computed by a node of the graph")
+    first_ids = _ancestors(graph, tensor)
+    first = [n for n in graph.nodes if id(n) in first_ids]
+    rest = [n for n in graph.nodes if id(n) not in first_ids]
+    produced = {t.name for n in first for t in n.outputs} | {t.name for t in graph.inputs}
+    if {t.name for t in graph.outputs} & produced:
+        raise CannotBranch(f"a graph output is computed before '{name}'")
+    crossing = {r for n in rest for r in reads(n) if r in produced and r != name}
+    crossing = sorted(r for r in crossing if G.constant_value(tensors.get(r)) is None)
+    if crossing:
+        shown = ", ".join(f"'{c}'" for c in crossing[:3])
+        shown += f" and {len(crossing) - 3} more" if len(crossing) > 3 else ""
+        raise CannotBranch(f"the layers after '{name}' also read {shown} from before it")
+    if not any(name in reads(n) for n in rest):
+        raise CannotBranch(f"nothing after '{name}' reads it")
+    return Cut(tensor, first, rest)
+
+
+def auto_cut(graph: gs.Graph, shapes: Mapping[str, Sequence[int]], macs: Mapping[str, int],
+             low: float = 0.4, high: float = 0.6) -> tuple[Cut, float]:
+    """The cut on a 4-D activation whose first part holds the share of the MACs nearest the middle
+    of [low, high] (the latest such tensor on ties), and that share."""
+    total = max(sum(macs.values()), 1)
+    best: tuple[tuple[float, int], Cut, float] | None = None
+    seen: list[str] = []
+    for i, node in enumerate(graph.nodes):
+        for t in node.outputs:
+            if len(shapes.get(t.name) or ()) != 4:
+                continue
+            try:
+                cut = cut_at(graph, t.name)
+            except CannotBranch:
+                continue
+            share = sum(macs.get(G.layer_id(n), 0) for n in cut.first) / total
+            seen.append(f"'{t.name}' at {share:.0%}")
+            key = (abs(share - (low + high) / 2), -i)
+            if low <= share <= high and (best is None or key < best[0]):
+                best = (key, cut, share)
+    if best is None:
+        found = "; single-tensor cuts: " + ", ".join(seen[:6]) if seen else ""
+        raise CannotBranch(f"no 4-D activation between {low:.0%} and {high:.0%} of the MACs is the only tensor "
+                           f"the rest of the graph reads (name one with at=){found}")
+    log.debug("cut after %s (%.0f%% of the MACs); single-tensor cuts: %s", best[1].tensor.name, best[2] * 100, seen)
+    return best[1], best[2]
+
+
+def detach_output(graph: gs.Graph, out: gs.Variable) -> gs.Variable:
+    """Give the tensor `out`'s producer and readers a renamed copy of it, leaving `out` itself (a
+    graph output, with its name, type and shape) free to be produced by another node."""
+    inner = gs.Variable(G.unique_name(graph, f"{out.name}_full"), out.dtype, out.shape)
+    for tensors in [r.inputs for r in list(out.outputs)] + [out.inputs[0].outputs]:
+        for i, t in enumerate(list(tensors)):
+            if t is out:
+                tensors[i] = inner   # graphsurgeon's lists keep producers and readers in sync
+    return inner
+
+
+def _node(graph: gs.Graph, op: str, inputs: list[gs.Tensor], dtype, shape=None, **attrs) -> gs.Variable:
+    out = gs.Variable(G.unique_name(graph, f"exit_{op.lower()}"), dtype, shape)
+    graph.nodes.append(gs.Node(op, G.unique_name(graph, f"exit_{op}"), attrs, inputs, [out]))
+    return out
+
+
+def add_head(graph: gs.Graph, x: gs.Variable, weight: np.ndarray, bias: np.ndarray, dtype) -> gs.Variable:
+    """GlobalAveragePool -> Flatten -> Gemm (weight [classes, channels]) on x: the logits [N, classes]."""
+    pooled = _node(graph, "GlobalAveragePool", [x], dtype)
+    flat = _node(graph, "Flatten", [pooled], dtype)
+    w = G.make_constant(G.unique_name(graph, "exit_head.weight"), weight.astype(dtype))
+    b = G.make_constant(G.unique_name(graph, "exit_head.bias"), bias.astype(dtype))
+    return _node(graph, "Gemm", [flat, w, b], dtype, None, transB=1)
+
+
+def _reduce(graph: gs.Graph, op: str, x: gs.Variable, axes: list[int] | None) -> gs.Variable:
+    """A Reduce* node without keepdims; axes as an attribute before opset 18, as an input from 18 on."""
+    if axes is None:
+        return _node(graph, op, [x], x.dtype, keepdims=0)
+    if int(graph.opset or 0) >= 18:
+        const = G.make_constant(G.unique_name(graph, "exit_axes"), np.array(axes, np.int64))
+        return _node(graph, op, [x, const], x.dtype, keepdims=0)
+    return _node(graph, op, [x], x.dtype, keepdims=0, axes=axes)
+
+
+def min_confidence(graph: gs.Graph, logits: gs.Variable) -> gs.Variable:
+    """A scalar: the lowest, over the batch, of each sample's largest softmax probability."""
+    probs = _node(graph, "Softmax", [logits], logits.dtype, axis=1)
+    return _reduce(graph, "ReduceMin", _reduce(graph, "ReduceMax", probs, [1]), None)
+
+
+def confident(graph: gs.Graph, logits: gs.Variable, threshold: gs.Tensor) -> gs.Variable:
+    """A bool scalar: every sample's largest softmax probability reaches `threshold`."""
+    out = gs.Variable(G.unique_name(graph, "exit_taken"), np.bool_, [])
+    node = gs.Node("GreaterOrEqual", G.unique_name(graph, "exit_GreaterOrEqual"),
+                   inputs=[min_confidence(graph, logits), threshold], outputs=[out])
+    graph.nodes.append(node)
+    return out
+
+
+def add_override(graph: gs.Graph, name: str, value: np.ndarray) -> gs.Constant:
+    """A graph input with an initializer of the same name: `value` unless the caller feeds one."""
+    if name in graph.tensors():
+        raise CannotBranch(f"the graph already has a tensor named '{name}'")
+    const = gs.Constant(name, np.asarray(value))
+    graph.inputs.append(const)
+    return const
+
+
+def _body_outputs(graph: gs.Graph, values: Sequence[gs.Tensor], like: Sequence[gs.Variable],
+                  made_here: set[str], tag: str) -> tuple[list[gs.Node], list[gs.Variable]]:
+    """A body's outputs for `values`: the tensor itself when the body computes it, else an Identity
+    of it (new nodes returned). Named while `graph` still holds every node: names are global."""
+    nodes, outs = [], []
+    for value, out in zip(values, like):
+        if value.name in made_here:
+            outs.append(value)
+            continue
+        copy = gs.Variable(G.unique_name(graph, f"{out.name}_{tag}"), out.dtype, out.shape)
+        nodes.append(gs.Node("Identity", G.unique_name(graph, f"exit_{tag}"), inputs=[value], outputs=[copy]))
+        outs.append(copy)
+    return nodes, outs
+
+
+def branch(graph: gs.Graph, cond: gs.Tensor, then_values: Sequence[gs.Tensor], else_nodes: Sequence[gs.Node],
+           else_values: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> gs.Node:
+    """An If on `cond` that produces the tensors `outputs` (which must have no producer): the
+    then-branch returns `then_values`, the else-branch moves `else_nodes` out of the graph and
+    returns `else_values`. Both bodies read what they need from the outer scope."""
+    made = {t.name for n in else_nodes for t in n.outputs}
+    then_nodes, then_outs = _body_outputs(graph, then_values, outputs, set(), "then")
+    else_extra, else_outs = _body_outputs(graph, else_values, outputs, made, "else")
+    names = [G.unique_name(graph, base) for base in ("exit_if", "exit_then", "exit_else")]
+    moved = {id(n) for n in else_nodes}
+    graph.nodes[:] = [n for n in graph.nodes if id(n) not in moved]
+    then_g = gs.Graph(nodes=then_nodes, outputs=then_outs, name=names[1], opset=graph.opset)
+    else_g = gs.Graph(nodes=[*else_nodes, *else_extra], outputs=else_outs, name=names[2], opset=graph.opset)
+    node = gs.Node("If", names[0], {"then_branch": then_g, "else_branch": else_g}, [cond], list(outputs))
+    graph.nodes.append(node)
+    return node
+
+
+def pooled_features(model, data: Dataset, tensor: str, output: str, providers: Sequence[str] = DEFAULT_PROVIDERS,
+                    batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: the 4-D tensor averaged over its spatial axes [N, C], and the model's output."""
+    session = capture_session(model, [tensor, output], providers)
+    pooled, outs = [], []
+    for batch in iter_outputs(session, data, batch_size, [tensor, output], desc="exit features"):
+        pooled.append(batch[tensor].mean(axis=(2, 3), dtype=np.float64))
+        outs.append(batch[output])
+    return np.concatenate(pooled), np.concatenate(outs)
+
+
+# -- the threshold --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepRow:
+    threshold: float
+    exit_share: float    # samples the exit answers, at batch 1
+    score: float         # accuracy (with labels) or agreement with the full model, percent
+    drop: float          # points below the full model
+    error: float         # the drop's standard error (per-sample paired differences), points
+    macs_ratio: float    # expected MACs at batch 1 over the original's
+
+
+def sweep(head_logits: np.ndarray, full_logits: np.ndarray, truth: np.ndarray | None, exit_macs: float,
+          full_macs: float, head_macs: float, thresholds: Sequence[float] = THRESHOLDS) -> list[SweepRow]:
+    """What each threshold does at batch 1: a sample exits when its largest softmax probability from
+    the head reaches the threshold. `exit_macs` counts the first part and the head; a sample that
+    does not exit costs the full model and the head. Without labels the score is top-1 agreement."""
+    confidence = softmax(head_logits).max(axis=1)
+    full_pred, head_pred = full_logits.argmax(1), head_logits.argmax(1)
+    truth = full_pred if truth is None else truth.reshape(-1)
+    full_right = full_pred == truth
+    rows = []
+    for t in thresholds:
+        out = confidence >= t
+        right = np.where(out, head_pred, full_pred) == truth
+        diff = full_right.astype(np.float64) - right      # per sample: 1 lost, -1 won, 0 same
+        error = float(diff.std(ddof=1) / np.sqrt(len(diff)) * 100) if len(diff) > 1 else 0.0
+        share = float(out.mean())
+        macs = share * exit_macs + (1 - share) * (full_macs + head_macs)
+        rows.append(SweepRow(float(t), share, float(right.mean() * 100), float(diff.mean() * 100), error,
+                             macs / full_macs))
+    return rows
+
+
+def choose(rows: Sequence[SweepRow], max_drop: float, margin: float = 0.0) -> SweepRow | None:
+    """The row that saves the most expected MACs (the higher threshold on ties) with its drop plus
+    `margin` standard errors within `max_drop`, or None when none saves any."""
+    fits = [r for r in rows if r.drop + margin * r.error <= max_drop + 1e-9 and r.macs_ratio < 1]
+    return min(fits, key=lambda r: (r.macs_ratio, -r.threshold)) if fits else None
+
+
+def sweep_table(rows: Sequence[SweepRow], metric: str, chosen: float | None) -> str:
+    """A compact text table of the sweep (the chosen threshold marked)."""
+    lines = [f"threshold sweep at batch 1 ({metric} on the held-out calibration samples):",
+             "      threshold  exit%   drop  (s.e.)   MACs"]
+    for r in rows:
+        mark = " <-" if chosen is not None and r.threshold == chosen else ""
+        lines.append(f"      {r.threshold:9.3f}  {r.exit_share * 100:5.1f}  {r.drop:5.2f}  ({r.error:4.2f})  "
+                     f"{r.macs_ratio:5.2f}x{mark}")
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""early-exit: an exit head mid-network; the rest runs in an If's else-branch only when the head is unsure."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import MODELS, apply_pass, run
+from onnxcompress import Context, Dataset, OptionError, default_registry, exits as X
+from onnxcompress.metrics import total_macs
+from onnxcompress.passes import EarlyExit
+from onnxcompress.runtime import capture
+from onnxcompress.validate import validate_model
+
+CUT = "/blocks/blocks.2/Relu_1_output_0"     # ResNet after its third block: half the MACs
+
+
+def at(threshold: float) -> np.ndarray:
+    return np.array(threshold, np.float32)
+
+
+def softmax_max(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return (e / e.sum(1, keepdims=True)).max(1)
+
+
+@pytest.fixture(scope="module")
+def exited(resnet, calib):
+    """(model with an exit, PassResult, Context) for the ResNet, calibrated on 300 digits."""
+    ctx = Context(calib=calib, original=resnet)
+    new, result = apply_pass(EarlyExit(), resnet, ctx)
+    return new, result, ctx
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_test):
+    return mnist_test["input"][:32]
+
+
+def test_inputs_and_outputs_keep_names_types_and_shapes(resnet, exited):
+    new, result, _ = exited
+    assert result.modified and result.stats["exit_after"] == CUT
+    session = ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    assert [(i.name, i.shape) for i in session.get_overridable_initializers()] == [("exit_threshold", [])]
+    assert [i.name for i in new.graph.input] == ["input", "exit_threshold"]
+    assert new.graph.output[0] == resnet.graph.output[0]
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [("logits", ["batch", 10]), ("exit_index", [1])]
+    validate_model(new)   # checker, strict shape inference, onnxruntime
+
+
+def test_threshold_above_one_runs_the_full_model(resnet, exited, digits):
+    new = exited[0]
+    for x in (digits, digits[:1]):
+        logits, index = run(new, {"input": x, "exit_threshold": at(1.01)})
+        assert np.abs(logits - run(resnet, {"input": x})[0]).max() <= 1e-5 and index.tolist() == [1]
+
+
+def test_threshold_zero_returns_the_heads_logits(resnet, exited, digits):
+    new = exited[0]
+    logits, index = run(new, {"input": digits, "exit_threshold": at(0.0)})
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in new.graph.initializer}
+    pooled = capture(resnet, Dataset({"input": digits}), [CUT])[CUT].mean(axis=(2, 3))
+    expected = pooled @ weights["exit_head.weight"].T + weights["exit_head.bias"]
+    assert index.tolist() == [0] and np.abs(logits - expected).max() <= 1e-4
+
+
+def test_a_batch_exits_only_when_every_sample_is_confident(resnet, exited, digits):
+    new = exited[0]
+    head = run(new, {"input": digits, "exit_threshold": at(0.0)})[0]
+    conf = np.sort(softmax_max(head))
+    i = 8 + int(np.argmax(np.diff(conf[8:24])))          # the widest gap mid-way: about half are confident
+    threshold = at((conf[i] + conf[i + 1]) / 2)
+    sure = softmax_max(head) > threshold
+    logits, index = run(new, {"input": digits[sure], "exit_threshold": threshold})
+    assert index.tolist() == [0] and np.abs(logits - head[sure]).max() <= 1e-5
+    mixed = np.concatenate([digits[sure], digits[~sure][:1]])
+    logits, index = run(new, {"input": mixed, "exit_threshold": threshold})
+    assert index.tolist() == [1] and np.abs(logits - run(resnet, {"input": mixed})[0]).max() <= 1e-5
+
+
+def test_the_else_branch_holds_the_rest_of_the_network(resnet, exited):
+    new, result, _ = exited
+    (branch,) = [n for n in new.graph.node if n.op_type == "If"]
+    bodies = {a.name: a.g for a in branch.attribute}
+    original = {n.output[0] for n in resnet.graph.node}
+    first = [n for n in new.graph.node if n.output[0] in original and n.op_type != "If"]
+    rest = [n for n in bodies["else_branch"].node if n.output[0] in original or n.output[0] == "logits_full"]
+    assert len(rest) == result.stats["rest_nodes"] == 27 and len(first) + len(rest) == len(resnet.graph.node)
+    convs = lambda nodes: sum(n.op_type == "Conv" for n in nodes)
+    assert convs(first) == 8 and convs(rest) == convs(resnet.graph.node) - 8 == 7
+    assert [n.op_type for n in bodies["then_branch"].node] == ["Identity", "Identity"]
+
+
+def test_calibrated_threshold_meets_the_budget_on_the_held_out_digits(resnet, exited, calib):
+    new, result, ctx = exited
+    stats = result.stats
+    assert stats["holdout_drop"] + stats["holdout_drop_error"] <= 1.0    # margin: one standard error
+    assert 0 < stats["exit_share"] and stats["expected_macs_ratio"] < 0.8
+    held = slice(200, 300)                      # the last third of the 300 calibration digits
+    x, labels = calib.feeds["input"][held], calib.labels[held]
+    outs = [run(new, {"input": x[i:i + 1]}) for i in range(len(x))]
+    exited_share = np.mean([index[0] == 0 for _, index in outs])
+    accuracy = np.mean([logits.argmax() == y for (logits, _), y in zip(outs, labels)]) * 100
+    full = np.mean(run(resnet, {"input": x})[0].argmax(1) == labels) * 100
+    assert full - accuracy <= 1.0 + 1e-9 and abs(exited_share - stats["exit_share"]) <= 0.02
+    # the report's MACs: the exit's share of runs skips the rest
+    assert ctx.state.branch_probs == {"logits": stats["exit_share"]}
+    expected = total_macs(new, branch_probs=ctx.state.branch_probs) / total_macs(resnet)
+    assert expected == pytest.approx(stats["expected_macs_ratio"], abs=1e-3)
+    assert "threshold sweep" in result.notes[1] and "<-" in result.notes[1]
+
+
+def test_vgg_with_a_given_threshold_and_no_index_output(calib):
+    vgg = onnx.load(str(MODELS / "vgg.onnx"))
+    new, result = apply_pass(EarlyExit(threshold=0.95, exit_output=False), vgg, Context(calib=calib))
+    assert result.stats["threshold"] == 0.95 and result.stats["exit_after"] == "/features/features.9/Relu_output_0"
+    assert [o.name for o in new.graph.output] == ["logits"]
+    x = calib.feeds["input"][:8]
+    assert np.abs(run(new, {"input": x, "exit_threshold": at(1.01)})[0] - run(vgg, {"input": x})[0]).max() <= 1e-5
+    assert run(new, {"input": x[:1], "exit_threshold": at(0.95)})[0].shape == (1, 10)
+
+
+def test_two_outputs_are_refused(resnet):
+    model = onnx.ModelProto()
+    model.CopyFrom(resnet)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(CUT, onnx.TensorProto.FLOAT, ["batch", 32, 14, 14]))
+    _, result = apply_pass(EarlyExit(), model)
+    assert not result.modified and result.notes == ["left as is: the model has 2 outputs; an exit needs a "
+                                                    "single-output classifier"]
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("/blocks/blocks.2/a/a.0/Conv_output_0", "also read '/blocks/blocks.1/Relu_1_output_0' from before it"),
+    ("/Flatten_output_0", "is not a 4-D activation"),
+])
+def test_a_named_tensor_that_is_not_a_cut_is_refused(resnet, name, reason):
+    _, result = apply_pass(EarlyExit(at=name), resnet)
+    assert not result.modified and reason in result.notes[0]
+
+
+def test_an_exit_is_added_once(exited):
+    _, result = apply_pass(EarlyExit(), exited[0])
+    assert not result.modified and "one exit per model" in result.notes[0]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"threshold": 1.5}, "threshold must be in [0, 1]"),
+    ({"temperature": 0}, "temperature must be positive"),
+    ({"margin": -1}, "margin must not be negative"),
+    ({"at": 3}, "option 'at' must be str or None"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(OptionError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        default_registry().create("early-exit", options)
+
+
+def test_unknown_tensor_and_missing_data_are_input_errors(resnet):
+    with pytest.raises(OptionError, match="names no tensor"):
+        apply_pass(EarlyExit(at="nope"), resnet)
+    with pytest.raises(OptionError, match="needs calibration data"):
+        apply_pass(EarlyExit(), resnet)
+
+
+def test_sweep_and_choice_on_numbers():
+    head = np.log(np.array([[0.97, 0.03], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]]))
+    full = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    rows = X.sweep(head, full, None, exit_macs=40, full_macs=100, head_macs=2, thresholds=(0.5, 0.7, 0.9))
+    assert [(r.exit_share, r.score) for r in rows] == [(1.0, 75.0), (0.5, 100.0), (0.25, 100.0)]
+    assert rows[1].macs_ratio == pytest.approx((0.5 * 40 + 0.5 * 102) / 100)
+    assert X.choose(rows, max_drop=0).threshold == 0.7 and X.choose(rows, max_drop=25).threshold == 0.5
+    assert rows[0].error == pytest.approx(25.0)   # differences [0, 1, 0, 0]: s.d. 0.5 over sqrt(4) samples
+    assert X.choose(rows, max_drop=25, margin=1).threshold == 0.7
+    labels = np.array([0, 0, 1, 0])             # with labels: accuracy, and the full model is 75% right
+    assert [r.drop for r in X.sweep(head, full, labels, 40, 100, 2, (0.5,))] == [-25.0]
