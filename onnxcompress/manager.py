@@ -118,7 +118,12 @@ class PassManager:
         calib = conform(self.calib, model) if self.calib is not None else None
         evaluation = conform(self.eval_data, model) if self.eval_data is not None else None
         data = evaluation or calib or random_dataset(model)
-        evaluator = Evaluator(model, data, self.providers, self.latency, self.batch_size)
+        try:
+            evaluator = Evaluator(model, data, self.providers, self.latency, self.batch_size)
+        except Exception as e:  # a model that loads but cannot run on its own declared inputs
+            what = "the given data" if (evaluation or calib) else "inputs of its declared shapes"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"the model does not run in onnxruntime on {what}: {first}") from e
         ctx = Context(calib=calib, original=model, teachers=self.teachers or [model], providers=self.providers,
                       temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size,
                       max_drop=self.max_drop)

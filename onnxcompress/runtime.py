@@ -73,7 +73,7 @@ def worker_threads(n: int) -> None:
 def make_session(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PROVIDERS,
                  threads: int | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4       # errors reach the user through our own one-line message
     threads = threads or _WORKER_THREADS
     if threads:
         opts.intra_op_num_threads = threads

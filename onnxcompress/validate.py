@@ -77,7 +77,11 @@ def _check_declared_inputs(model: onnx.ModelProto) -> None:
         dims = [d.dim_value for d in tt.shape.dim if d.HasField("dim_value")]
         if not dims or not tt.elem_type:
             continue
-        size = int(np.prod([max(d, 1) for d in dims], dtype=object)) * onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+        except (KeyError, TypeError):   # not a tensor type onnx knows: the checker says so next
+            continue
+        size = int(np.prod([max(d, 1) for d in dims], dtype=object)) * itemsize
         if size > MAX_INPUT_BYTES:
             raise ValidationError(f"graph input '{inp.name}' declares dims {dims} ({size / 2**40:.1f} TiB per feed); "
                                   f"more than {MAX_INPUT_BYTES >> 30} GiB cannot be fed")

@@ -193,3 +193,19 @@ def test_deeply_nested_subgraphs_pass_through_every_pass(tmp_path, capsys):
                  "--max-drop", "none", "--passes", "fold-bn,prune-weights,prune-channels,quantize,distill"])
     assert code == 0, capsys.readouterr().err
     assert onnx.load(str(tmp_path / "o.onnx")).graph.node[1].op_type == "If"
+
+
+def test_fuzz_findings_stay_fixed(tmp_path, capsys):
+    """Two byte flips hypothesis found: an unknown input element type (crashed the size check) and
+    an input dim the Gemm cannot take (loads, then fails in onnxruntime's run)."""
+    for at, value, command, phrase in ((131, 29, "inspect", ""),
+                                       (141, 16, "compress", "the model does not run in onnxruntime on inputs of its declared shapes")):
+        data = bytearray(_SMALL)
+        data[at] = value
+        path = tmp_path / "f.onnx"
+        path.write_bytes(bytes(data))
+        args = [command, str(path)] + (["-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn", "--no-latency"]
+                                       if command == "compress" else [])
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code in (0, 2) and phrase in err and err.count("\n") <= 1, err
