@@ -404,7 +404,8 @@ def main() -> None:
     ap.add_argument("--skip-quantize", action="store_true", help="skip the quantization comparison")
     ap.add_argument("--skip-factor", action="store_true", help="skip the factoring experiments")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
-    ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize", "factor", "prune"],
+    ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize", "factor", "prune",
+                                       "early-exit"],
                     help="run only that section and replace it in --output (the rest untouched)")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
@@ -422,6 +423,9 @@ def main() -> None:
         elif args.only == "quantize":
             from benchmarks import quant
             section, title = quant.quant_section(calib, test, cfg, args.rounds, models), quant.SECTION_TITLE
+        elif args.only == "early-exit":
+            from benchmarks import exits
+            section, title = exits.exits_section(calib, test), exits.SECTION_TITLE
         elif args.only == "prune":
             from benchmarks import prune
             section, title = prune.prune_section(calib, test, cfg, args.rounds), prune.SECTION_TITLE
@@ -455,6 +459,9 @@ def main() -> None:
         print("structured pruning ...", flush=True)
         sections.append(structured_section(calib, test, cfg, args.rounds,
                                            [m for m in STRUCTURED_MODELS if m in args.models], facts))
+    from benchmarks.exits import exits_section
+    print("early exits ...", flush=True)
+    sections.append(exits_section(calib, test, [m for m in ("resnet", "vgg", "mobilenet") if m in args.models]))
     if not args.skip_compose:
         print("composition ...", flush=True)
         sections.append(compose_section(calib, test, cfg, args.rounds,
