@@ -86,9 +86,10 @@ def cut_at(graph: gs.Graph, name: str) -> Cut:
 
 
 def auto_cut(graph: gs.Graph, shapes: Mapping[str, Sequence[int]], macs: Mapping[str, int],
-             low: float = 0.4, high: float = 0.6) -> tuple[Cut, float]:
+             low: float = 0.4, high: float = 0.6, wide: tuple[float, float] = (0.25, 0.75)) -> tuple[Cut, float]:
     """The cut on a 4-D activation whose first part holds the share of the MACs nearest the middle
-    of [low, high] (the latest such tensor on ties), and that share."""
+    of [low, high] (the latest such tensor on ties), and that share; where no cut falls inside
+    (MobileNet jumps from 36% to 61%), the one nearest the middle within `wide`."""
     total = max(sum(macs.values()), 1)
     best: tuple[tuple[float, int], Cut, float] | None = None
     seen: list[str] = []
@@ -103,11 +104,11 @@ def auto_cut(graph: gs.Graph, shapes: Mapping[str, Sequence[int]], macs: Mapping
             share = sum(macs.get(G.layer_id(n), 0) for n in cut.first) / total
             seen.append(f"'{t.name}' at {share:.0%}")
             key = (abs(share - (low + high) / 2), -i)
-            if low <= share <= high and (best is None or key < best[0]):
+            if wide[0] <= share <= wide[1] and (best is None or key < best[0]):
                 best = (key, cut, share)
     if best is None:
         found = "; single-tensor cuts: " + ", ".join(seen[:6]) if seen else ""
-        raise CannotBranch(f"no 4-D activation between {low:.0%} and {high:.0%} of the MACs is the only tensor "
+        raise CannotBranch(f"no 4-D activation between {wide[0]:.0%} and {wide[1]:.0%} of the MACs is the only tensor "
                            f"the rest of the graph reads (name one with at=){found}")
     log.debug("cut after %s (%.0f%% of the MACs); single-tensor cuts: %s", best[1].tensor.name, best[2] * 100, seen)
     return best[1], best[2]
