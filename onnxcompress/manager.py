@@ -126,7 +126,7 @@ class PassManager:
             raise InputError(f"the model does not run in onnxruntime on {what}: {first}") from e
         ctx = Context(calib=calib, original=model, teachers=self.teachers or [model], providers=self.providers,
                       temperature=self.temperature, alpha=self.alpha, batch_size=self.batch_size,
-                      max_drop=self.max_drop)
+                      max_drop=self.max_drop, timing=self.latency if self.latency.enabled else None)
         ctx.inherited_maps, metadata_notes = _inherited_maps(model)
         report = Report(name, budget={"max_drop": self.max_drop})
         resources.reset_peak()

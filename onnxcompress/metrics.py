@@ -475,6 +475,24 @@ def latency_ms(model: onnx.ModelProto, cfg: LatencyConfig = LatencyConfig(), dat
     return result
 
 
+def mean_latency_ms(model: onnx.ModelProto, cfg: LatencyConfig, data: Dataset | None = None,
+                    providers: Sequence[str] = DEFAULT_PROVIDERS) -> float:
+    """`latency_ms` averaged over the configured batch sizes."""
+    return float(np.mean(list(latency_ms(model, cfg, data, providers).values())))
+
+
+def paired_latency_ratio(model: onnx.ModelProto, reference: onnx.ModelProto, cfg: LatencyConfig,
+                         data: Dataset | None = None, providers: Sequence[str] = DEFAULT_PROVIDERS,
+                         rounds: int = 3) -> float:
+    """Latency of `model` over `reference`'s, measured alternately (a shared machine drifts between
+    two separate measurements); the median of each."""
+    mine, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(mean_latency_ms(reference, cfg, data, providers))
+        mine.append(mean_latency_ms(model, cfg, data, providers))
+    return float(np.median(mine) / np.median(theirs))
+
+
 def ctc_greedy(steps: np.ndarray, blank: int = 0) -> tuple[int, ...]:
     """Greedy CTC decoding of one sequence [time, classes]: argmax per step, repeats merged, blanks dropped."""
     best = steps.argmax(-1)

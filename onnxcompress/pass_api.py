@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from .data import Dataset
 from .errors import OptionError
+from .metrics import LatencyConfig
 from .runtime import DEFAULT_PROVIDERS
 
 __all__ = ["Pass", "PassResult", "Context", "RunState", "Registry", "ChannelMap"]
@@ -77,6 +78,8 @@ class Context:
     alpha: float = 0.0
     batch_size: int = 64
     max_drop: float | None = None             # the run's budget, for passes that search within it
+    timing: LatencyConfig | None = None       # how the run measures latency (None: it does not), for
+                                              # passes that choose between variants by their speed
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxcompress"))
     cache: dict[Any, Any] = field(default_factory=dict)  # activation captures and teacher outputs
     state: RunState = field(default_factory=RunState)

@@ -24,7 +24,7 @@ import onnx
 from . import graph as G
 from .channels import analyze
 from .data import Dataset
-from .metrics import LatencyConfig, accuracy, budget_metric, fidelity, latency_ms, total_macs
+from .metrics import LatencyConfig, accuracy, budget_metric, fidelity, mean_latency_ms, paired_latency_ratio, total_macs
 from .pass_api import Context, Registry
 from .progress import progress
 from .runtime import DEFAULT_PROVIDERS, make_session, run_model, worker_threads
@@ -153,14 +153,10 @@ def sensitivity(model: onnx.ModelProto, prune: Prune, calib: Dataset, evaluation
         result.score.setdefault(g, []).append(score)
         result.macs.setdefault(g, []).append(macs)
     if latency is not None:
-        result.base_latency = _latency(model, latency, evaluation, providers)
+        result.base_latency = mean_latency_ms(model, latency, evaluation, providers)
         for g in progress(groups, desc="latency"):
-            result.latency[g] = [_latency(prune(model, {g: r}), latency, evaluation, providers) for r in ratios]
+            result.latency[g] = [mean_latency_ms(prune(model, {g: r}), latency, evaluation, providers) for r in ratios]
     return result
-
-
-def _latency(model: onnx.ModelProto, cfg: LatencyConfig, data: Dataset, providers) -> float:
-    return float(np.mean(list(latency_ms(model, cfg, data, providers).values())))
 
 
 def allocate(model: onnx.ModelProto, prune: Prune, sens: Sensitivity, calib: Dataset, target: float,
@@ -209,22 +205,12 @@ def _measure(model, prune: Prune, ratios, shapes, by, latency, data, providers, 
     pruned = prune(model, ratios) if ratios else model
     out = {"macs": total_macs(pruned, shapes)}
     if by == "latency":  # against the original measured in the same moments: a shared machine drifts
-        ratio = _paired_ratio(pruned, model, latency or LatencyConfig(), data, providers) if ratios else 1.0
+        ratio = paired_latency_ratio(pruned, model, latency or LatencyConfig(), data, providers) if ratios else 1.0
         out["latency_ms"] = ratio * base
         out["value"] = out["latency_ms"]
     else:
         out["value"] = out["macs"]
     return out
-
-
-def _paired_ratio(model: onnx.ModelProto, reference: onnx.ModelProto, cfg: LatencyConfig, data: Dataset,
-                  providers, rounds: int = 3) -> float:
-    """Latency of `model` over `reference`'s, measured alternately; the median of each."""
-    mine, theirs = [], []
-    for _ in range(rounds):
-        theirs.append(_latency(reference, cfg, data, providers))
-        mine.append(_latency(model, cfg, data, providers))
-    return float(np.median(mine) / np.median(theirs))
 
 
 def plan(model: onnx.ModelProto, prune: Prune, data: Dataset, target: float, by: str = "macs",

@@ -1,6 +1,7 @@
 """quantize: static int8 QDQ that onnxruntime's CPU provider runs with integer kernels.
 
-Placement follows what onnxruntime fuses: every quantized layer (Conv, Gemm, MatMul with constant
+BatchNormalization is folded into the layer before it first (`onnxcompress.fold`). Placement
+follows what onnxruntime fuses: every quantized layer (Conv, Gemm, MatMul with constant
 weights) reads its input through QuantizeLinear -> DequantizeLinear, and its output (after a Relu
 or Clip it feeds alone, which the requantization absorbs) goes through one too, so that the
 DQ -> layer -> Q group becomes QLinearConv / QLinearMatMul / QGemm. Activations are asymmetric
@@ -15,7 +16,10 @@ through the inverse Gram matrix of the layer's quantized inputs), and the shift 
 output channel's mean is folded into the bias (`bias_correction`). With a budget (`max_drop`, or
 the run's), mixed precision keeps the weights and activations whose quantization costs the most in
 float until the agreement with the float model on the calibration data holds
-(`onnxcompress.precision`). Per-channel weight scales need DequantizeLinear's `axis` (opset 13): a
+(`onnxcompress.precision`). Speed: when the run measures latency, kinds of layers whose int8
+kernels are slower than the float ones (depthwise convs on some models, a stem with few input
+channels) go back to float where timing the model both ways says it is faster
+(`precision.faster_in_float`). Per-channel weight scales need DequantizeLinear's `axis` (opset 13): a
 model below it is converted by onnx's version converter first, and the report says so.
 
 Also handled: LSTMs (onnxruntime's DynamicQuantizeLSTM, whatever `activations` says), layers inside
@@ -25,7 +29,7 @@ activations), and `activations="dynamic"` for MatMul-heavy models (`onnxcompress
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import onnx
@@ -36,8 +40,9 @@ from onnxcompress.layers import channel_spread, from_out_rows, group_slices, out
 from onnxcompress.data import Dataset
 from onnxcompress.dynamic import dynamic_lstm, dynamic_matmul
 from onnxcompress.equalize import equalize
+from onnxcompress.fold import fold_batchnorms
 from onnxcompress.pass_api import Context, Pass, PassResult
-from onnxcompress.precision import Scorer, search
+from onnxcompress.precision import Scorer, faster_in_float, search
 from onnxcompress.recovery import mean_shift, sequential
 from onnxcompress.runtime import capture
 from onnxcompress.solvers import gptq
@@ -63,10 +68,13 @@ class Quantize(Pass):
     depthwise_per_channel: bool = False   # depthwise convs: one scale per tensor unless this is set
     rounding: Literal["nearest", "gptq"] = "gptq"
     bias_correction: bool = True
+    fold_bn: bool = True             # fold BatchNormalization into the layer before it first (onnxcompress.fold)
     equalize: bool = True            # cross-layer equalization of pairs joined by ReLU-like ops (onnxcompress.equalize)
     calib_samples: int = 512          # samples whose activations set the ranges
     exclude: tuple[str, ...] = ()
     mixed_precision: bool = True      # keep the costliest layers in float until the budget holds
+    latency_aware: bool = True        # keep kinds of layers whose int8 kernels are slower in float, by timing
+                                      # the model both ways (when the run measures latency)
     max_drop: float | None = None     # that budget, in points of agreement with the float model on the
                                       # calibration data; None: the run's --max-drop (none: no search)
     eval_samples: int = 256           # calibration samples the mixed-precision search scores on
@@ -97,6 +105,9 @@ class Quantize(Pass):
             notes.append(f"{len(lstms)} LSTM layers quantized dynamically (DynamicQuantizeLSTM)")
         if not layers:
             return PassResult(graph, bool(lstms or body_notes), {"layers_quantized": len(lstms)}, notes)
+        if self.fold_bn and (folded := fold_batchnorms(graph)[0]):
+            notes.append(f"{folded} BatchNormalization folded into the layers before them (an integer kernel cannot "
+                         "apply one after its output is requantized)")
         if self.equalize and (pairs := equalize(graph, self.exclude)):
             notes.append(f"cross-layer equalization: {len(pairs)} layer pairs rescaled (the float model's function unchanged)")
         float_graph = graph.copy()
@@ -123,13 +134,12 @@ class Quantize(Pass):
         else:
             for node in layers:
                 visit(node, None)
-        padded = Q.pad_input_channels(graph, layers)
-        if padded:
-            notes.append(f"input channels padded to a multiple of {Q.CHANNEL_MULTIPLE} with zero weights (onnxruntime's "
-                         f"fast int8 conv kernel): {', '.join(padded)}")
+        padded = {G.display_name(n): G.layer_id(n) for n in layers if G.display_name(n) in Q.pad_input_channels(graph, layers)}
         stats = {"layers_quantized": len(layers), "activations_quantized": len(acts),
                  "weight_rel_error": float(np.mean([d.error for d in done_layers.values()]))}
         budget = self.max_drop if self.max_drop is not None else ctx.max_drop
+        make = lambda kept: self._make(float_graph, done_layers, params, chains, kept)
+        kept: set[str] = set()
         if budget is not None and self.mixed_precision:
             estimate = None
             if self.sensitivity == "estimated" or self.measure_top:
@@ -137,9 +147,32 @@ class Quantize(Pass):
                 estimate = {G.layer_id(n): done_layers[G.layer_id(n)].error for n in layers}
                 estimate.update({ACT + name: Q.input_noise(reader.get(name), values[name], *params[name])
                                  for name in acts if name not in chains})
-            graph = _mixed_precision(self, float_graph, graph, done_layers, params, chains, budget, ctx, data, stats,
-                                     notes, estimate)
+            kept = _mixed_precision(self, make, float_graph, done_layers, params, chains, budget, ctx, data, stats,
+                                    notes, estimate)
+        if self.latency_aware and ctx.timing is not None:
+            by_speed, lines = faster_in_float(_kinds(float_graph, done_layers), lambda k: G.to_model(G.tidy(make(k)), like=ctx.original),
+                                              kept, ctx.timing, data, ctx.providers)
+            if lines:
+                notes.append("int8 or float by measured latency (one thread, batch "
+                             f"{', '.join(map(str, ctx.timing.batch_sizes))}): " + "; ".join(lines))
+            stats["layers_float_for_speed"] = len(by_speed - kept)
+            kept = by_speed
+        if padded := [name for name, lid in padded.items() if lid not in kept]:
+            notes.append(f"input channels padded to a multiple of {Q.CHANNEL_MULTIPLE} with zero weights (onnxruntime's "
+                         f"fast int8 conv kernel): {', '.join(padded)}")
+        if not kept:
+            return PassResult(graph, True, stats, notes)
+        graph = make(kept)
+        stats["layers_quantized"] -= sum(not k.startswith(ACT) for k in kept)
+        stats["activations_quantized"] = sum(n.op == "QuantizeLinear" for n in graph.nodes)
         return PassResult(graph, stats["layers_quantized"] > 0 or bool(lstms or body_notes), stats, notes)
+
+    def _make(self, float_graph: gs.Graph, done: dict[str, "_Layer"], params: dict[str, tuple[float, int]],
+              chains: dict[str, str], kept: set[str]) -> gs.Graph:
+        """The quantized graph with the layers and activations (ACT + name) in `kept` left in float."""
+        acts = {k[len(ACT):] for k in kept if k.startswith(ACT)}
+        acts |= {name for name, start in chains.items() if start in acts}
+        return self.build(float_graph, {k: v for k, v in done.items() if k not in kept}, params, frozenset(acts))
 
     def _bodies(self, graph: gs.Graph) -> list[str]:
         """Layers inside If/Loop/Scan bodies, whose activations calibration cannot reach: MatMul and
@@ -323,20 +356,15 @@ def _write(graph: gs.Graph, node: gs.Node, layer: _Layer) -> None:
     W.convert(graph, node, index, b, layer.bias)
 
 
-def _mixed_precision(p: Quantize, float_graph: gs.Graph, graph: gs.Graph, done: dict[str, _Layer],
-                     params: dict[str, tuple[float, int]], chains: dict[str, str], budget: float, ctx: Context,
-                     data: Dataset, stats: dict, notes: list[str], estimate: dict[str, float] | None) -> gs.Graph:
-    """Keep the weights and activations whose quantization costs the most in float until the
-    agreement with the float model on the calibration data is within `budget` points
-    (`onnxcompress.precision`). Candidates: each layer (its weight and its input), and each
+def _mixed_precision(p: Quantize, make: Callable[[set[str]], gs.Graph], float_graph: gs.Graph,
+                     done: dict[str, _Layer], params: dict[str, tuple[float, int]], chains: dict[str, str],
+                     budget: float, ctx: Context, data: Dataset, stats: dict, notes: list[str],
+                     estimate: dict[str, float] | None) -> set[str]:
+    """What to keep in float so that the agreement with the float model on the calibration data is
+    within `budget` points (`onnxcompress.precision`): the weights and activations whose
+    quantization costs the most. Candidates: each layer (its weight and its input), and each
     quantized activation on its own (with the tensors quantized upstream of it, `chains`)."""
     like = ctx.original
-
-    def make(kept: set[str]) -> gs.Graph:
-        acts = {k[len(ACT):] for k in kept if k.startswith(ACT)}
-        acts |= {name for name, start in chains.items() if start in acts}
-        return p.build(float_graph, {k: v for k, v in done.items() if k not in kept}, params, frozenset(acts))
-
     candidates = list(done) + [ACT + name for name in params if name not in chains]
     scorer = Scorer(G.to_model(float_graph.copy(), like=like), data.take(p.eval_samples), ctx.providers, ctx.batch_size)
     measure = None if p.sensitivity == "estimated" else p.measure_top
@@ -350,15 +378,29 @@ def _mixed_precision(p: Quantize, float_graph: gs.Graph, graph: gs.Graph, done: 
     acts = [k[len(ACT):] for k in found.kept if k.startswith(ACT)]
     stats.update(layers_float=len(layers), activations_float=len(acts), int8_agreement=found.quantized_score,
                  agreement=found.score, precision_evaluations=found.evaluations)
-    if not found.kept:
-        return graph
-    stats["layers_quantized"] -= len(layers)
-    stats["activations_quantized"] -= len(acts)
-    notes.append(f"mixed precision: {scorer.metric} with the float model on {len(scorer.data)} calibration samples "
-                 f"{found.quantized_score:.1f} with every layer int8, {found.score:.1f} with {len(layers)} layers and "
-                 f"{len(acts)} activations kept in float (budget {budget:g} points)"
-                 + (": layers " + ", ".join(layers) if layers else "") + ("; activations " + ", ".join(acts) if acts else ""))
-    return make(set(found.kept))
+    if found.kept:
+        notes.append(f"mixed precision: {scorer.metric} with the float model on {len(scorer.data)} calibration samples "
+                     f"{found.quantized_score:.1f} with every layer int8, {found.score:.1f} with {len(layers)} layers and "
+                     f"{len(acts)} activations kept in float (budget {budget:g} points)"
+                     + (": layers " + ", ".join(layers) if layers else "") + ("; activations " + ", ".join(acts) if acts else ""))
+    return set(found.kept)
+
+
+def _kinds(float_graph: gs.Graph, done: dict[str, _Layer]) -> dict[str, set[str]]:
+    """The quantized layers by kind, for `precision.faster_in_float`: the kinds whose int8 kernels
+    can be slower than float ones (depthwise and grouped convs, layers reading a graph input, whose
+    few input channels are padded for the int8 kernel)."""
+    inputs = {t.name for t in float_graph.inputs}
+    kinds: dict[str, set[str]] = {"depthwise convs": set(), "grouped convs": set(), "layers reading a graph input": set()}
+    for node in float_graph.nodes:
+        lid = G.layer_id(node)
+        if lid not in done:
+            continue
+        if node.op == "Conv" and int(node.attrs.get("group", 1)) > 1:
+            kinds["depthwise convs" if W.layer_weight(node).value.shape[1] == 1 else "grouped convs"].add(lid)
+        if node.inputs[0].name in inputs:
+            kinds["layers reading a graph input"].add(lid)
+    return {k: v for k, v in kinds.items() if v}
 
 
 def _tie_order(ties: dict[str, str]) -> list[str]:

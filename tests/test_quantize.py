@@ -351,3 +351,62 @@ def test_equalization_helps_per_tensor_weights_on_imbalanced_channels():
         y = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
     assert error(True) < 0.5 * error(False)
+
+
+def test_quantize_folds_batchnorm_first_as_fold_bn_would(conv_bn_model):
+    """A Conv -> BatchNormalization pair: quantize alone folds it (an integer kernel cannot apply the
+    BN after requantizing), and gives the same model as fold-bn followed by quantize."""
+    from onnxcompress import Dataset
+    from onnxcompress.passes import FoldBatchNorm
+    x = Dataset({"x": rand(32, *[d.dim_value for d in conv_bn_model.graph.input[0].type.tensor_type.shape.dim[1:]], seed=4)})
+    alone = PassManager([Quantize()], calib=x, latency=NO_LATENCY).run(conv_bn_model)
+    assert "BatchNormalization" not in [n.op_type for n in alone.model.graph.node]
+    assert any("BatchNormalization folded into the layers before them" in n for n in alone.report.steps[-1].notes)
+    both = PassManager([FoldBatchNorm(), Quantize()], calib=x, latency=NO_LATENCY).run(conv_bn_model)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.feeds["x"]})[0]
+    np.testing.assert_array_equal(run(alone.model), run(both.model))
+    unfolded = PassManager([Quantize(fold_bn=False)], calib=x, latency=NO_LATENCY).run(conv_bn_model)
+    assert "BatchNormalization" in [n.op_type for n in unfolded.model.graph.node]
+
+
+def test_faster_in_float_keeps_a_kind_in_float_only_when_the_timing_says_so():
+    """The greedy choice by kind, with the timing replaced by a table: depthwise in float takes 0.6x
+    the time (kept), the stem 0.99x (within noise: stays int8); the kept set carries over."""
+    from onnxcompress import LatencyConfig
+    from onnxcompress.precision import faster_in_float
+    kinds = {"depthwise convs": {"d1", "d2"}, "layers reading a graph input": {"s"}}
+    build = lambda kept: frozenset(kept)                       # a stand-in for the model
+    speed = {frozenset({"m"}): 1.0, frozenset({"m", "d1", "d2"}): 0.6, frozenset({"m", "d1", "d2", "s"}): 0.594}
+    kept, lines = faster_in_float(kinds, build, {"m"}, LatencyConfig(), None, (),
+                                  ratio=lambda cand, cur: speed[cand] / speed[cur])
+    assert kept == {"m", "d1", "d2"}
+    assert lines == ["depthwise convs (2) in float: 0.60x the time (kept in float)",
+                     "layers reading a graph input (1) in float: 0.99x the time"]
+
+
+def test_quantize_keeps_depthwise_convs_float_when_they_run_faster_so(monkeypatch):
+    """With the run measuring latency, quantize times the model with each kind of layer in float;
+    here the timing (replaced) says the depthwise conv is faster in float: it stays a float Conv,
+    the pointwise convs are int8 kernels, and the report says why."""
+    from onnxcompress import Dataset, LatencyConfig, precision
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("Conv", ["ra", "wd"], ["d"], group=8, pads=[1, 1, 1, 1]), helper.make_node("Relu", ["d"], ["rd"]),
+             helper.make_node("Conv", ["rd", "w2"], ["y"])]
+    model = make_model(nodes, [tensor("x", ["N", 4, 8, 8])], [tensor("y", ["N", 4, 8, 8])],
+                       {"w1": rand(8, 4, 1, 1), "wd": rand(8, 1, 3, 3, seed=1), "w2": rand(4, 8, 1, 1, seed=2)}, opset=13)
+
+    def timing(model, reference, *args, **kwargs):           # depthwise int8 in the reference, float in the model
+        dw = lambda m: next(n for n in m.graph.node if n.op_type == "Conv" and n.output[0] == "d")
+        is_float = lambda m: dw(m).input[1] in {t.name for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+        return 0.5 if is_float(model) and not is_float(reference) else 1.0
+    monkeypatch.setattr(precision, "paired_latency_ratio", timing)
+    result = PassManager([Quantize()], calib=Dataset({"x": rand(32, 4, 8, 8, seed=3)}),
+                         latency=LatencyConfig(runs=2, warmup=1)).run(model)
+    step = result.report.steps[-1]
+    assert step.stats["layers_float_for_speed"] == 1 and step.stats["layers_quantized"] == 2
+    assert any("depthwise convs (1) in float: 0.50x the time (kept in float)" in n for n in step.notes)
+    graph = G.to_graph(result.model)
+    kinds = {n.outputs[0].name: W.layer_weight(n).kind for n in graph.nodes if n.op == "Conv"}
+    assert kinds == {"a": "qdq", "d": "dense", "y": "qdq"}
+    none = PassManager([Quantize()], calib=Dataset({"x": rand(32, 4, 8, 8, seed=3)}), latency=NO_LATENCY).run(model)
+    assert "layers_float_for_speed" not in none.report.steps[-1].stats
