@@ -106,6 +106,7 @@ class Quantize(Pass):
         if not layers:
             return PassResult(graph, bool(lstms or body_notes), {"layers_quantized": len(lstms)}, notes)
         if self.fold_bn and (folded := fold_batchnorms(graph)[0]):
+            G.tidy(graph)
             notes.append(f"{folded} BatchNormalization folded into the layers before them (an integer kernel cannot "
                          "apply one after its output is requantized)")
         if self.equalize and (pairs := equalize(graph, self.exclude)):
@@ -150,8 +151,10 @@ class Quantize(Pass):
             kept = _mixed_precision(self, make, float_graph, done_layers, params, chains, budget, ctx, data, stats,
                                     notes, estimate)
         if self.latency_aware and ctx.timing is not None:
+            scorer = Scorer(G.to_model(float_graph.copy(), like=ctx.original), data.take(self.eval_samples), ctx.providers,
+                            ctx.batch_size)
             by_speed, lines = faster_in_float(_kinds(float_graph, done_layers), lambda k: G.to_model(G.tidy(make(k)), like=ctx.original),
-                                              kept, ctx.timing, data, ctx.providers)
+                                              kept, ctx.timing, data, ctx.providers, score=lambda m: scorer(m)[0])
             if lines:
                 notes.append("int8 or float by measured latency (one thread, batch "
                              f"{', '.join(map(str, ctx.timing.batch_sizes))}): " + "; ".join(lines))

@@ -365,6 +365,8 @@ def test_quantize_folds_batchnorm_first_as_fold_bn_would(conv_bn_model):
     both = PassManager([FoldBatchNorm(), Quantize()], calib=x, latency=NO_LATENCY).run(conv_bn_model)
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.feeds["x"]})[0]
     np.testing.assert_array_equal(run(alone.model), run(both.model))
+    searched = PassManager([Quantize(max_drop=5.0)], calib=x, eval_data=x, latency=NO_LATENCY).run(conv_bn_model)
+    assert searched.report.steps[-1].status == "applied"        # the search builds models from the folded graph
     unfolded = PassManager([Quantize(fold_bn=False)], calib=x, latency=NO_LATENCY).run(conv_bn_model)
     assert "BatchNormalization" in [n.op_type for n in unfolded.model.graph.node]
 
@@ -376,12 +378,17 @@ def test_faster_in_float_keeps_a_kind_in_float_only_when_the_timing_says_so():
     from onnxcompress.precision import faster_in_float
     kinds = {"depthwise convs": {"d1", "d2"}, "layers reading a graph input": {"s"}}
     build = lambda kept: frozenset(kept)                       # a stand-in for the model
-    speed = {frozenset({"m"}): 1.0, frozenset({"m", "d1", "d2"}): 0.6, frozenset({"m", "d1", "d2", "s"}): 0.594}
+    speed = {frozenset({"m"}): 1.0, frozenset({"m", "d1", "d2"}): 0.6, frozenset({"m", "d1", "d2", "s"}): 0.594,
+             frozenset({"m", "s"}): 1.0}
     kept, lines = faster_in_float(kinds, build, {"m"}, LatencyConfig(), None, (),
                                   ratio=lambda cand, cur: speed[cand] / speed[cur])
     assert kept == {"m", "d1", "d2"}
     assert lines == ["depthwise convs (2) in float: 0.60x the time (kept in float)",
                      "layers reading a graph input (1) in float: 0.99x the time"]
+    accuracy = {frozenset({"m"}): 90.0, frozenset({"m", "d1", "d2"}): 87.5}    # faster, but less accurate: refused
+    kept, lines = faster_in_float(kinds, build, {"m"}, LatencyConfig(), None, (),
+                                  ratio=lambda cand, cur: speed[cand] / speed[cur], score=accuracy.get)
+    assert kept == {"m"} and lines[0] == "depthwise convs (2) in float: 0.60x the time, but less accurate (87.5 against 90.0)"
 
 
 def test_quantize_keeps_depthwise_convs_float_when_they_run_faster_so(monkeypatch):
