@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from . import graph as G
 from . import weights as W
 from .layers import out_rows
+from .qdq import TINY
 from .storage import add_node, constant
 
 __all__ = ["symmetric_int8", "dynamic_matmul", "dynamic_lstm"]
@@ -24,7 +25,7 @@ __all__ = ["symmetric_int8", "dynamic_matmul", "dynamic_lstm"]
 def symmetric_int8(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row symmetric int8 codes and scales of a [out, fan_in] matrix (max |w| -> 127)."""
     amax = np.abs(rows).max(1)
-    scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
+    scale = np.where(amax > TINY, amax / 127, 1.0).astype(np.float32)
     return np.clip(np.round(rows / scale[:, None].astype(np.float64)), -127, 127).astype(np.int8), scale
 
 

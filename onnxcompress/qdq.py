@@ -17,7 +17,7 @@ from . import graph as G, weights as W
 from .layers import out_rows
 from .storage import Quantized, add_node, constant
 
-__all__ = ["ABSORBED", "CODE_OPS", "FLOAT_GUARDED", "QLINEAR_POOLS", "insert_qdq", "integer_layers", "input_noise",
+__all__ = ["ABSORBED", "CODE_OPS", "FLOAT_GUARDED", "QLINEAR_POOLS", "TINY", "insert_qdq", "integer_layers", "input_noise",
            "pad_input_channels"]
 
 ABSORBED = frozenset({"Relu", "Clip"})          # an activation the output's requantization can absorb
@@ -26,6 +26,8 @@ CODE_OPS = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose",
 QLINEAR_POOLS = frozenset({"GlobalAveragePool", "AveragePool"})   # have integer kernels (QLinear*) of their own
 CHANNEL_MULTIPLE = 4                            # input channels onnxruntime's fast int8 conv kernels want
 FLOAT_GUARDED = frozenset({"Conv", "ConvTranspose", "Gemm"})   # what onnxruntime would quantize itself
+TINY = float(np.finfo(np.float32).tiny) * 127   # a weight row with a smaller range counts as zero: its int8
+                                                # scale (range / 127) would underflow float32 (PP-OCR has such rows)
 INTEGER_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits",
                          "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"})
 

@@ -234,25 +234,38 @@ MIN_OBS_COLUMNS = 16   # rows with fewer weights than this keep their magnitude 
 
 def sequential(graph: gs.Graph, ctx: Context, data: Dataset,
                visit: dict[int, Callable[[gs.Node, list[np.ndarray] | None], None]],
-               max_rows: int = 20000, seed: int = 0) -> None:
+               max_rows: int = 20000, seed: int = 0, reference: gs.Graph | None = None) -> int:
     """Visit layers front to back on the model as changed so far, in one streamed forward pass:
     `visit[id(node)](node, grams)` gets the Gram matrix of the layer's inputs with a column of
     ones appended ([x, 1]^T [x, 1]: the last row holds the inputs' sums and the row count; one per
     group of a grouped conv; sampled rows, as in refits) and rewrites the layer itself, so that
     later layers see its new outputs; grams is None where the layout is not supported or a row
-    holds too few inputs (a depthwise conv's 9 taps) for the second-order update to pay."""
+    holds too few inputs (a depthwise conv's 9 taps) for the second-order update to pay.
+
+    With a `reference` graph (the float model, same tensor names), each visited layer is first
+    refit (`refit_layer`, held-out check included) from its inputs in the graph as changed so far
+    onto the reference's output of the same tensor, so that its weights also compensate what the
+    changes upstream did to its inputs. Returns how many layers that refit changed."""
     stepper = Stepper(graph, ctx.original, data, ctx.providers, ctx.batch_size)
+    names = [n.outputs[0].name for n in stepper.order if id(n) in visit and n.op in RECOVERABLE_OPS]
+    teacher = None if reference is None else Stepper(reference, ctx.original, data, ctx.providers, ctx.batch_size, keep=names)
     rng = np.random.default_rng(seed)
+    refit = 0
     for node in list(stepper.order):
         if id(node) not in visit:
             continue
         grams = None
         if node.op in RECOVERABLE_OPS:
             xs = stepper.fetch(node.inputs[0].name)
+            if teacher is not None and node.outputs[0].name in teacher.produced_at:
+                fit = refit_layer(graph, node, zip(xs, teacher.fetch(node.outputs[0].name)), len(data), max_rows=max_rows,
+                                  seed=seed)
+                refit += isinstance(fit, Fit) and fit.after < fit.before
             split = _layer_equations(node, W.layer_weight(node).value, ((x, None) for x in xs), len(data), max_rows, rng)
             if split is not None and split[0][0].n_in > MIN_OBS_COLUMNS:
                 grams = [ne.merged(out).G for ne, out in zip(*split[:2])]
         visit[id(node)](node, grams)
+    return refit
 
 
 def mean_shift(rows: np.ndarray, new: np.ndarray, groups: list[tuple[slice, np.ndarray]]) -> np.ndarray:
