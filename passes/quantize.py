@@ -33,7 +33,7 @@ activations), and `activations="dynamic"` for MatMul-heavy models (`onnxcompress
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -136,7 +136,10 @@ class Quantize(Pass):
         budget = self.max_drop if self.max_drop is not None else ctx.max_drop
         make = lambda kept: self._make(float_graph, done_layers, params, chains, kept)
         kept: set[str] = set()
-        if budget is not None and self.mixed_precision:
+        searching, timing = budget is not None and self.mixed_precision, self.latency_aware and ctx.timing is not None
+        scorer = Scorer(G.to_model(float_graph.copy(), like=ctx.original), data.take(self.eval_samples), ctx.providers,
+                        ctx.batch_size) if searching or timing else None      # the float model's outputs, run once
+        if searching:
             estimate = None
             if self.sensitivity == "estimated" or self.measure_top:
                 reader = {x_name[id(n)]: n for n in layers}
@@ -144,10 +147,8 @@ class Quantize(Pass):
                 estimate.update({ACT + name: Q.input_noise(reader.get(name), values[name], *params[name])
                                  for name in acts if name not in chains})
             kept, done_layers = _mixed_precision(self, float_graph, ids, done_layers, params, chains, budget, ctx, data,
-                                                 stats, notes, estimate)
-        if self.latency_aware and ctx.timing is not None:
-            scorer = Scorer(G.to_model(float_graph.copy(), like=ctx.original), data.take(self.eval_samples), ctx.providers,
-                            ctx.batch_size)
+                                                 scorer, stats, notes, estimate)
+        if timing:
             by_speed, lines = faster_in_float(_kinds(float_graph, done_layers), lambda k: G.to_model(G.tidy(make(k)), like=ctx.original),
                                               kept, ctx.timing, data, ctx.providers, score=lambda m: scorer(m)[0])
             if lines:
@@ -388,7 +389,7 @@ def _write(graph: gs.Graph, node: gs.Node, layer: _Layer) -> None:
 
 def _mixed_precision(p: Quantize, float_graph: gs.Graph, ids: set[str], done: dict[str, _Layer],
                      params: dict[str, tuple[float, int]], chains: dict[str, str], budget: float, ctx: Context,
-                     data: Dataset, stats: dict, notes: list[str], estimate: dict[str, float] | None
+                     data: Dataset, scorer: Scorer, stats: dict, notes: list[str], estimate: dict[str, float] | None
                      ) -> tuple[set[str], dict[str, _Layer]]:
     """What to keep in float so that the agreement with the float model on the calibration data is
     within `budget` points (`onnxcompress.precision`): the weights and activations whose
@@ -406,7 +407,6 @@ def _mixed_precision(p: Quantize, float_graph: gs.Graph, ids: set[str], done: di
     like = ctx.original
     model_of = lambda layers, kept: G.to_model(G.tidy(p._make(float_graph, layers, params, chains, kept)), like=like)
     candidates = list(done) + [ACT + name for name in params if name not in chains]
-    scorer = Scorer(G.to_model(float_graph.copy(), like=like), data.take(p.eval_samples), ctx.providers, ctx.batch_size)
     measure = None if p.sensitivity == "estimated" else p.measure_top
     if scorer.resolution > budget:          # with few samples one changed answer is more than the budget
         notes.append(f"mixed precision: a budget of {budget:g} points is finer than one of the {len(scorer.data)} calibration "
