@@ -27,7 +27,7 @@ from .errors import OptionError
 from .layers import conv_geometry, conv_output_hw, tiling_geometry, from_out_rows, gemm_rows, group_slices, out_rows
 from .metrics import static_shapes
 from .pass_api import Context
-from .runtime import Stepper, StepError, capture, capture_session, iter_outputs, make_session, run_model
+from .runtime import Stepper, StepError, capture, capture_session, fixed_batch, iter_outputs, make_session, run_model
 from .solvers import NormalEquations, fit_soft_head, im2col, tile_rows, soft_targets, softmax, sparsegpt
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,9 @@ def paired_batches(graph: gs.Graph, ctx: Context, reference: onnx.ModelProto, da
     """(student's tensor x_name, reference's tensor y_name) batch by batch: memory stays bounded."""
     student = G.to_model(G.tidy(graph.copy()), like=ctx.original)
     ref_session = capture_session(reference, [y_name], ctx.providers)
-    if x_name in data.feeds:  # a graph input: no student run needed
-        for batch, ref in zip(data.batches(ctx.batch_size), iter_outputs(ref_session, data, ctx.batch_size, [y_name])):
+    if x_name in data.feeds:  # a graph input: no student run needed (batched as the reference runs them)
+        batch_size = fixed_batch(ref_session) or ctx.batch_size
+        for batch, ref in zip(data.batches(batch_size), iter_outputs(ref_session, data, batch_size, [y_name])):
             yield batch[x_name], ref[y_name]
         return
     stu_session = capture_session(student, [x_name], ctx.providers)

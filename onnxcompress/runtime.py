@@ -16,7 +16,8 @@ from .progress import progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_providers", "make_session", "channel_multiple", "worker_threads", "run_model", "iter_outputs", "fixed_batch", "capture",
+__all__ = ["check_providers", "make_session", "channel_multiple", "worker_threads", "run_model", "iter_outputs", "fixed_batch",
+           "graph_fixed_batch", "capture",
            "capture_session", "Stepper", "StepError"]
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -90,6 +91,15 @@ def fixed_batch(session: ort.InferenceSession) -> int | None:
     dims = [i.shape[0] for i in session.get_inputs() if i.shape]
     fixed = [d for d in dims if isinstance(d, int)]
     return fixed[0] if fixed else None
+
+
+def graph_fixed_batch(graph: gs.Graph) -> int | None:
+    """The batch size a graph's inputs insist on (a fixed first dimension, as `fixed_batch` reads it
+    from a session), or None if the batch is dynamic."""
+    for t in graph.inputs:
+        if isinstance(t, gs.Variable) and t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0:
+            return int(t.shape[0])
+    return None
 
 
 def iter_outputs(session: ort.InferenceSession, data: Dataset, batch_size: int = 64,
@@ -210,6 +220,7 @@ class Stepper:
                 self.last_use[name] = max(self.last_use.get(name, -1), i)
         self.env: dict[str, list[np.ndarray]] = {name: [] for name in data.feeds}
         self.n_batches = 0
+        batch_size = graph_fixed_batch(graph) or batch_size     # a fixed batch (of 1) is fed as the model wants it
         for batch in data.batches(batch_size):
             self.n_batches += 1
             for name, value in batch.items():

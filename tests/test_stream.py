@@ -157,3 +157,20 @@ def test_recovery_falls_back_to_whole_model_runs_when_a_segment_fails(monkeypatc
     assert again.stats["layers_refit"] == result.stats["layers_refit"] == 2
     feeds = {"x": rand(8, 3, 8, 8, seed=10)}
     np.testing.assert_allclose(run(fallback, feeds)[0], run(streamed, feeds)[0], atol=1e-4)
+
+
+def test_stepper_feeds_a_model_with_a_fixed_first_dim_the_batches_it_takes():
+    """A state input [layers=1, N, 4] fixes the first dim to 1: a sample per run, as sessions run
+    it (`runtime.fixed_batch`). Batches of `batch_size` made the segments fail in onnxruntime."""
+    nodes = [helper.make_node("Squeeze", ["h", "zero"], ["hs"], name="squeeze"),
+             helper.make_node("Add", ["x", "hs"], ["a"], name="add"),
+             helper.make_node("MatMul", ["a", "w"], ["y"], name="fc")]
+    model = make_model(nodes, [tensor("x", ["N", 4]), tensor("h", [1, "N", 4])], [tensor("y", ["N", 3])],
+                       {"zero": np.array([0], np.int64), "w": rand(4, 3, seed=1)})
+    data = Dataset({"x": rand(6, 4, seed=2), "h": rand(6, 1, 4, seed=3)})
+    stepper = Stepper(G.to_graph(model), model, data, batch_size=4)
+    batches = stepper.fetch("a")
+    assert [len(b) for b in batches] == [1] * 6
+    np.testing.assert_allclose(np.concatenate(batches), capture(model, data, ["a"])["a"], rtol=1e-6)
+    new, result = apply_pass(PruneWeights(sparsity=0.5), model, Context(calib=data, original=model))
+    assert result.modified and result.stats["zeros"] == 6
