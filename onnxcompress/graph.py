@@ -57,6 +57,7 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
     default-domain opset is the higher of `like`'s and the graph's (a pass that needs a newer
     opset raises `graph.opset`), and the IR version at least what that opset needs."""
     _pack_subbyte(graph)
+    _sort_bodies(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     _drop_outer_value_info(model.graph, top=True)
     if like is not None:
@@ -79,6 +80,16 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))   # a node a pass added (com.microsoft)
         model.ir_version = max(like.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
     return model
+
+
+def _sort_bodies(graph: gs.Graph) -> None:
+    """Put the nodes of every If/Loop/Scan body in topological order. Rewrites append their new
+    nodes (a dequantized weight, a dynamic int8 chain) at the end of the body they edit; the top
+    level is sorted by `tidy` before every export, a body that a pass edited was not, and
+    onnxruntime refuses an unsorted body."""
+    for node in list(iter_nodes(graph)):
+        for sub in node.subgraphs():
+            sub.toposort(recurse_subgraphs=False, recurse_functions=False)
 
 
 def _drop_outer_value_info(g: onnx.GraphProto, top: bool = False) -> None:
