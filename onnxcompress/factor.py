@@ -30,6 +30,8 @@ __all__ = ["Factoring", "WhitenedSVD", "whitened_svd", "split", "lowrank_layout"
 
 CONV_GEOMETRY = ("strides", "pads", "dilations", "auto_pad", "kernel_shape")   # what moves to the first factor
 
+GEMM_OPTIONAL_C = 11   # the first opset where Gemm's bias input C may be left out
+
 RIDGE = 1e-6        # relative to the mean eigenvalue: keeps H^(-1/2) finite for dead inputs
 
 
@@ -114,7 +116,10 @@ def split(graph: gs.Graph, ctx: Context, node: gs.Node, first_weight: np.ndarray
     dtype = W.layer_weight(node).value.dtype
     base = G.stem(G.layer_id(node)) + suffix
     weight = constant(graph, base + "_w", first_weight.astype(dtype))
-    hidden = add_node(graph, node.op, [node.inputs[0], weight], first_attrs, base, dtype)
+    inputs = [node.inputs[0], weight]
+    if node.op == "Gemm" and int(graph.opset or 0) < GEMM_OPTIONAL_C:    # C was required before opset 11
+        inputs.append(constant(graph, base + "_b", np.zeros(len(first_weight), dtype)))
+    hidden = add_node(graph, node.op, inputs, first_attrs, base, dtype)
     first = graph.nodes[-1]
     spec = W.LAYERS[node.op]
     node.inputs[0] = hidden
