@@ -326,13 +326,17 @@ def write(graph: gs.Graph, node: gs.Node, index: int, s: Stored, value: np.ndarr
 
 
 def _replace_everywhere(graph: gs.Graph, s: Stored, new: Dense, suffix: str) -> Stored:
-    """A dense value for every user of the tensor: an initializer changes in place (keeping its
-    name); a Constant node or a chain is replaced by one new initializer."""
-    if isinstance(s.tensor, gs.Constant) and not s.chain:
+    """A dense value for every user of the tensor in `graph`: an initializer changes in place
+    (keeping its name); a Constant node or a chain is replaced by one new initializer. Nodes inside
+    If/Loop/Scan bodies that read the tensor from the outer scope keep the old value (passes leave
+    bodies as they are): the graph's own users then get a new initializer."""
+    top = {id(n) for n in graph.nodes}
+    users = [u for u in s.tensor.outputs if id(u) in top]
+    if isinstance(s.tensor, gs.Constant) and not s.chain and len(users) == len(s.tensor.outputs):
         s.tensor.values = new.value
         return Stored(new.value, new, s.sources, s.tensor)
     const = constant(graph, G.stem(s.sources[0] if s.sources else s.tensor.name) + suffix, new.value.astype(s.value.dtype))
-    for user in list(s.tensor.outputs):
+    for user in users:
         for i, t in enumerate(list(user.inputs)):
             if t is s.tensor:
                 user.inputs[i] = const

@@ -3,6 +3,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import apply_pass, make_model, rand, tensor
+from onnxcompress import Context, Dataset
 from onnxcompress.passes import PruneWeights
 from onnxcompress.passes.prune_weights import magnitude_mask
 
@@ -107,3 +108,27 @@ def test_weights_held_by_constant_nodes_are_pruned_and_shared():
     inits = weights(new)
     assert len(inits) == 1 and (next(iter(inits.values())) == 0).sum() == 6
     assert [n.input[1] for n in new.graph.node if n.op_type == "MatMul"] == [next(iter(inits))] * 2
+
+
+def test_a_weight_a_loop_body_also_reads_is_pruned_for_the_top_level_layer_only():
+    """A Loop body reading the same initializer from the outer scope keeps the original weight:
+    pruning it in place changed what the body computes (passes leave bodies as they are)."""
+    w = rand(8, 8, seed=5)
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                              helper.make_node("MatMul", ["h_in", "w"], ["m"], name="body_mm"),
+                              helper.make_node("Tanh", ["m"], ["h_out"])],
+                             "body", [tensor("i", [], 7), tensor("cond_in", [], 9), tensor("h_in", None)],
+                             [tensor("cond_out", [], 9), tensor("h_out", None)])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h0"], name="first"),
+             helper.make_node("Loop", ["trips", "true", "h0"], ["y"], name="loop", body=body)]
+    model = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 8])],
+                       {"w": w, "trips": np.array(2, np.int64), "true": np.array(True)})
+    for criterion in ("magnitude", "sparsegpt"):
+        ctx = Context(calib=Dataset({"x": rand(32, 8, seed=6)}), original=model)
+        new, result = apply_pass(PruneWeights(sparsity=0.5, criterion=criterion), model, ctx)
+        assert result.stats["zeros"] == 32
+        first = next(n for n in new.graph.node if n.op_type == "MatMul")
+        loop = next(n for n in new.graph.node if n.op_type == "Loop")
+        inner = {t.name: numpy_helper.to_array(t) for t in loop.attribute[0].g.initializer} | weights(new)
+        assert (inner[first.input[1]] == 0).sum() == 32
+        np.testing.assert_array_equal(inner["w"], w)       # what the body reads is the original
