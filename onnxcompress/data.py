@@ -14,7 +14,7 @@ import numpy as np
 from . import io
 from .errors import InputError
 
-__all__ = ["Dataset", "load_dataset", "as_dataset", "conform"]
+__all__ = ["Dataset", "load_dataset", "as_dataset", "conform", "check_batch_first"]
 
 LABELS = "labels"
 
@@ -25,6 +25,10 @@ class Dataset:
     labels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        scalars = [k for k, v in self.feeds.items() if np.ndim(v) == 0]
+        if scalars:
+            raise InputError(f"data for input(s) {', '.join(map(repr, scalars))} is a scalar (a 0-d array): every array "
+                             "needs the batch axis first, and inputs without a batch axis cannot be fed yet")
         sizes = {k: len(v) for k, v in self.feeds.items()}
         if not sizes:
             raise InputError("dataset has no input arrays")
@@ -95,6 +99,23 @@ def as_dataset(data: Any, input_names: list[str]) -> Dataset:
     raise InputError(f"cannot use {type(data).__name__} as data")
 
 
+def check_batch_first(specs: Mapping[str, Any]) -> None:
+    """Refuse an input whose batch axis is provably not its first: a fixed first dim above 1 and,
+    further on, the symbolic dim that leads the other inputs (a recurrent state [layers, batch,
+    hidden] beside x [batch, ...]). Its data would be cut along the fixed axis, and every batch
+    run at that size (`runtime.fixed_batch`), mixing samples up without an error."""
+    dims = {name: list(tt.shape.dim) for name, tt in specs.items() if tt.HasField("shape")}
+    batch = {d[0].dim_param for d in dims.values() if d and d[0].dim_param}
+    for name, d in dims.items():
+        if d and d[0].HasField("dim_value") and d[0].dim_value > 1:
+            later = [i for i, x in enumerate(d[1:], 1) if x.dim_param and x.dim_param in batch]
+            if later:
+                shape = [x.dim_value if x.HasField("dim_value") else (x.dim_param or "?") for x in d]
+                raise InputError(f"input '{name}' {shape} has its batch axis '{d[later[0]].dim_param}' at position "
+                                 f"{later[0]}: data arrays need the batch axis first, and inputs laid out otherwise "
+                                 "cannot be fed yet")
+
+
 def conform(data: Dataset, model) -> Dataset:
     """Check the dataset against the model's graph inputs: same names, same rank, matching static
     dimensions (after the batch); floating-point arrays are cast to the input's float type.
@@ -104,6 +125,7 @@ def conform(data: Dataset, model) -> Dataset:
     inits = {t.name for t in model.graph.initializer}
     specs = {i.name: i.type.tensor_type for i in model.graph.input if i.name not in inits}
     data.check_inputs(specs)
+    check_batch_first(specs)
     feeds = {}
     for name, tt in specs.items():
         arr = data.feeds[name]

@@ -13,7 +13,7 @@ import onnx.version_converter
 
 from . import graph as G, resources
 from ._version import __version__
-from .data import Dataset, conform
+from .data import Dataset, check_batch_first, conform
 from .errors import CompressError, InputError, PassError
 from .metrics import LatencyConfig, accuracy, budget_metric, count_params, fidelity, gzip_bytes, latency_ms, macs_breakdown, size_bytes
 from .pass_api import ChannelMap, Context, Pass
@@ -33,12 +33,16 @@ def random_dataset(model: onnx.ModelProto, n: int = 16, seed: int = 0) -> Datase
     """Standard-normal inputs for models given no data (symbolic dims other than batch become 1)."""
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
+    check_batch_first({i.name: i.type.tensor_type for i in model.graph.input if i.name not in inits})
     feeds = {}
     for inp in model.graph.input:
         if inp.name in inits:
             continue
         tt = inp.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        if tt.HasField("shape") and not dims:
+            raise InputError(f"input '{inp.name}' is a scalar (no batch axis): random inputs cannot be made for it, "
+                             "and inputs without a batch axis cannot be fed yet")
         shape = [n] + dims[1:] if dims else [n]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         feeds[inp.name] = rng.standard_normal(shape).astype(dtype)

@@ -50,3 +50,11 @@ def test_conform_casts_floats_and_checks_static_dims(resnet):
     assert ds.feeds["input"].dtype == np.float32
     with pytest.raises(InputError, match=r"has shape \[2, 3, 28, 28\]; the model expects \['\?', 1, 28, 28\]"):
         conform(Dataset({"input": np.zeros((2, 3, 28, 28), np.float32)}), resnet)
+
+
+def test_a_scalar_array_is_refused_with_the_input_named(tmp_path):
+    """A 0-d array (an input without a batch axis) has no samples: a one-line InputError, not a
+    TypeError from len()."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 2), np.float32), temperature=np.array(2.0, np.float32))
+    with pytest.raises(InputError, match="'temperature' is a scalar"):
+        load_dataset(str(tmp_path / "d.npz"), ["x", "temperature"])

@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxcompress import Context, Dataset, LatencyConfig, Pass, PassError, PassManager, PassResult
+from onnxcompress import Context, Dataset, InputError, LatencyConfig, Pass, PassError, PassManager, PassResult
 from onnxcompress.passes import FoldBatchNorm, PruneWeights
 
 NO_LATENCY = LatencyConfig(enabled=False)
@@ -141,3 +141,18 @@ def test_each_step_reports_its_own_peak_memory(resnet):
     assert all(p and p > 0 for p in peaks)
     assert peaks[1] > peaks[2] + 300          # the window was reset before fold-bn
     assert report.to_dict()["steps"][1]["peak_mb"] == peaks[1]
+
+
+def test_a_scalar_input_without_data_is_an_input_error():
+    """Random inputs for a rank-0 input were made [16]-shaped and failed in onnxruntime with a
+    message blaming the declared shapes; the input is named instead."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Div", ["x", "t"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
+                                           helper.make_tensor_value_info("t", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InputError, match="input 't' is a scalar"):
+        PassManager([FoldBatchNorm()], latency=NO_LATENCY).run(model)
+
