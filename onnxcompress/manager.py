@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -188,6 +189,8 @@ class PassManager:
             raise PassError(p.name, f"{type(e).__name__}: {e}", previous) from e
         step.stats, step.notes = dict(result.stats), list(result.notes)
         if not result.modified:  # same model: same measurements
+            step.notes += _body_notes(p, start, start)
+            step.notes += _nothing_to_do(p, start) if not step.notes else []
             return replace(last, pass_=p.name, status="unchanged", options=step.options, stats=step.stats,
                            notes=step.notes, seconds=time.perf_counter() - t0, peak_mb=resources.peak_mb()), None
         try:
@@ -197,6 +200,7 @@ class PassManager:
             raise PassError(p.name, f"produced an invalid model: {e}", previous) from e
         except Exception as e:
             raise PassError(p.name, f"produced a graph that cannot be exported: {e}", previous) from e
+        step.notes += _body_notes(p, start, new)
         changed = _boundary_changes(current, new)
         if changed:
             raise PassError(p.name, f"changed the graph's {changed}; inputs and outputs must stay as they are", previous)
@@ -209,6 +213,57 @@ class PassManager:
             raise PassError(p.name, f"its output could not be measured: {type(e).__name__}: {e}", previous) from e
         step.seconds, step.peak_mb = time.perf_counter() - t0, resources.peak_mb()
         return step, new
+
+
+def _nothing_to_do(p: Pass, model: onnx.ModelProto) -> list[str]:
+    """Why a model was left as is, where the model itself says so: it has none of the ops the pass
+    handles, in the graph or in any If/Loop/Scan body."""
+    if any(n.op_type in p.handles for n in model.graph.node) or any(n.op_type in p.handles for _, n in _body_nodes(model.graph)):
+        return []   # the pass saw nodes it handles: only it can say why it left them
+    ops = sorted(p.handles)
+    if len(ops) > 6:
+        what = f"node of the {len(ops)} op types this pass handles"
+    else:
+        what = (f"{', '.join(ops[:-1])} or " if len(ops) > 1 else "") + f"{ops[-1]} node" if ops else "node it handles"
+    return [f"nothing to do: the model has no {what}"]
+
+
+def _body_nodes(graph: onnx.GraphProto, owner: onnx.NodeProto | None = None):
+    """(owner, node) for the nodes inside the If/Loop/Scan bodies of a graph, at any depth; the
+    owner is the top-level node that holds the body."""
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                for inner in sub.node:
+                    yield owner or node, inner
+                yield from _body_nodes(sub, owner or node)
+
+
+def _bodies(model: onnx.ModelProto) -> dict[str, list[bytes]]:
+    """The nodes of the bodies of each top-level If/Loop/Scan node (serialized, nested bodies
+    included), by the node's first output. Initializers are left out: an export moves an outer
+    constant into the body that alone still reads it, which changes nothing the body computes."""
+    return {owner.output[0]: [n.SerializeToString() for o, n in _body_nodes(model.graph) if o is owner]
+            for owner in model.graph.node if owner.output}
+
+
+def _body_notes(p: Pass, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+    """A note for each If/Loop/Scan body that holds ops the pass handles and that the pass left as
+    it was: what those nodes are, so that the report says which part of the model was not touched."""
+    inside: dict[str, tuple[onnx.NodeProto, Counter]] = {}
+    for owner, node in _body_nodes(before.graph):
+        if node.op_type in p.handles:
+            inside.setdefault(owner.output[0], (owner, Counter()))[1][node.op_type] += 1
+    if not inside:
+        return []
+    old, new = _bodies(before), _bodies(after)
+    notes = []
+    for key, (owner, ops) in inside.items():
+        if new.get(key) == old.get(key):
+            what = ", ".join(f"{k} x{v}" for k, v in sorted(ops.items()))
+            notes.append(f"{owner.op_type} '{owner.name or key}': the nodes in its body ({what}) were left as they are "
+                         "(this pass does not compress If/Loop/Scan bodies)")
+    return notes
 
 
 def _with_opset(model: onnx.ModelProto, p: Pass, previous: tuple[str, ...]) -> tuple[onnx.ModelProto, bool]:

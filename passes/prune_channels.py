@@ -102,6 +102,7 @@ class PruneChannels(Pass):
         targets = {g.id: kept_count(len(g.units), _ratio(g, an, ratios, default), round_to, self.min_channels)
                    for g in self._prunable(an)}
         start = {g.id: len(g.units) for g in self._prunable(an)}
+        notes += _whole_notes(an, self._prunable(an), targets, ratios, default, round_to, self.min_channels)
         stats.update({"groups": len(an.groups), "groups_prunable": len(targets),
                       "channels_before": sum(start.values())})
         if self.criterion is None and not any(n.startswith("criterion ") for n in notes):
@@ -261,6 +262,21 @@ def _frozen_notes(an: Analysis, exclude: tuple[str, ...]) -> list[str]:
             notes.append(f"group '{g.name}' ({len(g.units)} channels) left as is: {g.frozen}")
         elif g.producers and _excluded(g, an, exclude):
             notes.append(f"group '{g.name}' ({len(g.units)} channels) left as is: excluded")
+    return notes
+
+
+def _whole_notes(an: Analysis, groups: list[Group], targets: dict[str, int], ratios: dict[str, float], default: float,
+                 round_to: int, min_channels: int) -> list[str]:
+    """A note for each prunable group that its ratio leaves whole (too few channels to lose one at
+    the multiple `round_to`), and one when no group can be pruned at all."""
+    if not any(g.producers for g in an.groups):
+        return ["no channel group to prune: no layer here has output channels this pass can remove"]
+    notes = []
+    for g in groups:
+        n, ratio = len(g.units), _ratio(g, an, ratios, default)
+        if g.producers and ratio > 0 and targets[g.id] >= n:
+            notes.append(f"group '{g.name}' ({n} channels) left whole: ratio {ratio:g} keeps all {n} in multiples "
+                         f"of {round_to}" + (f", at least {min_channels}" if min_channels > 1 else ""))
     return notes
 
 

@@ -156,3 +156,27 @@ def test_a_scalar_input_without_data_is_an_input_error():
     with pytest.raises(InputError, match="input 't' is a scalar"):
         PassManager([FoldBatchNorm()], latency=NO_LATENCY).run(model)
 
+
+def test_what_a_pass_left_alone_is_noted(resnet, test_data):
+    """An unchanged step says why even when the pass gave no reason (the model has nothing it
+    handles), and a body holding ops the pass handles is named when the pass left it as it was."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    folded = PassManager([FoldBatchNorm()], eval_data=test_data, latency=NO_LATENCY).run(resnet).model
+    step = PassManager([FoldBatchNorm()], eval_data=test_data, latency=NO_LATENCY).run(folded).report.steps[1]
+    assert step.status == "unchanged" and step.notes == ["nothing to do: the model has no BatchNormalization node"]
+
+    rng = np.random.default_rng(0)
+    init = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+    vi = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+    branch = lambda tag: helper.make_graph([helper.make_node("MatMul", ["h", f"{tag}.w"], [f"{tag}.y"])], tag, [],
+                                           [vi(f"{tag}.y", None)], [init(f"{tag}.w", 4, 4)])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("then"), else_branch=branch("else"))]
+    graph = helper.make_graph(nodes, "g", [vi("x", ["N", 4])], [vi("y", ["N", 4])],
+                              [init("w", 4, 4), numpy_helper.from_array(np.array(True), "cond")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = Dataset({"x": rng.standard_normal((8, 4)).astype(np.float32)})
+    step = PassManager([PruneWeights(sparsity=0.5)], calib=data, latency=NO_LATENCY).run(model).report.steps[1]
+    assert step.status == "applied"
+    assert "If 'if': the nodes in its body (MatMul x2) were left as they are" in " ".join(step.notes)

@@ -91,3 +91,20 @@ def test_sensitivity_and_allocation_meet_a_mac_target(resnet, calib, test_set):
     assert measured["target_met"] and measured["macs"] <= 0.6 * sens.base_macs
     pruned = prune(resnet, ratios)
     assert total_macs(pruned, {"input": [1, 1, 28, 28]}) == measured["macs"]
+
+
+def test_a_group_the_rounding_keeps_whole_is_named():
+    """ratio=0.3 of 8 channels in multiples of 16 keeps all 8: the report said nothing about it."""
+    from onnx import helper
+    from conftest import apply_pass, make_model, rand, tensor
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
+    model = make_model(nodes, [tensor("x", ["N", 3, 6, 6])], [tensor("y", ["N", 4, 6, 6])],
+                       {"w1": rand(8, 3, 3, 3, seed=1), "w2": rand(4, 8, 1, 1, seed=2)})
+    _, result = apply_pass(PruneChannels(ratio=0.3, round_to=16, recover=False, criterion="l1"), model)
+    assert not result.modified
+    assert "group 'c1' (8 channels) left whole: ratio 0.3 keeps all 8 in multiples of 16" in result.notes
+    _, result = apply_pass(PruneChannels(ratio=0.3, round_to=4, recover=False, criterion="l1"), model)
+    assert result.modified and not any("left whole" in n for n in result.notes)
