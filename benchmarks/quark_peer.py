@@ -14,6 +14,7 @@ fp32), one sample per calibration batch.
 """
 from __future__ import annotations
 
+import os
 import string
 import sys
 import tempfile
@@ -56,7 +57,12 @@ def main(presets: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in presets:
             out = str(Path(tmp) / f"{preset}.onnx")
-            quark_quantize(src, out, calib_x, preset)
+            cwd = os.getcwd()
+            os.chdir(tmp)                           # Quark writes quantized_info.csv where it runs
+            try:
+                quark_quantize(src, out, calib_x, preset)
+            finally:
+                os.chdir(cwd)
             got = ocr._run(onnx.load(out), eval_x)
             print(f"| Quark 0.13 {preset} | {ocr.user_metric('rec', got, ref, truth, chars)} | "
                   f"{ocr._cosine(got, ref):.4f} |", flush=True)

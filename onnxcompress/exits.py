@@ -22,9 +22,9 @@ from .solvers import softmax
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CannotBranch", "Cut", "cut_at", "auto_cut", "reads", "detach_output", "add_head", "min_confidence",
-           "confident", "add_override", "branch", "pooled_features", "SweepRow", "sweep", "choose", "sweep_table",
-           "THRESHOLDS"]
+__all__ = ["CannotBranch", "Cut", "cut_at", "auto_cut", "cuts_between", "reads", "detach_output", "grid_window",
+           "grid_pool", "add_head", "min_confidence", "confident", "add_override", "branch", "pooled_features",
+           "SweepRow", "sweep", "choose", "sweep_table", "THRESHOLDS"]
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
@@ -85,15 +85,14 @@ def cut_at(graph: gs.Graph, name: str) -> Cut:
     return Cut(tensor, first, rest)
 
 
-def auto_cut(graph: gs.Graph, shapes: Mapping[str, Sequence[int]], macs: Mapping[str, int],
-             low: float = 0.4, high: float = 0.6, wide: tuple[float, float] = (0.25, 0.75)) -> tuple[Cut, float]:
-    """The cut on a 4-D activation whose first part holds the share of the MACs nearest the middle
-    of [low, high] (the latest such tensor on ties), and that share; where no cut falls inside
-    (MobileNet jumps from 36% to 61%), the one nearest the middle within `wide`."""
+def cuts_between(graph: gs.Graph, shapes: Mapping[str, Sequence[int]], macs: Mapping[str, int], low: float,
+                 high: float) -> tuple[list[tuple[Cut, float]], list[str]]:
+    """Every cut on a 4-D activation whose first part holds between `low` and `high` of the MACs,
+    with that share, in graph order; and a description of every single-tensor cut found."""
     total = max(sum(macs.values()), 1)
-    best: tuple[tuple[float, int], Cut, float] | None = None
+    found: list[tuple[Cut, float]] = []
     seen: list[str] = []
-    for i, node in enumerate(graph.nodes):
+    for node in graph.nodes:
         for t in node.outputs:
             if len(shapes.get(t.name) or ()) != 4:
                 continue
@@ -103,15 +102,25 @@ def auto_cut(graph: gs.Graph, shapes: Mapping[str, Sequence[int]], macs: Mapping
                 continue
             share = sum(macs.get(G.layer_id(n), 0) for n in cut.first) / total
             seen.append(f"'{t.name}' at {share:.0%}")
-            key = (abs(share - (low + high) / 2), -i)
-            if wide[0] <= share <= wide[1] and (best is None or key < best[0]):
-                best = (key, cut, share)
-    if best is None:
-        found = "; single-tensor cuts: " + ", ".join(seen[:6]) if seen else ""
+            if low <= share <= high:
+                found.append((cut, share))
+    return found, seen
+
+
+def auto_cut(graph: gs.Graph, shapes: Mapping[str, Sequence[int]], macs: Mapping[str, int],
+             low: float = 0.4, high: float = 0.6, wide: tuple[float, float] = (0.25, 0.75)) -> tuple[Cut, float]:
+    """The cut on a 4-D activation whose first part holds the share of the MACs nearest the middle
+    of [low, high] (the latest such tensor on ties), and that share; where no cut falls inside
+    (MobileNet jumps from 36% to 61%), the one nearest the middle within `wide`."""
+    found, seen = cuts_between(graph, shapes, macs, *wide)
+    if not found:
+        shown = "; single-tensor cuts: " + ", ".join(seen[:6]) if seen else ""
         raise CannotBranch(f"no 4-D activation between {wide[0]:.0%} and {wide[1]:.0%} of the MACs is the only tensor "
-                           f"the rest of the graph reads (name one with at=){found}")
-    log.debug("cut after %s (%.0f%% of the MACs); single-tensor cuts: %s", best[1].tensor.name, best[2] * 100, seen)
-    return best[1], best[2]
+                           f"the rest of the graph reads (name one with at=){shown}")
+    i = min(range(len(found)), key=lambda i: (abs(found[i][1] - (low + high) / 2), -i))
+    log.debug("cut after %s (%.0f%% of the MACs); single-tensor cuts: %s", found[i][0].tensor.name,
+              found[i][1] * 100, seen)
+    return found[i]
 
 
 def detach_output(graph: gs.Graph, out: gs.Variable) -> gs.Variable:
@@ -131,9 +140,35 @@ def _node(graph: gs.Graph, op: str, inputs: list[gs.Tensor], dtype, shape=None, 
     return out
 
 
-def add_head(graph: gs.Graph, x: gs.Variable, weight: np.ndarray, bias: np.ndarray, dtype) -> gs.Variable:
-    """GlobalAveragePool -> Flatten -> Gemm (weight [classes, channels]) on x: the logits [N, classes]."""
-    pooled = _node(graph, "GlobalAveragePool", [x], dtype)
+def grid_window(shape: Sequence, grid: int) -> tuple[int, int] | None:
+    """The AveragePool window that splits an [N, C, H, W] activation into grid x grid cells (the
+    last rows and columns that do not fill a cell dropped), or None where H and W are not known or
+    no window gives exactly `grid` cells a side."""
+    if len(shape) != 4 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape[2:]):
+        return None
+    window = (int(shape[2]) // grid, int(shape[3]) // grid)
+    if min(window) < 1 or shape[2] // window[0] != grid or shape[3] // window[1] != grid:
+        return None
+    return window
+
+
+def grid_pool(a: np.ndarray, grid: int) -> np.ndarray:
+    """[N, C, H, W] -> [N, C * grid * grid]: the mean of each cell of `grid_window` (channel-major,
+    as AveragePool then Flatten lay it out); grid 1 is the global average."""
+    if grid == 1:
+        return a.mean(axis=(2, 3), dtype=np.float64)
+    kh, kw = grid_window(a.shape, grid)
+    n, c = a.shape[:2]
+    cells = a[:, :, :kh * grid, :kw * grid].reshape(n, c, grid, kh, grid, kw)
+    return cells.mean(axis=(3, 5), dtype=np.float64).reshape(n, -1)
+
+
+def add_head(graph: gs.Graph, x: gs.Variable, weight: np.ndarray, bias: np.ndarray, dtype,
+             window: tuple[int, int] | None = None) -> gs.Variable:
+    """The pooled features of x -> Gemm (weight [classes, features]): the logits [N, classes].
+    Pooling: GlobalAveragePool, or AveragePool over `window` cells (`grid_window`), then Flatten."""
+    pooled = (_node(graph, "GlobalAveragePool", [x], dtype) if window is None else
+              _node(graph, "AveragePool", [x], dtype, kernel_shape=list(window), strides=list(window)))
     flat = _node(graph, "Flatten", [pooled], dtype)
     w = G.make_constant(G.unique_name(graph, "exit_head.weight"), weight.astype(dtype))
     b = G.make_constant(G.unique_name(graph, "exit_head.bias"), bias.astype(dtype))
@@ -207,15 +242,21 @@ def branch(graph: gs.Graph, cond: gs.Tensor, then_values: Sequence[gs.Tensor], e
     return node
 
 
-def pooled_features(model, data: Dataset, tensor: str, output: str, providers: Sequence[str] = DEFAULT_PROVIDERS,
-                    batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample: the 4-D tensor averaged over its spatial axes [N, C], and the model's output."""
-    session = capture_session(model, [tensor, output], providers)
-    pooled, outs = [], []
-    for batch in iter_outputs(session, data, batch_size, [tensor, output], desc="exit features"):
-        pooled.append(batch[tensor].mean(axis=(2, 3), dtype=np.float64))
+def pooled_features(model, data: Dataset, grids: Mapping[str, Sequence[int]], output: str,
+                    providers: Sequence[str] = DEFAULT_PROVIDERS,
+                    batch_size: int = 64) -> tuple[dict[tuple[str, int], np.ndarray], np.ndarray]:
+    """Per sample, for each 4-D tensor named in `grids` and each of its grids, the tensor pooled
+    by `grid_pool` ({(tensor, grid): [N, features]}), and the model's output; one pass over the
+    data, pooling batch by batch (the activations themselves are never all held)."""
+    names = list(grids)
+    session = capture_session(model, [*names, output], providers)
+    pooled: dict[tuple[str, int], list[np.ndarray]] = {(t, k): [] for t in names for k in grids[t]}
+    outs = []
+    for batch in iter_outputs(session, data, batch_size, [*names, output], desc="exit features"):
+        for t, k in pooled:
+            pooled[t, k].append(grid_pool(batch[t], k))
         outs.append(batch[output])
-    return np.concatenate(pooled), np.concatenate(outs)
+    return {key: np.concatenate(v) for key, v in pooled.items()}, np.concatenate(outs)
 
 
 # -- the threshold --------------------------------------------------------------------------------
