@@ -110,6 +110,8 @@ class Quantize(Pass):
         notes += body_notes
         if lstms:
             notes.append(f"{len(lstms)} LSTM layers quantized dynamically (DynamicQuantizeLSTM)")
+        notes += [f"{n.op} '{G.display_name(n)}': onnxruntime has no integer kernel for it; left in float"
+                  for n in graph.nodes if n.op in ("GRU", "RNN")]
         if not layers:
             return PassResult(graph, bool(lstms or body_notes), {"layers_quantized": len(lstms)}, notes)
         if self.fold_bn and (folded := fold_batchnorms(graph)[0]):
@@ -218,8 +220,9 @@ class Quantize(Pass):
                     else:
                         dynamic_matmul(body, node)
                 if layers:
-                    notes.append(f"{owner.op} '{G.display_name(owner)}' body: {len(layers)} layers quantized "
-                                 "(MatMul/Gemm dynamically, Conv weights int8; a body's activations are not calibrated)")
+                    notes.append(f"{owner.op} '{G.display_name(owner)}' body '{body.name}': {len(layers)} layers "
+                                 "quantized (MatMul/Gemm dynamically, Conv weights int8; a body's activations are not "
+                                 "calibrated)")
         return notes
 
     def _dynamic(self, graph: gs.Graph, lstms: int, body_notes: list[str]) -> PassResult:

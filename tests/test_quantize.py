@@ -189,7 +189,8 @@ def test_layers_inside_an_if_body_are_quantized():
     model = make_model(nodes, [tensor("x", [1, 8])], [tensor("y", ["N", 4])], {}, opset=13)
     result = PassManager([Quantize()], calib=Dataset({"x": rand(1, 8, seed=3)}), latency=NO_LATENCY).run(model)
     step = result.report.steps[-1]
-    assert step.status == "applied" and str(step.notes).count("body: 1 layers quantized") == 2
+    assert step.status == "applied" and sorted(n.split(":")[0] for n in step.notes if "layers quantized" in n) == \
+        [f"If 'y' body '{b}'" for b in ("a", "b")]   # one note per body, named
     ops = [n.op for n in G.iter_nodes(G.to_graph(result.model))]
     assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops
     x = np.abs(rand(1, 8, seed=9))
@@ -199,6 +200,21 @@ def test_layers_inside_an_if_body_are_quantized():
         step = np.ptp(np.append(x, 0)) / 255                              # one step of the input's dynamic range
         w = numpy_helper.to_array(model.graph.node[-1].attribute[sign < 0].g.initializer[0])
         assert 0 < np.max(np.abs(got - ref)) <= step * np.abs(w).sum(0).max() + 0.01 * np.abs(ref).max()
+
+
+def test_a_gru_is_left_in_float_with_a_note():
+    from onnxcompress import Dataset
+    hidden, inp = 8, 4
+    nodes = [helper.make_node("GRU", ["x", "W", "R", "B"], ["y"], hidden_size=hidden),
+             helper.make_node("Squeeze", ["y", "axes"], ["s"]), helper.make_node("MatMul", ["s", "w"], ["z"])]
+    model = make_model(nodes, [tensor("x", [5, "N", inp])], [tensor("z", [5, "N", 3])],
+                       {"W": rand(1, 3 * hidden, inp, scale=0.3), "R": rand(1, 3 * hidden, hidden, seed=1, scale=0.3),
+                        "B": rand(1, 6 * hidden, seed=2, scale=0.1), "axes": np.array([1], np.int64),
+                        "w": rand(hidden, 3, seed=3)}, opset=13)
+    result = PassManager([Quantize()], calib=Dataset({"x": rand(5, 4, inp, seed=4)}), latency=NO_LATENCY).run(model)
+    notes = result.report.steps[-1].notes
+    assert "GRU 'y': onnxruntime has no integer kernel for it; left in float" in notes
+    assert [n.op_type for n in result.model.graph.node].count("GRU") == 1
 
 
 def test_dynamic_activations_fuse_into_dynamic_quantize_matmul(tmp_path):
