@@ -115,7 +115,8 @@ def _cls_row() -> list[str]:
     if step.status != "applied":
         return ["PP-OCR cls", "not applied: " + "; ".join(step.notes)[:300]] + ["-"] * 7
     m = _batch1(model, result.model, ex, np.asarray(truth), feed="x")
-    macs = total_macs(result.model, branch_probs={next(iter(result.model.graph.output)).name: m["share"]}) / total_macs(model)
+    pins = {"x": [1, *cx.shape[1:]]}     # the crops' size: the model's height and width are symbolic
+    macs = total_macs(result.model, pins, {next(iter(result.model.graph.output)).name: m["share"]}) / total_macs(model, pins)
     where = next((n for n in step.notes if n.startswith("exit after")), "").split(":")[0]
     return ["PP-OCR cls (128 rendered crops)", where, f"{m['acc1']:.1f}% ({m['acc1'] - m['acc0']:+.1f})",
             f"{m['agree']:.1f}%", f"{m['share']:.1%}", f"{macs:.2f}x",

@@ -265,7 +265,17 @@ def _inferred(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] 
         m = onnx.ModelProto()
         m.CopyFrom(model)
     _pin_inputs(m, input_shapes)
+    if input_shapes:   # sizes the model leaves symbolic, given: recorded shapes ([?, 8, ?, ?]) would win over them
+        _forget_shapes(m.graph)
     return _infer_with_loop_states(m)
+
+
+def _forget_shapes(graph: onnx.GraphProto) -> None:
+    """Drop the recorded value_info of a graph and of every body inside it."""
+    del graph.value_info[:]
+    for node in graph.node:
+        for _, body in _subgraphs(node):
+            _forget_shapes(body)
 
 
 def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:

@@ -55,6 +55,7 @@ class Site:
     model: onnx.ModelProto   # the graph as it was, exported
     exit_macs: int           # the first part
     full_macs: int
+    shapes: dict             # every tensor's shape as the model declares it (a grid needs a fixed height and width)
 
 
 @dataclass
@@ -109,7 +110,7 @@ class EarlyExit(Pass):
         data = ctx.require_calib(self.name)
         if len(data) < 3:
             return PassResult(graph, False, {}, ["left as is: needs at least 3 calibration samples"])
-        shapes = static_shapes(sites[0].model)
+        shapes = sites[0].shapes
         grids = {s.cut.tensor.name: self._grids(shapes.get(s.cut.tensor.name) or ()) for s in sites}
         if not any(grids.values()):
             return PassResult(graph, False, {}, [f"left as is: grid={self.grid} does not fit the activation's "
@@ -230,12 +231,14 @@ class EarlyExit(Pass):
             raise X.CannotBranch(f"the model has {len(graph.outputs)} outputs; an exit needs a "
                                  "single-output classifier")
         model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
-        shapes = static_shapes(model)
+        # symbolic sizes (PP-OCR's angle classifier takes any height and width) pinned to the data's
+        pins = None if ctx.calib is None else {k: [1, *np.shape(v)[1:]] for k, v in ctx.calib.feeds.items()}
+        shapes = static_shapes(model, pins)
         out = graph.outputs[0]
         shape = shapes.get(out.name) or []
         if len(shape) != 2 or shape[1] < 2 or out.dtype is None or np.dtype(out.dtype).kind != "f":
             raise X.CannotBranch(f"the output '{out.name}' is not [N, classes] float logits (shape {shape})")
-        macs = {d.output: d.macs or 0 for d in macs_breakdown(model)}
+        macs = {d.output: d.macs or 0 for d in macs_breakdown(model, pins)}
         if self.at is None:
             cuts, seen = X.cuts_between(graph, shapes, macs, *CUT_SHARE)
             if not cuts:
@@ -253,13 +256,15 @@ class EarlyExit(Pass):
                 raise X.CannotBranch(f"'{self.at}' is not a 4-D activation [N, C, H, W] "
                                      f"(shape {shapes.get(self.at)})")
         total = sum(macs.values())
-        return [Site(cut, out, model, sum(macs.get(G.layer_id(n), 0) for n in cut.first), total) for cut in cuts]
+        declared = static_shapes(model) if pins else shapes
+        return [Site(cut, out, model, sum(macs.get(G.layer_id(n), 0) for n in cut.first), total, declared)
+                for cut in cuts]
 
     def _insert(self, graph: gs.Graph, head: Head, threshold: float) -> gs.Node:
         """The head and the If at the cut; the rest of the graph moves into the If's else-branch."""
         site = head.site
         out, dtype = site.output, np.dtype(site.output.dtype)
-        window = None if head.grid == 1 else X.grid_window(static_shapes(site.model)[site.cut.tensor.name], head.grid)
+        window = None if head.grid == 1 else X.grid_window(site.shapes[site.cut.tensor.name], head.grid)
         inner = X.detach_output(graph, out)
         logits = X.add_head(graph, site.cut.tensor, head.weight, head.bias, dtype, window)
         limit = X.add_override(graph, THRESHOLD_INPUT, np.array(threshold, dtype))
