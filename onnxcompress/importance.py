@@ -169,7 +169,7 @@ def _contributions(node: gs.Node, an: Analysis, group: Group, batches: Iterator[
     z = np.zeros((len(a), len(group.units), fan_out))
     for u, f in enumerate(feats):
         if f.size and group.units[u] in index:
-            z[:, u, :] = np.einsum("rfk,ofk->ro", a[:, f, :], cols[:, f, :])
+            z[:, u, :] = a[:, f, :].reshape(len(a), -1) @ cols[:, f, :].reshape(len(cols), -1).T
     return z
 
 
@@ -193,7 +193,11 @@ def reconstruction_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ct
             if z is None:
                 continue
             z = z / max(np.sqrt((z.sum(1) ** 2).mean()), 1e-12)   # consumers weigh alike
-            parts[g.id].append(np.einsum("ruo,rvo->uv", z, z) if criterion == "thinet" else z)
+            if criterion == "thinet":       # the U x U Gram sum_r,o z[r,u,o] z[r,v,o], through BLAS
+                zu = z.transpose(1, 0, 2).reshape(z.shape[1], -1)
+                parts[g.id].append(zu @ zu.T)
+            else:
+                parts[g.id].append(z)
     result = {}
     for g in groups:
         if not parts[g.id]:

@@ -476,5 +476,5 @@ def _relative_error(rows: np.ndarray, new: np.ndarray, groups: list[tuple[slice,
     d = rows - new
     if not groups:
         return float(np.sum(d ** 2) / max(np.sum(rows ** 2), 1e-30))
-    quad = lambda a: sum(np.einsum("ij,jk,ik->", a[part], h[:-1, :-1], a[part]) for part, h in groups)
+    quad = lambda a: sum(float(np.sum((a[part] @ h[:-1, :-1]) * a[part])) for part, h in groups)
     return float(quad(d) / max(quad(rows), 1e-30))
