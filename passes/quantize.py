@@ -122,10 +122,17 @@ class Quantize(Pass):
             notes.append(f"cross-layer equalization: {len(pairs)} layer pairs rescaled (the float model's function unchanged)")
         float_graph = graph.copy()
         acts, ties, chains = self._activations(graph, layers)
-        values = capture(G.to_model(graph, like=ctx.original), data, list(acts), ctx.providers, ctx.batch_size,
-                         max_samples=self.calib_samples)
-        params = {name: Cal.uint8_params(*Cal.activation_range(Cal.summarize([values[name]]), self.calibration,
-                                                               self.percentile)) for name in acts}
+        budget = self.max_drop if self.max_drop is not None else ctx.max_drop
+        searching = budget is not None and self.mixed_precision
+        ranged = G.to_model(graph, like=ctx.original)
+        if searching and (self.sensitivity == "estimated" or self.measure_top):   # estimates read whole tensors
+            values = capture(ranged, data, list(acts), ctx.providers, ctx.batch_size, max_samples=self.calib_samples)
+            summaries = {name: Cal.summarize([values[name]]) for name in acts}
+        else:
+            summaries = Cal.summarize_activations(ranged, data.take(self.calib_samples), list(acts), ctx.providers,
+                                                  ctx.batch_size)
+        params = {name: Cal.uint8_params(*Cal.activation_range(summaries[name], self.calibration, self.percentile))
+                  for name in acts}
         for name in _tie_order(ties):
             params[name] = params[ties[name]]
         x_name = {id(n): n.inputs[0].name for n in layers}
@@ -135,10 +142,9 @@ class Quantize(Pass):
         padded = {G.display_name(n): G.layer_id(n) for n in layers if G.display_name(n) in Q.pad_input_channels(graph, layers)}
         stats = {"layers_quantized": len(layers), "activations_quantized": len(acts), "layers_refit": refit,
                  "weight_rel_error": float(np.mean([d.error for d in done_layers.values()]))}
-        budget = self.max_drop if self.max_drop is not None else ctx.max_drop
         make = lambda kept: self._make(float_graph, done_layers, params, chains, kept)
         kept: set[str] = set()
-        searching, timing = budget is not None and self.mixed_precision, self.latency_aware and ctx.timing is not None
+        timing = self.latency_aware and ctx.timing is not None
         scorer = Scorer(G.to_model(float_graph.copy(), like=ctx.original), data.take(self.eval_samples), ctx.providers,
                         ctx.batch_size) if searching or timing else None      # the float model's outputs, run once
         if searching:
