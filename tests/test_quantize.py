@@ -64,6 +64,20 @@ def test_calibration_methods_on_a_tensor_with_outliers():
     assert zp == 0 and scale == pytest.approx(6 / 255)
 
 
+def test_ranges_summarized_batch_by_batch_equal_the_whole_tensors_summary(monkeypatch):
+    from onnxcompress import Dataset
+    from onnxcompress.runtime import capture
+    model, x = _mlp(), rand(300, 8, seed=7) * 40
+    names = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    monkeypatch.setattr(Cal, "SAMPLE", 1000)           # 300 x 16 values each: the sample is a random draw
+    streamed = Cal.summarize_activations(model, Dataset({"x": x}), names, ("CPUExecutionProvider",), batch_size=64)
+    whole = capture(model, Dataset({"x": x}), names, batch_size=300)
+    for name in names:
+        a, b = Cal.summarize([whole[name]]), streamed[name]
+        assert (a.lo, a.hi) == (b.lo, b.hi) and 0 < a.sample.size < whole[name].size
+        assert np.array_equal(a.sample, b.sample)
+
+
 def test_excluded_layers_stay_in_float_and_the_report_says_so():
     from onnxcompress import Dataset
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
