@@ -405,7 +405,7 @@ def main() -> None:
     ap.add_argument("--skip-factor", action="store_true", help="skip the factoring experiments")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
     ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize", "factor", "prune",
-                                       "early-exit"],
+                                       "early-exit", "speed"],
                     help="run only that section and replace it in --output (the rest untouched)")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
@@ -432,6 +432,9 @@ def main() -> None:
         elif args.only == "factor":
             from benchmarks import factor
             section, title = factor.factor_section(calib, test, cfg, args.rounds, models), factor.SECTION_TITLE
+        elif args.only == "speed":
+            from benchmarks import speed
+            section, title = speed.speed_section(), speed.SECTION_TITLE
         else:
             section, title = cluster.deep_compression_section(calib, test, models), cluster.DEEP_TITLE
         path = Path(args.output)
@@ -487,6 +490,9 @@ def main() -> None:
         sections.append(ocr_section(cfg, args.rounds))
         from benchmarks.ocr import ocr_passes_section
         sections.append(ocr_passes_section())
+    from benchmarks.speed import speed_section
+    print("tool speed at 25M parameters ...", flush=True)
+    sections.append(speed_section())
     text = HEADER.format(version=onnxcompress.__version__, ort=ort.__version__, py=platform.python_version(),
                          runs=args.runs, rounds=args.rounds, threads=args.threads, date=time.strftime("%Y-%m-%d"))
     io.write_text(args.output, text + "\n\n".join(sections) + "\n" + footer(facts))

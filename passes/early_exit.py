@@ -153,9 +153,10 @@ class EarlyExit(Pass):
         stats.update(threshold=chosen.threshold, exit_share=chosen.exit_share, expected_macs_ratio=chosen.macs_ratio,
                      holdout_drop=chosen.drop, holdout_drop_error=chosen.error, rest_nodes=len(site.cut.rest))
         summary = (f"exit after '{site.cut.tensor.name}' ({stats['cut_macs_share']:.0%} of the MACs), head pooled "
-                   f"{best.grid}x{best.grid}, threshold {chosen.threshold:g}: {chosen.exit_share:.0%} of held-out "
-                   f"samples exit at batch 1, expected MACs {chosen.macs_ratio:.2f}x, {metric} drop {chosen.drop:.2f} "
-                   f"+- {chosen.error:.2f} points; a batch exits only when every sample in it is confident")
+                   f"{best.grid}x{best.grid}, threshold {chosen.threshold:g}: {chosen.exit_share:.0%} of the "
+                   "calibration samples exit at batch 1 (each judged by a head fit without it), expected MACs "
+                   f"{chosen.macs_ratio:.2f}x, {metric} drop {chosen.drop:.2f} +- {chosen.error:.2f} points; a batch "
+                   "exits only when every sample in it is confident")
         return PassResult(graph, True, stats, [summary, *notes])
 
     def _grids(self, shape) -> list[int]:
@@ -197,7 +198,8 @@ class EarlyExit(Pass):
         if self.threshold is None:
             return rows, X.choose(rows, budget, self.margin)
         given = [r for r in rows if r.threshold == self.threshold]
-        # a given threshold: at a named tensor it is taken as it is; else a candidate qualifies by keeping the budget there
+        # a given threshold: at a named tensor it is taken as it is; among candidates, one qualifies by
+        # keeping the budget there
         return rows, given[0] if self.at is not None else X.choose(given, budget, self.margin)
 
     @staticmethod
