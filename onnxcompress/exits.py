@@ -22,7 +22,7 @@ from .solvers import softmax
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CannotBranch", "Cut", "cut_at", "auto_cut", "cuts_between", "reads", "detach_output", "grid_window",
+__all__ = ["CannotBranch", "Cut", "cut_at", "cuts_between", "reads", "detach_output", "grid_window",
            "grid_pool", "add_head", "min_confidence", "confident", "add_override", "branch", "pooled_features",
            "SweepRow", "sweep", "choose", "sweep_table", "THRESHOLDS"]
 
@@ -86,9 +86,9 @@ def cut_at(graph: gs.Graph, name: str) -> Cut:
 
 
 def cuts_between(graph: gs.Graph, shapes: Mapping[str, Sequence[int]], macs: Mapping[str, int], low: float,
-                 high: float) -> tuple[list[tuple[Cut, float]], list[str]]:
+                 high: float) -> list[tuple[Cut, float]]:
     """Every cut on a 4-D activation whose first part holds between `low` and `high` of the MACs,
-    with that share, in graph order; and a description of every single-tensor cut found."""
+    with that share, in graph order; raises CannotBranch (naming the cuts there are) when none does."""
     total = max(sum(macs.values()), 1)
     found: list[tuple[Cut, float]] = []
     seen: list[str] = []
@@ -104,23 +104,12 @@ def cuts_between(graph: gs.Graph, shapes: Mapping[str, Sequence[int]], macs: Map
             seen.append(f"'{t.name}' at {share:.0%}")
             if low <= share <= high:
                 found.append((cut, share))
-    return found, seen
-
-
-def auto_cut(graph: gs.Graph, shapes: Mapping[str, Sequence[int]], macs: Mapping[str, int],
-             low: float = 0.4, high: float = 0.6, wide: tuple[float, float] = (0.25, 0.75)) -> tuple[Cut, float]:
-    """The cut on a 4-D activation whose first part holds the share of the MACs nearest the middle
-    of [low, high] (the latest such tensor on ties), and that share; where no cut falls inside
-    (MobileNet jumps from 36% to 61%), the one nearest the middle within `wide`."""
-    found, seen = cuts_between(graph, shapes, macs, *wide)
     if not found:
         shown = "; single-tensor cuts: " + ", ".join(seen[:6]) if seen else ""
-        raise CannotBranch(f"no 4-D activation between {wide[0]:.0%} and {wide[1]:.0%} of the MACs is the only tensor "
+        raise CannotBranch(f"no 4-D activation between {low:.0%} and {high:.0%} of the MACs is the only tensor "
                            f"the rest of the graph reads (name one with at=){shown}")
-    i = min(range(len(found)), key=lambda i: (abs(found[i][1] - (low + high) / 2), -i))
-    log.debug("cut after %s (%.0f%% of the MACs); single-tensor cuts: %s", found[i][0].tensor.name,
-              found[i][1] * 100, seen)
-    return found[i]
+    log.debug("cuts between %.0f%% and %.0f%% of the MACs: %s", low * 100, high * 100, seen)
+    return found
 
 
 def detach_output(graph: gs.Graph, out: gs.Variable) -> gs.Variable:

@@ -242,11 +242,7 @@ class EarlyExit(Pass):
             raise X.CannotBranch(f"the output '{out.name}' is not [N, classes] float logits (shape {shape})")
         macs = {d.output: d.macs or 0 for d in macs_breakdown(model, pins)}
         if self.at is None:
-            cuts, seen = X.cuts_between(graph, shapes, macs, *CUT_SHARE)
-            if not cuts:
-                shown = "; single-tensor cuts: " + ", ".join(seen[:6]) if seen else ""
-                raise X.CannotBranch(f"no 4-D activation between {CUT_SHARE[0]:.0%} and {CUT_SHARE[1]:.0%} of the MACs "
-                                     f"is the only tensor the rest of the graph reads (name one with at=){shown}")
+            cuts = X.cuts_between(graph, shapes, macs, *CUT_SHARE)
             cuts = [c for i, c in enumerate(cuts) if i + 1 == len(cuts) or cuts[i + 1][1] != c[1]]
             picks = np.unique(np.linspace(0, len(cuts) - 1, min(self.max_candidates, len(cuts))).round().astype(int))
             cuts = [cuts[i][0] for i in picks]
