@@ -64,11 +64,16 @@ class Evaluator:
         self.reference = self.outputs(self.original)
         self.input_shapes = {k: [1, *v.shape[1:]] for k, v in self.data.feeds.items()}
 
-    def outputs(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-        return run_model(make_session(model, self.providers), self.data, self.batch_size, desc="evaluate")
+    def outputs(self, model: onnx.ModelProto, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        return run_model(make_session(model, self.providers), self.data, batch_size or self.batch_size,
+                         desc="evaluate")
 
     def measure(self, model: onnx.ModelProto, step: Step, branch_probs: dict[str, float] | None = None) -> Step:
-        outs = self.outputs(model)
+        ifs = {n.output[0] for n in model.graph.node if n.op_type == "If"}
+        # A model with an exit (an If the run knows the odds of) is judged one input at a time, as it is
+        # deployed: in a batch it exits only when every sample is confident, so batches of 64 would
+        # show the full model's answers.
+        outs = self.outputs(model, 1 if ifs & set(branch_probs or {}) else None)
         first = next(iter(outs.values()))
         step.accuracy = accuracy(first, self.data.labels) if self.data.labels is not None else None
         step.fidelity = fidelity(self.reference, outs)
@@ -77,7 +82,6 @@ class Evaluator:
         step.params, step.sparsity = count_params(model), storage.sparsity
         step.bits_per_weight, step.weight_bytes = storage.bits_per_weight, dict(storage.bytes_by_kind)
         try:
-            ifs = {n.output[0] for n in model.graph.node if n.op_type == "If"}
             detail = macs_breakdown(model, self.input_shapes, {k: v for k, v in (branch_probs or {}).items() if k in ifs})
             step.macs = int(sum(d.macs or 0 for d in detail))
             step.branch_macs = {d.output: dict(d.branches) for d in detail if d.branches}

@@ -158,6 +158,19 @@ def test_the_chosen_exit_is_the_cheapest_candidate_within_the_budget(resnet, cho
     assert run(new, {"input": np.zeros((1, 1, 28, 28), np.float32), "exit_threshold": at(1.01)})[1].tolist() == [1]
 
 
+def test_the_report_judges_an_exit_model_one_input_at_a_time(resnet, calib, mnist_test):
+    from onnxcompress import LatencyConfig, PassManager
+    test = Dataset({"input": mnist_test["input"][:200]}, mnist_test["labels"][:200])
+    result = PassManager([EarlyExit(at=CUT, grid=1, threshold=0.5)], calib=calib, eval_data=test,
+                         latency=LatencyConfig(enabled=False)).run(resnet)
+    step = result.report.steps[-1]
+    outs = [run(result.model, {"input": test.feeds["input"][i:i + 1]}) for i in range(200)]
+    assert np.mean([index[0] == 0 for _, index in outs]) > 0.5            # most digits take the exit
+    batch1 = np.mean([logits.argmax() == y for (logits, _), y in zip(outs, test.labels)]) * 100
+    batched = np.mean(run(result.model, {"input": test.feeds["input"]})[0].argmax(1) == test.labels) * 100
+    assert step.accuracy == pytest.approx(batch1) and batch1 != batched   # batches of 200 never exit
+
+
 def test_vgg_with_a_given_threshold_and_no_index_output(calib):
     vgg = onnx.load(str(MODELS / "vgg.onnx"))
     new, result = apply_pass(EarlyExit(at="/features/features.9/Relu_output_0", threshold=0.95, exit_output=False),
