@@ -23,7 +23,7 @@ from .channels import Analysis, Group
 from .data import Dataset
 from .layers import conv_geometry, conv_output_hw, out_rows
 from .pass_api import Context
-from .runtime import Stepper, capture_session, fixed_batch, graph_fixed_batch, iter_outputs
+from .runtime import Stepper, capture_session, graph_fixed_batch, iter_outputs
 from .solvers import im2col
 
 __all__ = ["CRITERIA", "RANK_ONLY", "group_scores", "input_norms"]
@@ -123,9 +123,8 @@ def input_norms(graph: gs.Graph, ctx: Context, data: Dataset, nodes: list[gs.Nod
     sums: dict[str, np.ndarray] = {}
     inner = [t for t in names if t not in data.feeds]
     model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
-    session = capture_session(model, inner, ctx.providers) if inner else None
-    batch_size = (fixed_batch(session) if session is not None else graph_fixed_batch(graph)) or ctx.batch_size
-    runs = iter_outputs(session, data, batch_size, inner) if session is not None else None
+    batch_size = graph_fixed_batch(graph) or ctx.batch_size     # the batches a fixed-batch model takes
+    runs = iter_outputs(capture_session(model, inner, ctx.providers), data, batch_size, inner) if inner else None
     for batch in data.batches(batch_size):
         acts = {**{t: batch[t] for t in names if t in batch}, **(next(runs) if runs is not None else {})}
         for t, a in acts.items():
