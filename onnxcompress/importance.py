@@ -168,7 +168,9 @@ def _contributions(node: gs.Node, an: Analysis, group: Group, batches: Iterator[
     z = np.zeros((len(a), len(group.units), fan_out))
     for u, f in enumerate(feats):
         if f.size and group.units[u] in index:
-            z[:, u, :] = a[:, f, :].reshape(len(a), -1) @ cols[:, f, :].reshape(len(cols), -1).T
+            k = max(a.shape[2], cols.shape[2])      # a kernel axis of 1 broadcasts (a transposed conv's taps)
+            x, c = np.broadcast_to(a[:, f, :], (len(a), f.size, k)), np.broadcast_to(cols[:, f, :], (len(cols), f.size, k))
+            z[:, u, :] = x.reshape(len(a), -1) @ c.reshape(len(cols), -1).T
     return z
 
 
