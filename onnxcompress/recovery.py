@@ -28,12 +28,12 @@ from .layers import conv_geometry, conv_output_hw, tiling_geometry, from_out_row
 from .metrics import static_shapes
 from .pass_api import Context
 from .runtime import Stepper, StepError, capture, capture_session, fixed_batch, iter_outputs, make_session, run_model
-from .solvers import NormalEquations, fit_soft_head, im2col, tile_rows, soft_targets, softmax, sparsegpt
+from .solvers import NormalEquations, fit_soft_head, solve_depthwise_pair, solve_reduced_rank, im2col, tile_rows, soft_targets, softmax, sparsegpt
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Fit", "Skipped", "Head", "HeadFit", "teacher_logits", "reference_model", "paired_batches", "student_activations", "changed_layers",
-           "refit_layer", "refit_batchnorm", "sequential", "prune_sequential", "find_head", "refit_head", "recover", "RecoverySettings",
+           "refit_layer", "refit_pair", "joint_pair", "refit_batchnorm", "sequential", "prune_sequential", "find_head", "refit_head", "recover", "RecoverySettings",
            "RecoveryResult", "RECOVERABLE_OPS"]
 
 # Layers the least-squares refit knows how to sample (im2col for Conv, tiles for a ConvTranspose
@@ -168,10 +168,12 @@ def holdout_by_rows(n_samples: int) -> bool:
 
 
 def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray | None]], n_total: int,
-                     max_rows: int, rng: np.random.Generator) -> tuple[list[NormalEquations], list[NormalEquations]] | None:
-    """Normal equations per group (one for Gemm/MatMul), streamed over (student input, target)
-    batches: (fit, held-out) pairs, HOLDOUT of the rows going to the held-out ones. Targets None:
-    the inputs' Gram matrices only.
+                     max_rows: int, rng: np.random.Generator,
+                     one_group: bool = False) -> tuple[list[NormalEquations], list[NormalEquations]] | None:
+    """Normal equations per group (one for Gemm/MatMul, or with `one_group`: all a conv's input
+    patches against all the targets), streamed over (student input, target) batches: (fit,
+    held-out) pairs, HOLDOUT of the rows going to the held-out ones. Targets None: the inputs'
+    Gram matrices only.
 
     At most `max_rows` rows in all: conv layers sample output positions per image, Gemm/MatMul rows."""
     if node.op == "Gemm" and node.attrs.get("transA", 0):
@@ -214,7 +216,7 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
         hw = x.shape[2] * x.shape[3] * int(np.prod(geo["kernel"])) if tiles else \
             int(np.prod(conv_output_hw(x.shape[2], x.shape[3], geo)))
         m = 0 if y is None else y.shape[1]
-        g = geo["group"]
+        g = 1 if one_group else geo["group"]
         per_image = int(min(hw, max(1, max_rows // n_total)))
         positions = rng.random((n, hw)).argsort(1)[:, :per_image]
         ys = np.zeros((n * per_image, 0), x.dtype) if y is None else \
@@ -348,6 +350,72 @@ def refit_layer(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarr
         return Fit(before / n_out, before / n_out)
     new_rows, new_b = constraint.solve_all([ne.merged(out) for ne, out in zip(eqs, held)], rows, b, best[1], bias)
     _write(graph, node, constraint, new_rows, new_b if bias else None)
+    return Fit(before / n_out, best[0] / n_out)
+
+
+def joint_pair(second: gs.Node, first: gs.Node) -> str | None:
+    """How a factored pair can be refit together (`refit_pair`), if it can: "lowrank" for a plain
+    product of the two weights (a group-1 layer then a 1x1 conv without geometry, or two
+    Gemm/MatMul), "depthwise" for a depthwise conv then such a 1x1 conv; both weights dense."""
+    if first.op != second.op or any(W.layer_weight(n) is None or W.layer_weight(n).kind != "dense"
+                                     or not isinstance(C.infer(n), C.Free) for n in (first, second)):
+        return None
+    if first.op != "Conv":
+        plain = first.op == "MatMul" or not (first.attrs.get("transA", 0) or second.attrs.get("transA", 0))
+        return "lowrank" if plain else None
+    w1, w2 = W.layer_weight(first).value, W.layer_weight(second).value
+    geometry = [v for k in ("strides", "dilations") for v in second.attrs.get(k, ())]
+    if not all(v == 1 for v in [*w2.shape[2:], *geometry]) or any(second.attrs.get("pads", ())) \
+            or int(second.attrs.get("group", 1)) != 1:
+        return None
+    group = int(first.attrs.get("group", 1))
+    return "lowrank" if group == 1 else "depthwise" if w1.shape[1] == 1 and len(w1) % group == 0 else None
+
+
+def refit_pair(graph: gs.Graph, second: gs.Node, first: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+               n_total: int, ridge: float = 1e-3, max_rows: int = 20000, seed: int = 0) -> Fit | Skipped:
+    """Refit a factored pair (see `joint_pair`) together, from the student's input of `first` onto
+    the target of `second`'s output: a low-rank pair by the best map of its rank (reduced-rank
+    regression, `solvers.solve_reduced_rank`), a depthwise pair by alternating least squares
+    (`solvers.solve_depthwise_pair`). Checked on held-out rows like `refit_layer`, kept only if it
+    lowers their error. Refitting only the second factor keeps the first as it was chosen on the
+    original's inputs; the joint fit moves it to where the student's inputs need it."""
+    kind = joint_pair(second, first)
+    split = _layer_equations(first, W.layer_weight(first).value, batches, n_total, max_rows,
+                             np.random.default_rng(seed), one_group=True)
+    if split is None:
+        return Skipped("layout not supported by the refit")
+    (eqs, held, held_samples), n_out = split, W.layer_weight(second).value.shape[0]
+    if held[0].rows < MIN_HELD_OUT or held_samples < MIN_HELD_OUT_SAMPLES:
+        return Skipped(f"{held_samples} held-out calibration samples ({held[0].rows} rows) are too few to check a refit")
+    (a, b), (rows1, _) = _current(second), _current(first)
+    bias = second.op != "MatMul"
+
+    def composed(first_rows: np.ndarray, second_rows: np.ndarray) -> np.ndarray:   # the pair as one layer
+        if kind == "lowrank":
+            return second_rows @ first_rows
+        taps = first_rows.shape[1]
+        blocks = second_rows.reshape(n_out, -1, len(first_rows) // (eqs[0].n_in // taps))   # [out, I, m]
+        return np.einsum("oim,imt->oit", blocks, first_rows.reshape(blocks.shape[1], -1, taps)).reshape(n_out, -1)
+
+    def solve(ne: NormalEquations, r: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if kind == "lowrank":
+            new_a, new_first, new_b = solve_reduced_rank(ne, len(rows1), r, bias)
+            return new_first, new_a, new_b
+        return solve_depthwise_pair(ne, rows1, a, r, bias)
+
+    before = _held_error(held, composed(rows1, a), b)
+    best = None
+    for r in C.Free().ridges(ridge):
+        new_first, new_a, new_b = solve(eqs[0], r)
+        err = _held_error(held, composed(new_first, new_a), new_b)
+        if best is None or err < best[0]:
+            best = (err, r)
+    if best[0] >= before:
+        return Fit(before / n_out, before / n_out)
+    new_first, new_a, new_b = solve(eqs[0].merged(held[0]), best[1])
+    _write(graph, first, C.Free(), new_first, None)
+    _write(graph, second, C.Free(), new_a, new_b if bias else None)
     return Fit(before / n_out, best[0] / n_out)
 
 
@@ -637,21 +705,24 @@ class _Walk:
                 self.student = self.teacher = None
         return paired_batches(self.graph, self.ctx, self.reference, self.data, x_name, t_name)
 
-    def _targets(self, node: gs.Node, axis: int, n_out: int) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
-        """(student input, teacher output) batches for a node, mapped to its kept channels; None
+    def _targets(self, node: gs.Node, axis: int, n_out: int,
+                 x_name: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
+        """(student input, teacher output) batches for a node (the input: `x_name`, default the
+        node's own), mapped to its kept channels; None
         (with a note) when the teacher has no matching tensor. The teacher's channel count comes
         from shape inference, or from its first batch where inference cannot tell (dynamic shapes)."""
         y_name = node.outputs[0].name
         t_name = self.mapping.get(y_name)
         if t_name is None and G.layer_id(node) in self.ctx.state.pairs.values():
-            self.notes.append(f"{node.op} '{G.display_name(node)}': first of a factored pair, fixed; the second "
-                              "is refit onto the teacher's output of the pair")
+            if not any(joint_pair(n, node) for n in self.graph.nodes if self.ctx.state.pairs.get(G.layer_id(n)) == G.layer_id(node)):
+                self.notes.append(f"{node.op} '{G.display_name(node)}': first of a factored pair, fixed; the second "
+                                  "is refit onto the teacher's output of the pair")
             return None
         if t_name is None:
             self.notes.append(f"{node.op} '{G.display_name(node)}': the teacher has no tensor named '{y_name}' nor "
                               "one computed the same way; left as is")
             return None
-        batches = self._pairs(node.inputs[0].name, t_name)
+        batches = self._pairs(x_name or node.inputs[0].name, t_name)
         shape = self.shapes.get(t_name)
         if shape is None or len(shape) <= axis % max(len(shape), 1) or shape[axis] <= 0:
             first = next(batches, None)
@@ -670,13 +741,25 @@ class _Walk:
 
     def layer(self, node: gs.Node) -> None:
         n_out = out_rows(node, W.layer_weight(node).value).shape[0]
-        batches = self._targets(node, 1 if node.op in ("Conv", "ConvTranspose") else -1, n_out)
+        first = self._first_of_pair(node)
+        batches = self._targets(node, 1 if node.op in ("Conv", "ConvTranspose") else -1, n_out,
+                                None if first is None else first.inputs[0].name)
         if batches is None:
             return
         s = self.settings
-        result = refit_layer(self.graph, node, batches, len(self.data), _constraint(self.ctx, node), s.ridge,
-                             s.max_rows, s.seed)
+        if first is not None:
+            result = refit_pair(self.graph, node, first, batches, len(self.data), s.ridge, s.max_rows, s.seed)
+        else:
+            result = refit_layer(self.graph, node, batches, len(self.data), _constraint(self.ctx, node), s.ridge,
+                                 s.max_rows, s.seed)
         self._record(node, result, self.fits)
+
+    def _first_of_pair(self, node: gs.Node) -> gs.Node | None:
+        """The first factor of the pair `node` ends, when the two can be refit together."""
+        lid = self.ctx.state.pairs.get(G.layer_id(node))
+        first = next((n for n in self.graph.nodes if G.layer_id(n) == lid), None) if lid else None
+        ok = first is not None and node.inputs[0] is first.outputs[0] and len(first.outputs[0].outputs) == 1
+        return first if ok and joint_pair(node, first) and _constraint(self.ctx, node) is None else None
 
     def batchnorm(self, node: gs.Node) -> None:
         scale = W.value_of(node.inputs[1])

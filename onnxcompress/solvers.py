@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = [
-    "NormalEquations", "ridge_fit", "solve_free", "solve_support", "solve_columns", "solve_codebook",
+    "NormalEquations", "ridge_fit", "solve_free", "solve_reduced_rank", "solve_depthwise_pair", "solve_support", "solve_columns", "solve_codebook",
     "solve_scales", "solve_codebook_groups", "solve_codebook_rows", "softmax", "soft_targets", "fit_soft_head", "im2col", "tile_rows",
     "sparsegpt", "gptq", "kmeans_1d", "kmeans_rows", "nearest",
 ]
@@ -92,6 +92,68 @@ def solve_free(ne: NormalEquations, ridge: float = 1e-4, bias: bool = True,
     W = theta[:ne.n_in].T
     b = theta[ne.n_in] if bias else np.zeros(ne.n_out)
     return W, b
+
+
+def solve_reduced_rank(ne: NormalEquations, rank: int, ridge: float = 1e-4,
+                       bias: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best map of rank `rank` from X to Y (reduced-rank regression): returns A [out, rank],
+    B [rank, in] and b [out] minimising ||Y - X B^T A^T - b||^2. The full ridge fit W is projected
+    onto the `rank` leading directions of its fitted outputs (the left singular vectors of
+    W S^(1/2), S the inputs' covariance, centred when there is a bias): A = U_K, B = U_K^T W,
+    balanced so that each rank's A column and B row have the same norm; b absorbs what the
+    projection moves at the inputs' mean."""
+    w, b = solve_free(ne, ridge, bias)
+    n = max(ne.rows, 1)
+    mean = ne.G[:ne.n_in, ne.n_in] / n
+    cov = ne.G[:ne.n_in, :ne.n_in] / n - (np.outer(mean, mean) if bias else 0.0)
+    vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
+    root = (vecs * np.sqrt(np.maximum(vals, 0))) @ vecs.T
+    u = np.linalg.svd(w @ root, full_matrices=False)[0][:, :rank]
+    first = u.T @ w
+    scale = np.sqrt(np.maximum(np.linalg.norm(first, axis=1), 1e-30))
+    if bias:
+        b = b + (w - u @ first) @ mean
+    return u * scale, first / scale[:, None], b
+
+
+def solve_depthwise_pair(ne: NormalEquations, depth: np.ndarray, point: np.ndarray, ridge: float = 1e-4,
+                         bias: bool = True, iters: int = 3,
+                         max_unknowns: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Alternating least squares for a depthwise conv (`depth` [I m, taps]: row j filters input
+    channel j // m) followed by a pointwise one (`point` [out, I m]) from the equations of the
+    depthwise conv's input patches (columns channel-major, `ne.n_in` = I taps) onto the pair's
+    target. Each step is exact given the other factor: the pointwise weights (and bias) from the
+    depthwise outputs' moments, then the depthwise filters, all I m taps of them at once (skipped
+    above `max_unknowns`). Returns (depth, point, bias)."""
+    n, (rows_d, taps) = ne.n_in, depth.shape
+    channel = np.arange(rows_d) // (rows_d // (n // taps))
+    h, sums, cxy = ne.G[:n, :n], ne.G[:n, n], ne.C[:n]
+    block = np.zeros((n, rows_d))                   # x -> depthwise outputs: z = block^T x
+
+    def to_block(d: np.ndarray) -> np.ndarray:
+        block[:] = 0
+        block[channel[:, None] * taps + np.arange(taps), np.arange(rows_d)[:, None]] = d
+        return block
+
+    def pointwise(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = NormalEquations(rows_d, ne.n_out)
+        m = to_block(d)
+        z.G[:rows_d, :rows_d], z.G[:rows_d, rows_d], z.G[rows_d, :rows_d] = m.T @ h @ m, m.T @ sums, m.T @ sums
+        z.G[rows_d, rows_d], z.C[:rows_d], z.C[rows_d], z.rows = ne.G[n, n], m.T @ cxy, ne.C[n], ne.rows
+        return solve_free(z, ridge, bias)
+
+    point, b = pointwise(depth)
+    if rows_d * taps > max_unknowns:
+        return depth, point, b
+    hx = h.reshape(n // taps, taps, n // taps, taps)
+    for _ in range(iters):
+        gram = (point.T @ point)[:, None, :, None] * hx[channel][:, :, channel]
+        gram = gram.reshape(rows_d * taps, rows_d * taps)
+        rhs = ((cxy - np.outer(sums, b)) @ point)[channel[:, None] * taps + np.arange(taps), np.arange(rows_d)[:, None]]
+        lam = ridge * max(float(np.mean(np.diag(gram))), 1e-30)
+        depth = _solve(gram + lam * np.eye(len(gram)), rhs.reshape(-1)).reshape(rows_d, taps)
+        point, b = pointwise(depth)
+    return depth, point, b
 
 
 def ridge_fit(X: np.ndarray, Y: np.ndarray, ridge: float = 1e-4, bias: bool = True) -> tuple[np.ndarray, np.ndarray]:

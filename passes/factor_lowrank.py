@@ -9,6 +9,13 @@ calibration data (the SVD of the weights whitened by the inputs' second moments,
 `onnxcompress.factor`); recovery then refits each second factor by least squares onto the
 original model's output of the layer, and the head on soft targets (the distillation engine).
 
+With `conv_split="kx1-1xk"` a k x k conv (both sides above 1, no auto_pad) becomes a k x 1 conv to
+K channels then a 1 x k conv to O instead (Jaderberg et al. 2014's vertical/horizontal scheme;
+break-even O I kh kw / (I kh sw + O kw)): its factors are the truncated SVD of the weights laid out
+as [(in, row), (column, out)], data-free, and recovery refits the 1 x k conv on data (the pair's
+intermediate mixes columns, so there is no whitened closed form). Other convs are split k x k +
+1 x 1 as usual.
+
 Rank per layer: `ranks={layer: K}` names it; else `energy=` keeps that share of the whitened
 spectrum; else `macs=` (default 0.5) is the model's MACs to reach: each layer is factored alone at
 25, 50 and 75% of its MACs taken away and scored against the original, and structured pruning's
@@ -18,6 +25,7 @@ greedy allocation (`onnxcompress.sensitivity`, shared) spends the cuts where the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -38,11 +46,21 @@ class FactorLowRank(F.Factoring):
     size_word = "rank"
     energy: float | None = None       # or: the smallest rank keeping this share of the whitened energy
     ranks: dict[str, int] = field(default_factory=dict)   # or per layer (node name or output tensor)
+    conv_split: Literal["kxk-1x1", "kx1-1xk"] = "kxk-1x1"  # how a k x k conv is split
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.conv_split not in ("kxk-1x1", "kx1-1xk"):
+            raise ValueError(f"conv_split must be 'kxk-1x1' or 'kx1-1xk', got {self.conv_split!r}")
+
+    def _spatial(self, node: gs.Node) -> bool:
+        """Whether the layer is split k x 1 then 1 x k."""
+        if self.conv_split != "kx1-1xk" or node.op != "Conv" or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+            return False
+        shape = W.layer_weight(node).value.shape
+        return len(shape) == 4 and shape[2] > 1 and shape[3] > 1
 
     def _allocates(self) -> bool:
         return not self.ranks and self.energy is None and super()._allocates()
@@ -58,6 +76,10 @@ class FactorLowRank(F.Factoring):
 
     def _breakeven(self, node: gs.Node) -> float:
         out, fan, _ = F.layer_cost(node)
+        if self._spatial(node):
+            _, i, kh, kw = W.layer_weight(node).value.shape
+            stride_w = list(node.attrs.get("strides", [1, 1]))[1]   # the k x 1 conv runs at every column
+            return out * fan / (i * kh * stride_w + out * kw)
         return out * fan / (fan + out)
 
     def _option_size(self, node: gs.Node, gram: np.ndarray | None) -> int | None:
@@ -69,8 +91,26 @@ class FactorLowRank(F.Factoring):
     def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, rank: int,
                cache: dict) -> str:
         name, lid = G.display_name(node), G.layer_id(node)
+        if self._spatial(node):
+            return self._split_spatial(graph, ctx, node, rank, cache)
         if lid not in cache:
             cache[lid] = F.whitened_svd(out_rows(node, W.layer_weight(node).value), gram)
         a, b, energy = cache[lid].take(rank)
         F.split(graph, ctx, node, *F.lowrank_layout(node, a, b), "_lowrank")
         return f"{name} rank {rank} ({energy:.1%} energy)"
+
+    def _split_spatial(self, graph: gs.Graph, ctx: Context, node: gs.Node, rank: int, cache: dict) -> str:
+        """k x 1 to `rank` channels, then 1 x k: the SVD of the weights as [(in, row), (column, out)]."""
+        w = W.layer_weight(node).value.astype(np.float64)
+        o, i, kh, kw = w.shape
+        key = ("kx1-1xk", G.layer_id(node))
+        if key not in cache:
+            cache[key] = F.whitened_svd(w.transpose(1, 2, 3, 0).reshape(i * kh, kw * o), None)
+        vertical, horizontal, energy = cache[key].take(rank)       # [(in, row), rank], [rank, (column, out)]
+        (sh, sw), (dh, dw) = node.attrs.get("strides", [1, 1]), node.attrs.get("dilations", [1, 1])
+        top, left, bottom, right = node.attrs.get("pads", [0, 0, 0, 0])
+        F.split(graph, ctx, node, vertical.T.reshape(-1, i, kh, 1),
+                {"kernel_shape": [kh, 1], "strides": [sh, 1], "pads": [top, 0, bottom, 0], "dilations": [dh, 1]},
+                horizontal.reshape(-1, kw, o).transpose(2, 0, 1)[:, :, None, :], "_lowrank")
+        node.attrs.update(kernel_shape=[1, kw], strides=[1, sw], pads=[0, left, 0, right], dilations=[1, dw])
+        return f"{G.display_name(node)} rank {rank} as {kh}x1 + 1x{kw} ({energy:.1%} energy)"

@@ -156,3 +156,59 @@ def test_chosen_ranks_are_multiples_of_round_to_below_break_even():
         result = _run(model, FactorLowRank(macs=0.5, allocation="uniform", round_to=round_to, recover=False), x)
         first = next(n for n in G.to_graph(result.model).nodes if n.op == "Gemm")
         assert W.layer_weight(first).value.shape == (rank, 50)
+
+
+def test_kx1_then_1xk_split_is_exact_for_a_separable_conv_with_its_geometry():
+    """conv_split='kx1-1xk': a conv whose weights are a sum of 3 (vertical x horizontal) products
+    is split into a 3x1 conv to 3 channels and a 1x3 conv, strides, pads and dilations shared out
+    between them, and computes the same; a bad conv_split is refused."""
+    import pytest
+    vertical, horizontal = rand(3, 5, 3, seed=1), rand(10, 3, 3, seed=2)
+    w = np.einsum("okx,kiy->oiyx", horizontal, vertical).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[2, 2], pads=[1, 2, 0, 1], dilations=[1, 2],
+                              name="conv")]
+    model = make_model(nodes, [tensor("x", ["N", 5, 11, 12])], [tensor("y", ["N", 10, 5, 6])],
+                       {"w": w, "b": rand(10, seed=3)}, opset=13)
+    x = rand(8, 5, 11, 12, seed=4)
+    result = _run(model, FactorLowRank(ranks={"conv": 3}, conv_split="kx1-1xk", recover=False), x)
+    first, second = [n for n in G.to_graph(result.model).nodes if n.op == "Conv"]
+    assert W.layer_weight(first).value.shape == (3, 5, 3, 1) and W.layer_weight(second).value.shape == (10, 3, 1, 3)
+    assert dict(first.attrs) == {"kernel_shape": [3, 1], "strides": [2, 1], "pads": [1, 0, 0, 0], "dilations": [1, 1]}
+    assert dict(second.attrs) == {"kernel_shape": [1, 3], "strides": [1, 2], "pads": [0, 2, 0, 1], "dilations": [1, 2]}
+    assert max_abs_diff(model, result.model, {"x": x}) < 1e-4
+    assert "factored: conv rank 3 as 3x1 + 1x3 (100.0% energy)" in result.report.steps[-1].notes
+    with pytest.raises(ValueError, match="conv_split must be"):
+        FactorLowRank(conv_split="3x1")
+
+
+def _conv_pair_model(seed=0):
+    """conv 3x3 (8 -> 16), ReLU, a Gemm head; the conv's output is a second graph output."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc")]
+    return make_model(nodes, [tensor("x", ["N", 8, 6, 6])], [tensor("y", ["N", 4]), tensor("c", ["N", 16, 6, 6])],
+                      {"w": rand(16, 8, 3, 3, seed=seed), "b": rand(16, seed=seed + 1),
+                       "wf": rand(4, 16, seed=seed + 2), "bf": rand(4, seed=seed + 3)}, opset=13)
+
+
+def test_recovery_refits_both_factors_of_a_pair_together():
+    """Recovery fits a low-rank pair as one rank-K map (reduced-rank regression) and a depthwise
+    pair by alternating least squares: both factors change, and the pair's output error on the
+    calibration data falls below that of the factors fit before recovery."""
+    from onnxcompress.passes import FactorDepthwise
+    model = _conv_pair_model()
+    # correlated channels: the per-channel initial depthwise factors are then not the best pair
+    mix = (rand(8, 8, seed=8) + 2 * np.eye(8)) * np.geomspace(4, 0.05, 8)[:, None]
+    x = np.einsum("dc,nchw->ndhw", mix, rand(64, 8, 6, 6, seed=9)).astype(np.float32)
+    lowrank = dict(ranks={"conv": 4}, data_aware=False)       # factors from the weights alone, then fit on data
+    for p_fit, p_plain in ((FactorLowRank(**lowrank), FactorLowRank(**lowrank, recover=False)),
+                           (FactorDepthwise(multipliers={"conv": 1}), FactorDepthwise(multipliers={"conv": 1}, recover=False))):
+        plain, fit = _run(model, p_plain, x), _run(model, p_fit, x)
+        convs = [[W.layer_weight(n).value for n in G.to_graph(r.model).nodes if n.op == "Conv"] for r in (plain, fit)]
+        assert all(not np.allclose(a, b) for a, b in zip(*convs))           # first and second factors both moved
+        assert not any("first of a factored pair, fixed" in n for n in fit.report.steps[-1].notes)
+        err = {k: float(np.mean((run(model, {"x": x})[1] - run(r.model, {"x": x})[1]) ** 2))
+               for k, r in (("plain", plain), ("fit", fit))}
+        assert err["fit"] < 0.9 * err["plain"], (p_fit.name, err)

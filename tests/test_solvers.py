@@ -3,7 +3,7 @@ import pytest
 from onnx import helper
 
 from conftest import make_model, rand, run, tensor
-from onnxcompress.solvers import (NormalEquations, fit_soft_head, im2col, ridge_fit, soft_targets, softmax,
+from onnxcompress.solvers import (NormalEquations, solve_depthwise_pair, solve_reduced_rank, fit_soft_head, im2col, ridge_fit, soft_targets, softmax,
                                   solve_codebook, solve_columns, solve_scales, solve_support)
 
 rng = np.random.default_rng(0)
@@ -111,3 +111,45 @@ def test_im2col_times_weights_is_onnxruntime_conv(attrs):
                     tuple(attrs.get("dilations", [1, 1])), positions=pos)
     np.testing.assert_allclose(picked @ w.reshape(4, -1).T,
                                np.concatenate([y.reshape(2, 4, -1)[i][:, pos[i]].T for i in range(2)]), atol=1e-4)
+
+
+def test_reduced_rank_regression_recovers_a_rank_k_map_with_bias_and_balances_the_factors():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 30)) * np.linspace(0.1, 3, 30) + 1.0
+    y = x @ (rng.normal(size=(20, 4)) @ rng.normal(size=(4, 30))).T + 0.5
+    ne = NormalEquations(30, 20)
+    ne.add(x, y)
+    a, b, bias = solve_reduced_rank(ne, 4, ridge=1e-10)
+    assert a.shape == (20, 4) and b.shape == (4, 30)
+    assert np.abs(x @ b.T @ a.T + bias - y).max() < 1e-5
+    assert np.allclose(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=1))
+    # below the true rank it is the best rank-2 map: no worse than the plain SVD of the true weights
+    a2, b2, bias2 = solve_reduced_rank(ne, 2, ridge=1e-10)
+    u, s, vt = np.linalg.svd(np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0][:30].T)
+    svd = (u[:, :2] * s[:2]) @ vt[:2]
+    err_rr = np.mean((x @ b2.T @ a2.T + bias2 - y) ** 2)
+    err_svd = np.mean((x @ svd.T + (y - x @ svd.T).mean(0) - y) ** 2)
+    assert err_rr < 0.95 * err_svd
+
+
+def test_alternating_depthwise_pair_converges_to_an_exactly_separable_pair():
+    """A depthwise layer (2 filters per channel) then a pointwise one, started from perturbed
+    filters: alternating least squares drives the error towards zero."""
+    rng = np.random.default_rng(0)
+    channels, m, taps, out = 6, 2, 9, 10
+    x = rng.normal(size=(4000, channels * taps)) + 0.3
+    depth, point = rng.normal(size=(channels * m, taps)), rng.normal(size=(out, channels * m))
+    owner = np.arange(channels * m) // m
+
+    def pair(d, p, b):
+        z = np.stack([x[:, owner[j] * taps:(owner[j] + 1) * taps] @ d[j] for j in range(len(d))], 1)
+        return z @ p.T + b
+
+    y = pair(depth, point, 1.5)
+    ne = NormalEquations(channels * taps, out)
+    ne.add(x, y)
+    start = depth + rng.normal(size=depth.shape) * 0.5
+    errs = [np.mean((pair(*solve_depthwise_pair(ne, start, point, 1e-10, iters=k)) - y) ** 2) for k in (0, 3, 10)]
+    assert errs[0] > 10 * errs[1] > 100 * errs[2] and errs[2] < 1e-3
+    d, p, b = solve_depthwise_pair(ne, start, point, 1e-10, iters=3, max_unknowns=10)   # too many unknowns:
+    assert np.array_equal(d, start)                                                    # the filters stay
