@@ -7,8 +7,9 @@ Each model comes with a few calibration samples (`<name>.npz`, one array per gra
 axis first: what `--calib` reads). Seeds are fixed, so a rerun writes the same files; every file
 stays well under 200 KB. `CORPUS` below says what each model covers.
 
-Calibration layouts that the data loader (`onnxcompress.data`) cannot express today are noted in
-`NOTES` (and written nonetheless, in the layout a user would try first).
+Models whose inputs have no batch axis first (a scalar, a recurrent state [layers, batch, hidden])
+get calibration files in the feeds layout of `onnxcompress.data` instead (axis 0 indexes complete
+feeds, declared by '__layout__': 'feeds'); `NOTES` says which and how.
 """
 from __future__ import annotations
 
@@ -26,16 +27,16 @@ SAMPLES = 12
 # name -> (what it covers, opset); filled by @model
 CORPUS: dict[str, tuple[str, int]] = {}
 BUILDERS: dict[str, Callable[[], tuple[onnx.ModelProto, dict[str, np.ndarray]]]] = {}
-# What the calibration file of a model cannot say with today's layouts (see the module docstring).
+# How the calibration files of models without a batch-first axis are laid out (see the module docstring).
 NOTES = {
-    "scalar_input": "input 'temperature' is a scalar (rank 0, no batch axis): the .npz holds one 0-d array, "
-                    "refused with a one-line error (exit 2)",
-    "gru_state": "input 'h0' is [layers=1, batch, hidden] (batch on axis 1): the .npz holds it as [samples, 1, "
-                 "hidden], which works only because the fixed first dim (layers = 1) makes every run 1 sample",
-    "gru_state2": "input 'h0' is [layers=2, batch, hidden]: no layout feeds it (the model's own, [2, samples, "
-                  "hidden], is not batch-first; the .npz's [samples, 2, hidden] is refused by name, since cut "
-                  "along axis 0 it would mix samples into layers)",
+    "scalar_input": "input 'temperature' is a scalar (rank 0, no batch axis): the .npz declares the feeds "
+                    "layout ('__layout__': 'feeds'), each feed x [1, 10] with its own 0-d temperature",
+    "gru_state": "input 'h0' is [layers=1, batch, hidden] (batch on axis 1): the .npz declares the feeds layout, "
+                 "each feed x [1, 4, 6] and h0 [1, 1, 8]",
+    "gru_state2": "input 'h0' is [layers=2, batch, hidden] (batch on axis 1): the .npz declares the feeds layout, "
+                  "each feed x [2, 3, 3] (two sequences) and h0 [2, 2, 4]",
 }
+FEEDS = np.asarray("feeds")      # the layout declaration stored under '__layout__'
 
 
 def model(doc: str, opset: int):
@@ -136,8 +137,8 @@ def gru_state():
              init("fc.w", w(r, H, 5)), init("fc.b", w(r, 5, scale=0.1))]
     m = build(nodes, [vi("x", ["N", Tn, F]), vi("h0", [1, "N", H])], [vi("logits", ["N", 5]), vi("h1", [1, "N", H])],
               inits, 17, "gru_state")
-    data = {"x": r.standard_normal((SAMPLES, Tn, F)).astype(np.float32),
-            "h0": (r.standard_normal((SAMPLES, 1, H)) * 0.5).astype(np.float32)}   # one sample per batch (see NOTES)
+    data = {"x": r.standard_normal((SAMPLES, 1, Tn, F)).astype(np.float32),       # feeds (see NOTES)
+            "h0": (r.standard_normal((SAMPLES, 1, 1, H)) * 0.5).astype(np.float32), "__layout__": FEEDS}
     return m, data
 
 
@@ -153,8 +154,8 @@ def gru_state2():
     inits = [init("split", np.array([1, 1], np.int64)), init("ax1", np.array([1], np.int64)),
              init("W1", w(r, 1, 3 * H, F)), init("R1", w(r, 1, 3 * H, H)), init("W2", w(r, 1, 3 * H, H)), init("R2", w(r, 1, 3 * H, H))]
     m = build(nodes, [vi("x", ["N", Tn, F]), vi("h0", [2, "N", H])], [vi("hn", [2, "N", H])], inits, 17, "gru_state2")
-    data = {"x": r.standard_normal((SAMPLES, Tn, F)).astype(np.float32),
-            "h0": (r.standard_normal((SAMPLES, 2, H)) * 0.5).astype(np.float32)}   # batch axis first (see NOTES)
+    data = {"x": r.standard_normal((SAMPLES, 2, Tn, F)).astype(np.float32),       # feeds (see NOTES)
+            "h0": (r.standard_normal((SAMPLES, 2, 2, H)) * 0.5).astype(np.float32), "__layout__": FEEDS}
     return m, data
 
 
@@ -430,7 +431,8 @@ def scalar_input():
     inits = [init("fc1.w", w(r, 16, 10)), init("fc1.b", w(r, 16, scale=0.1)), init("fc2.w", w(r, 4, 16)),
              init("fc2.b", w(r, 4, scale=0.1))]
     m = build(nodes, [vi("x", ["N", 10]), vi("temperature", [])], [vi("probs", ["N", 4])], inits, 17, "scalar_input")
-    return m, {"x": r.standard_normal((SAMPLES, 10)).astype(np.float32), "temperature": np.array(2.0, np.float32)}
+    return m, {"x": r.standard_normal((SAMPLES, 1, 10)).astype(np.float32), "__layout__": FEEDS,   # feeds (see NOTES)
+               "temperature": r.uniform(0.5, 4.0, SAMPLES).astype(np.float32)}
 
 
 @model("two inputs (image + vector), two outputs (logits, embedding): conv and MLP branches joined by Concat", 17)
@@ -489,8 +491,6 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
 
 
-# How the first sample is fed where the .npz layout is not the model's (see NOTES).
-FIRST_SAMPLE = {"gru_state2": lambda d: {"x": d["x"][:1], "h0": d["h0"][:1].transpose(1, 0, 2)}}
 
 
 def check(name: str, m: onnx.ModelProto, data: dict[str, np.ndarray]) -> None:
@@ -499,7 +499,8 @@ def check(name: str, m: onnx.ModelProto, data: dict[str, np.ndarray]) -> None:
 
     onnx.checker.check_model(m, full_check=True)
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    feed = FIRST_SAMPLE[name](data) if name in FIRST_SAMPLE else {k: (v[:1] if v.ndim else v) for k, v in data.items()}
+    feeds = "__layout__" in data                      # the first feed, or the first sample
+    feed = {k: np.asarray(v[0] if feeds else v[:1]) for k, v in data.items() if k != "__layout__"}
     sess.run(None, feed)
 
 

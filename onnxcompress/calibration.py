@@ -77,7 +77,7 @@ def summarize_activations(model, data, names, providers, batch_size: int = 64) -
     from .runtime import capture_session, fixed_batch, iter_outputs
 
     session = capture_session(model, list(names), providers)
-    rows = fixed_batch(session)
+    rows = 1 if data.per_feed else fixed_batch(session)   # per feed: one feed a batch, as it is
     if rows is None:              # measure one sample's tensors, then size the batches by them
         probe = session.run(list(names), next(data.take(1).batches(1)))
         per_sample = max(sum(a.nbytes for a in probe), 1)

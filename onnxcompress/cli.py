@@ -18,7 +18,7 @@ import onnx
 
 from . import container, graph as G, io, weights as W
 from ._version import __version__
-from .data import conform, load_dataset
+from .data import LAYOUTS, conform, load_dataset
 from .errors import BudgetError, CompressError, InputError
 from .manager import Evaluator, PassManager, random_dataset
 from .metrics import LatencyConfig, count_params, macs_breakdown
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--recipe", help="TOML recipe file holding a pipeline")
     c.add_argument("--calib", help="calibration data (.npz keyed by input name, or a folder)")
     c.add_argument("--eval", help="evaluation data (.npz with optional 'labels'); default: the calibration data")
+    _layout_arg(c)
     c.add_argument("--max-drop", type=_budget, help="budget in points of accuracy (with labels), else of agreement "
                    "with the original as a user sees it (top-1, decoded sequences, map IoU); default 1, 'none' for no limit")
     c.add_argument("--teacher", help="comma-separated teacher models (default: the input model)")
@@ -106,12 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="size, MACs, latency and accuracy of models side by side")
     b.add_argument("models", nargs="+")
     b.add_argument("--eval", help="evaluation data (.npz with optional 'labels')")
+    _layout_arg(b)
     _runtime_args(b)
 
     s = sub.add_parser("sensitivity", help="accuracy of each channel group pruned alone; ratio allocation")
     s.add_argument("input")
     s.add_argument("--calib", required=True, help="calibration data (shapes, data criteria)")
     s.add_argument("--eval", help="evaluation data (default: the calibration data)")
+    _layout_arg(s)
     s.add_argument("--ratios", type=_floats, default=(0.25, 0.5, 0.75), help="ratios to try (default 0.25,0.5,0.75)")
     s.add_argument("--criterion", help="importance criterion (see `onnxcompress passes`; default: prune-channels' own)")
     s.add_argument("--round-to", type=_round_to, default="auto",
@@ -177,8 +180,8 @@ def cmd_compress(args: argparse.Namespace, registry: Registry) -> int:
         raise InputError(f"output folder does not exist: {dst.parent}")
     model = _load_checked(args.input, providers)
     names = G.input_names(model)
-    calib = load_dataset(args.calib, names) if args.calib else None
-    evaluation = load_dataset(args.eval, names) if args.eval else None
+    calib = load_dataset(args.calib, names, args.layout) if args.calib else None
+    evaluation = load_dataset(args.eval, names, args.layout) if args.eval else None
     teachers = [_load_checked(t, providers) for t in _csv(args.teacher)] if args.teacher else []
     max_drop = pick(args.max_drop, "max_drop", DEFAULT_MAX_DROP)
     manager = PassManager(passes, calib=calib, eval_data=evaluation, teachers=teachers, providers=providers,
@@ -240,10 +243,18 @@ def cmd_inspect(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def _layout_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layout", choices=LAYOUTS, help="how the data is laid out: 'batch' (axis 0 is the model's "
+                        "batch axis; a folder's files are concatenated), or 'feeds' (axis 0 indexes complete feeds, "
+                        "each run as it is; a folder: one feed per .npz). Default: what the data declares "
+                        "('__layout__' in the .npz), else batch")
+
+
 def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     providers = check_providers(args.providers)
     models = [_load_checked(m, providers) for m in args.models]
-    data = conform(load_dataset(args.eval, G.input_names(models[0])), models[0]) if args.eval else random_dataset(models[0])
+    data = conform(load_dataset(args.eval, G.input_names(models[0]), args.layout), models[0]) if args.eval \
+        else random_dataset(models[0])
     evaluator = Evaluator(models[0], data, providers, _latency(args))
 
     report = Report(args.models[0])
@@ -263,8 +274,8 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     providers = check_providers(args.providers)
     model = _load_checked(args.input, providers)
     names = G.input_names(model)
-    calib = conform(load_dataset(args.calib, names), model)
-    evaluation = conform(load_dataset(args.eval, names), model) if args.eval else calib
+    calib = conform(load_dataset(args.calib, names, args.layout), model)
+    evaluation = conform(load_dataset(args.eval, names, args.layout), model) if args.eval else calib
     if args.samples:
         evaluation = evaluation.take(args.samples)
     latency = _latency(args) if args.target_latency else None

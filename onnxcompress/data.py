@@ -1,8 +1,16 @@
 """Calibration and evaluation data: feeds keyed by graph input name, with optional labels.
 
-A `Dataset` holds whole arrays (batch axis first) and hands out batches of feed dicts. It is built
-from a `.npz` file or a folder (through `io.read_arrays`), a dict of arrays, any iterable of feed
-dicts, or an onnxruntime `CalibrationDataReader`.
+A `Dataset` holds whole arrays and hands out feed dicts, in one of two layouts:
+- "batch" (the default): axis 0 of every array is the model's batch axis; samples are cut into
+  batches of any size (or of the model's fixed batch).
+- "feeds": axis 0 indexes complete feeds, each handed to the model as it is, one run per feed and
+  never concatenated or cut: for inputs without a batch axis (a scalar, a recurrent state
+  [layers, batch, hidden]) or with the batch elsewhere. Declared by a `__layout__` array holding
+  "feeds" in the .npz (then its arrays are stacked feeds), by a folder of .npz files each holding
+  one feed with that key, or by the CLI's `--layout feeds` (a folder: one feed per file).
+
+It is built from a `.npz` file or a folder (through `io.read_arrays`), a dict of arrays, any
+iterable of feed dicts, or an onnxruntime `CalibrationDataReader`.
 """
 from __future__ import annotations
 
@@ -14,48 +22,84 @@ import numpy as np
 from . import io
 from .errors import InputError
 
-__all__ = ["Dataset", "load_dataset", "as_dataset", "conform", "check_batch_first"]
+__all__ = ["Dataset", "load_dataset", "as_dataset", "conform", "check_batch_first", "LAYOUTS"]
 
 LABELS = "labels"
+LAYOUT = "__layout__"           # key of the layout declaration in a .npz
+LAYOUTS = ("batch", "feeds")
 
 
 @dataclass
 class Dataset:
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    layout: str = "batch"           # or "feeds": axis 0 indexes complete feeds (module docstring)
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise InputError(f"unknown data layout {self.layout!r}: use one of {', '.join(LAYOUTS)}")
         scalars = [k for k, v in self.feeds.items() if np.ndim(v) == 0]
         if scalars:
-            raise InputError(f"data for input(s) {', '.join(map(repr, scalars))} is a scalar (a 0-d array): every array "
-                             "needs the batch axis first, and inputs without a batch axis cannot be fed yet")
+            raise InputError(f"data for input(s) {', '.join(map(repr, scalars))} is a scalar (a 0-d array): with the batch "
+                             "layout every array needs the batch axis first; an input without one is fed with the "
+                             "feeds layout (a stack of complete feeds: --layout feeds, or '__layout__': 'feeds' in the .npz)")
         sizes = {k: len(v) for k, v in self.feeds.items()}
         if not sizes:
             raise InputError("dataset has no input arrays")
         if len(set(sizes.values())) != 1:
             raise InputError(f"dataset arrays differ in length: {sizes}")
-        if self.labels is not None and len(self.labels) != len(self):
+        if self.labels is not None and len(self.labels) != len(self) and self.layout == "batch":
             raise InputError(f"dataset has {len(self.labels)} labels for {len(self)} samples")
 
+    @property
+    def per_feed(self) -> bool:
+        return self.layout == "feeds"
+
     def __len__(self) -> int:
+        """Samples (the batch layout) or feeds."""
         return len(next(iter(self.feeds.values())))
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Feed dicts: `batch_size` samples at a time, or one complete feed at a time."""
+        if self.per_feed:
+            for i in range(len(self)):
+                yield {k: np.asarray(v[i]) for k, v in self.feeds.items()}
+            return
         for start in range(0, len(self), batch_size):
             yield {k: v[start:start + batch_size] for k, v in self.feeds.items()}
 
+    def n_batches(self, batch_size: int) -> int:
+        return len(self) if self.per_feed else -(-len(self) // batch_size)
+
+    def feed_shapes(self) -> dict[str, list[int]]:
+        """Each input's shape in one run at batch 1 (the first feed as it is, for the feeds layout)."""
+        return {k: list(np.shape(v[0])) if self.per_feed else [1, *v.shape[1:]] for k, v in self.feeds.items()}
+
+    def example(self, batch: int) -> dict[str, np.ndarray]:
+        """One feed of `batch` samples (repeated if there are fewer); the first feed as it is, per feed."""
+        if self.per_feed:
+            return {k: np.asarray(v[0]) for k, v in self.feeds.items()}
+        idx = np.arange(batch) % len(self)
+        return {k: v[idx] for k, v in self.feeds.items()}
+
+    def rows(self, name: str) -> np.ndarray:
+        """An input's values as the model's outputs come back over the dataset: the array itself,
+        or per feed, the feeds joined along their axis 0 (as outputs are)."""
+        v = self.feeds[name]
+        return np.concatenate(list(v)) if self.per_feed and v.ndim > 1 else v
+
     def take(self, n: int) -> "Dataset":
-        """The first n samples (all of them if n is larger)."""
-        labels = None if self.labels is None else self.labels[:n]
-        return Dataset({k: v[:n] for k, v in self.feeds.items()}, labels)
+        """The first n samples or feeds (all of them if n is larger)."""
+        labels = None if self.labels is None or self.per_feed else self.labels[:n]
+        return Dataset({k: v[:n] for k, v in self.feeds.items()}, labels, self.layout)
 
     def split(self, n: int) -> tuple["Dataset", "Dataset"]:
-        """The first n samples and the rest."""
+        """The first n samples (or feeds) and the rest."""
         cut = lambda a: (a[:n], a[n:])
         parts = {k: cut(v) for k, v in self.feeds.items()}
-        labels = (None, None) if self.labels is None else cut(self.labels)
-        return (Dataset({k: v[0] for k, v in parts.items()}, labels[0]),
-                Dataset({k: v[1] for k, v in parts.items()}, labels[1]))
+        labels = (None, None) if self.labels is None or self.per_feed else cut(self.labels)
+        return (Dataset({k: v[0] for k, v in parts.items()}, labels[0], self.layout),
+                Dataset({k: v[1] for k, v in parts.items()}, labels[1], self.layout))
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> None:
         """Raise InputError unless the dataset feeds exactly the model's graph inputs `inputs`."""
@@ -65,25 +109,34 @@ class Dataset:
             raise InputError(f"data does not match the model's inputs: missing {missing}, unexpected {extra}")
 
 
-def _from_arrays(arrays: Mapping[str | None, np.ndarray], input_names: list[str]) -> Dataset:
+def _from_arrays(arrays: Mapping[str | None, np.ndarray], input_names: list[str], layout: str | None = None) -> Dataset:
     arrays = dict(arrays)
     labels = arrays.pop(LABELS, None)
+    declared = arrays.pop(LAYOUT, None)
+    if declared is not None:
+        declared = str(np.asarray(declared).reshape(-1)[0])
+        if declared not in LAYOUTS:
+            raise InputError(f"the data declares layout {declared!r} ('{LAYOUT}'): use one of {', '.join(LAYOUTS)}")
     if None in arrays:  # .npy batches for a model's only input
         if len(input_names) != 1:
             raise InputError(".npy data is only for models with one input; use .npz keyed by input name")
         arrays[input_names[0]] = arrays.pop(None)
-    return Dataset({str(k): np.asarray(v) for k, v in arrays.items()}, labels)
+    return Dataset({str(k): np.asarray(v) for k, v in arrays.items()}, labels, layout or declared or "batch")
 
 
-def load_dataset(path: str, input_names: list[str]) -> Dataset:
-    """Read a dataset from a .npz file or a folder of .npz/.npy files, and check it feeds the model."""
-    ds = _from_arrays(io.read_arrays(path), input_names)
+def load_dataset(path: str, input_names: list[str], layout: str | None = None) -> Dataset:
+    """Read a dataset from a .npz file or a folder of .npz/.npy files, and check it feeds the model.
+    `layout` overrides what the data declares ("feeds" with a folder: one complete feed per file)."""
+    if layout is not None and layout not in LAYOUTS:
+        raise InputError(f"unknown data layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    ds = _from_arrays(io.read_arrays(path, stack=layout), input_names, layout)
     ds.check_inputs({n: None for n in input_names})
     return ds
 
 
 def as_dataset(data: Any, input_names: list[str]) -> Dataset:
-    """Accept a Dataset, a dict of arrays, an iterable of feed dicts or a CalibrationDataReader."""
+    """Accept a Dataset, a dict of arrays, an iterable of feed dicts or a CalibrationDataReader (its
+    feeds joined as batches; kept as complete feeds where they hold scalars or do not join)."""
     if isinstance(data, Dataset):
         return data
     if isinstance(data, Mapping):
@@ -95,7 +148,12 @@ def as_dataset(data: Any, input_names: list[str]) -> Dataset:
         for feed in data:
             for k, v in feed.items():
                 feeds.setdefault(k, []).append(np.asarray(v))
-        return Dataset({k: np.concatenate(v) for k, v in feeds.items()})
+        try:                                    # batches, joined along their batch axis
+            if not any(a.ndim == 0 for v in feeds.values() for a in v):
+                return Dataset({k: np.concatenate(v) for k, v in feeds.items()})
+        except ValueError:
+            pass
+        return Dataset({k: io.pack(v) for k, v in feeds.items()}, layout="feeds")   # scalars, or shapes that differ
     raise InputError(f"cannot use {type(data).__name__} as data")
 
 
@@ -112,36 +170,37 @@ def check_batch_first(specs: Mapping[str, Any]) -> None:
             if later:
                 shape = [x.dim_value if x.HasField("dim_value") else (x.dim_param or "?") for x in d]
                 raise InputError(f"input '{name}' {shape} has its batch axis '{d[later[0]].dim_param}' at position "
-                                 f"{later[0]}: data arrays need the batch axis first, and inputs laid out otherwise "
-                                 "cannot be fed yet")
+                                 f"{later[0]}: the batch layout needs the batch axis first; feed such inputs with the "
+                                 "feeds layout (a stack of complete feeds: --layout feeds, or '__layout__': 'feeds' in the .npz)")
 
 
 def conform(data: Dataset, model) -> Dataset:
     """Check the dataset against the model's graph inputs: same names, same rank, matching static
-    dimensions (after the batch); floating-point arrays are cast to the input's float type.
-    Raises InputError naming the input and the mismatch."""
+    dimensions (after the batch, or all of them for the feeds layout); floating-point arrays are
+    cast to the input's float type. Raises InputError naming the input and the mismatch."""
     import onnx
 
     inits = {t.name for t in model.graph.initializer}
     specs = {i.name: i.type.tensor_type for i in model.graph.input if i.name not in inits}
     data.check_inputs(specs)
-    check_batch_first(specs)
+    if not data.per_feed:
+        check_batch_first(specs)
     feeds = {}
     for name, tt in specs.items():
-        arr = data.feeds[name]
         want = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        if tt.HasField("shape") and arr.ndim != len(dims):
-            raise InputError(f"data for input '{name}' has shape {list(arr.shape)}; the model expects rank {len(dims)} "
-                             f"({['?' if d is None else d for d in dims]})")
-        for axis, (have, need) in enumerate(zip(arr.shape, dims)):
-            if axis > 0 and need is not None and have != need:
-                raise InputError(f"data for input '{name}' has shape {list(arr.shape)}; the model expects "
-                                 f"{['?' if d is None else d for d in dims]}")
-        if arr.dtype != want:
-            if arr.dtype.kind == want.kind == "f" or (arr.dtype.kind in "iu" and want.kind in "iu"):
-                arr = arr.astype(want)
-            else:
+        parts = [np.asarray(f) for f in data.feeds[name]] if data.per_feed else [data.feeds[name]]
+        for arr in parts:
+            what = "each feed of input" if data.per_feed else "data for input"
+            if tt.HasField("shape") and arr.ndim != len(dims):
+                raise InputError(f"{what} '{name}' has shape {list(arr.shape)}; the model expects rank {len(dims)} "
+                                 f"({['?' if d is None else d for d in dims]})")
+            for axis, (have, need) in enumerate(zip(arr.shape, dims)):
+                if (axis > 0 or data.per_feed) and need is not None and have != need:
+                    raise InputError(f"{what} '{name}' has shape {list(arr.shape)}; the model expects "
+                                     f"{['?' if d is None else d for d in dims]}")
+            if arr.dtype != want and not (arr.dtype.kind == want.kind == "f" or (arr.dtype.kind in "iu" and want.kind in "iu")):
                 raise InputError(f"data for input '{name}' is {arr.dtype}; the model expects {want}")
-        feeds[name] = arr
-    return Dataset(feeds, data.labels)
+        parts = [a.astype(want, copy=False) for a in parts]
+        feeds[name] = io.pack(parts) if data.per_feed else parts[0]
+    return Dataset(feeds, data.labels, data.layout)

@@ -104,8 +104,20 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     return out
 
 
-def read_arrays(path: str | os.PathLike) -> dict[str | None, np.ndarray]:
-    """Arrays from a .npz file, or from a folder of .npz/.npy files concatenated along axis 0.
+def pack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays stacked on a new axis 0, or, when their shapes differ, a 1-D object array holding them."""
+    if len({np.shape(a) for a in arrays}) <= 1:
+        return np.stack(arrays)
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def read_arrays(path: str | os.PathLike, stack: str | None = None) -> dict[str | None, np.ndarray]:
+    """Arrays from a .npz file, or from a folder of .npz/.npy files concatenated along axis 0,
+    or stacked on a new axis 0 when each file holds one complete feed (`stack="feeds"`, or the
+    files declare the feeds layout under "__layout__").
 
     A .npy file holds a batch for a model's only input and comes back under the key None."""
     p = Path(path)
@@ -126,10 +138,15 @@ def read_arrays(path: str | os.PathLike) -> dict[str | None, np.ndarray]:
             raise InputError(f"{f} is not a readable numpy file ({e})") from e
         for k, v in arrays.items():
             parts.setdefault(k, []).append(v)
+    layout = parts.pop("__layout__", None)
+    if p.is_dir() and (stack == "feeds" or (stack is None and layout is not None
+                                             and str(np.asarray(layout[0]).reshape(-1)[0]) == "feeds")):
+        return {**{k: pack(v) for k, v in parts.items()}, "__layout__": np.asarray("feeds")}   # one feed per file
     try:
-        return {k: (v[0] if len(v) == 1 else np.concatenate(v)) for k, v in parts.items()}
+        arrays = {k: (v[0] if len(v) == 1 else np.concatenate(v)) for k, v in parts.items()}
     except ValueError as e:
         raise InputError(f"arrays in {p} do not stack: {e}") from e
+    return arrays if layout is None else {**arrays, "__layout__": layout[0]}
 
 
 def read_text(path: str | os.PathLike) -> str:

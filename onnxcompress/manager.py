@@ -62,7 +62,7 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         self.reference = self.outputs(self.original)
-        self.input_shapes = {k: [1, *v.shape[1:]] for k, v in self.data.feeds.items()}
+        self.input_shapes = self.data.feed_shapes()
 
     def outputs(self, model: onnx.ModelProto, batch_size: int | None = None) -> dict[str, np.ndarray]:
         return run_model(make_session(model, self.providers), self.data, batch_size or self.batch_size,

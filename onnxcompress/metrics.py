@@ -455,8 +455,7 @@ class LatencyConfig:
 
 def _latency_feed(session, data: Dataset | None, batch: int) -> dict[str, np.ndarray]:
     if data is not None:
-        idx = np.arange(batch) % len(data)
-        return {k: v[idx] for k, v in data.feeds.items()}
+        return data.example(batch)
     rng = np.random.default_rng(0)
     feed = {}
     for i in session.get_inputs():

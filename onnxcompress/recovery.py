@@ -112,7 +112,7 @@ def paired_batches(graph: gs.Graph, ctx: Context, reference: onnx.ModelProto, da
 
 def student_activations(graph: gs.Graph, ctx: Context, data: Dataset, names: Sequence[str]) -> dict[str, np.ndarray]:
     """Tensors of the graph as it is now (the student, with earlier refits applied)."""
-    fed = {n: data.feeds[n] for n in names if n in data.feeds}  # graph inputs need no run
+    fed = {n: data.rows(n) for n in names if n in data.feeds}  # graph inputs need no run
     rest = [n for n in names if n not in fed]
     if rest:
         model = G.to_model(G.tidy(graph.copy()), like=ctx.original)

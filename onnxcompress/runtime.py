@@ -107,7 +107,7 @@ def iter_outputs(session: ort.InferenceSession, data: Dataset, batch_size: int =
     """Run the dataset through a session batch by batch, yielding each batch's outputs (bounded memory)."""
     names = list(outputs) if outputs else [o.name for o in session.get_outputs()]
     batch_size = fixed_batch(session) or batch_size
-    n_batches = -(-len(data) // batch_size)
+    n_batches = data.n_batches(batch_size)
     for feed in progress(data.batches(batch_size), total=n_batches, desc=desc):
         yield dict(zip(names, session.run(names, feed)))
 

@@ -134,7 +134,7 @@ def sensitivity(model: onnx.ModelProto, prune: Prune, calib: Dataset, evaluation
     layers `factor-lowrank` factors, a ratio being the share of a layer's MACs taken away).
     Scores and MACs come from `jobs` parallel workers (default: one per core); latencies are then
     measured one model at a time, so that the workers do not disturb them."""
-    shapes = {k: [1, *v.shape[1:]] for k, v in calib.feeds.items()}
+    shapes = calib.feed_shapes()
     if units is None:
         an = analyze(G.to_graph(model), model, shapes)
         units = {g.name: len(g.units) for g in an.groups if not g.frozen}
@@ -166,7 +166,7 @@ def allocate(model: onnx.ModelProto, prune: Prune, sens: Sensitivity, calib: Dat
     by="latency") with the least predicted accuracy loss. Returns the ratios and what the pruned
     model measured (MACs, latency). `prune` builds the candidates; it need not recover (MACs and
     latency depend on the structure only)."""
-    shapes = {k: [1, *v.shape[1:]] for k, v in calib.feeds.items()}
+    shapes = calib.feed_shapes()
     cost = {g: [0.0] + [max(sens.base_score - s, 0.0) for s in sens.score[g]] for g in sens.groups}
     if by == "latency":
         gain = {g: [0.0] + [sens.base_latency - t for t in sens.latency[g]] for g in sens.groups}

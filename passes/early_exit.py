@@ -234,7 +234,7 @@ class EarlyExit(Pass):
                                  "single-output classifier")
         model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
         # symbolic sizes (PP-OCR's angle classifier takes any height and width) pinned to the data's
-        pins = None if ctx.calib is None else {k: [1, *np.shape(v)[1:]] for k, v in ctx.calib.feeds.items()}
+        pins = None if ctx.calib is None else ctx.calib.feed_shapes()
         shapes = static_shapes(model, pins)
         out = graph.outputs[0]
         shape = shapes.get(out.name) or []

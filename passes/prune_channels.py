@@ -95,7 +95,7 @@ class PruneChannels(Pass):
             ratios, default = self._allocate(graph, ctx, data, round_to, criterion, stats, notes), 0.0
             if self.criterion is None and self.scope == "layer" and ratios:
                 criterion = self._pick_criterion(graph, ctx, data, ratios, round_to, notes)
-        shapes = None if data is None else {k: [1, *v.shape[1:]] for k, v in data.feeds.items()}
+        shapes = None if data is None else data.feed_shapes()
         analyze_now = lambda: analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original), shapes)
         an = analyze_now()
         notes += _frozen_notes(an, self.exclude)
@@ -166,7 +166,7 @@ class PruneChannels(Pass):
                 return G.to_model(G.tidy(g), like=m)
             return prune
 
-        shapes = {k: [1, *v.shape[1:]] for k, v in data.feeds.items()}
+        shapes = data.feed_shapes()
         an = analyze(G.to_graph(model), model, shapes)
         units = {g.name: len(g.units) for g in self._prunable(an)     # groups a cut can change
                  if kept_count(len(g.units), max(RATIOS), round_to, self.min_channels) < len(g.units)}

@@ -41,7 +41,10 @@ def test_iterable_of_feeds_and_calibration_reader():
             return next(self.it, None)
 
     ds = as_dataset(Reader(), ["x"])
-    assert ds.feeds["x"][:, 0].tolist() == [0, 0, 1, 1, 2, 2]
+    assert ds.feeds["x"][:, 0].tolist() == [0, 0, 1, 1, 2, 2] and ds.layout == "batch"
+    # feeds that do not join as batches (a scalar input, lines of different widths) stay whole
+    odd = as_dataset([{"x": np.ones((1, w), np.float32), "t": np.float32(w)} for w in (3, 5)], ["x", "t"])
+    assert odd.layout == "feeds" and [(f["x"].shape, float(f["t"])) for f in odd.batches(64)] == [((1, 3), 3.0), ((1, 5), 5.0)]
 
 
 def test_conform_casts_floats_and_checks_static_dims(resnet):
@@ -56,5 +59,49 @@ def test_a_scalar_array_is_refused_with_the_input_named(tmp_path):
     """A 0-d array (an input without a batch axis) has no samples: a one-line InputError, not a
     TypeError from len()."""
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 2), np.float32), temperature=np.array(2.0, np.float32))
-    with pytest.raises(InputError, match="'temperature' is a scalar"):
+    with pytest.raises(InputError, match="'temperature' is a scalar .* fed with the feeds layout"):
         load_dataset(str(tmp_path / "d.npz"), ["x", "temperature"])
+
+
+def test_an_npz_declaring_the_feeds_layout_is_fed_one_complete_feed_at_a_time(tmp_path):
+    """Axis 0 indexes feeds: each is handed over as it is (a scalar as a 0-d array), whatever batch
+    size is asked; take and split keep the layout; feed_shapes are a feed's own."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 3, 2), np.float32), t=np.arange(5, dtype=np.float32),
+             __layout__=np.asarray("feeds"))
+    ds = load_dataset(str(tmp_path / "d.npz"), ["x", "t"])
+    assert ds.layout == "feeds" and len(ds) == 5 and ds.n_batches(64) == 5
+    feeds = list(ds.batches(64))
+    assert [f["x"].shape for f in feeds] == [(3, 2)] * 5 and [f["t"].shape for f in feeds] == [()] * 5
+    assert float(feeds[2]["t"]) == 2.0 and ds.feed_shapes() == {"x": [3, 2], "t": []}
+    first, rest = ds.split(2)
+    assert (len(first), len(rest), first.layout, ds.take(3).layout) == (2, 3, "feeds", "feeds")
+    assert ds.rows("x").shape == (15, 2)          # joined as the outputs of 5 runs are
+
+
+def test_a_folder_of_feeds_of_different_shapes_with_layout_feeds(tmp_path):
+    """One .npz per feed (text lines of different widths, say): stacked as feeds, never
+    concatenated; conform checks each feed against the model's input."""
+    import onnx
+    from onnx import helper
+    from onnxcompress.data import conform
+    for i, width in enumerate((7, 9, 12)):
+        np.savez(tmp_path / f"{i}.npz", x=np.ones((1, 3, width), np.float64) * i)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, "W"])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+                                                [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]))
+    ds = conform(load_dataset(str(tmp_path), ["x"], layout="feeds"), model)
+    assert len(ds) == 3 and [f["x"].shape for f in ds.batches(8)] == [(1, 3, 7), (1, 3, 9), (1, 3, 12)]
+    assert all(f["x"].dtype == np.float32 for f in ds.batches(8))
+    np.savez(tmp_path / "3.npz", x=np.ones((1, 4, 5)))
+    with pytest.raises(InputError, match=r"each feed of input 'x' has shape \[1, 4, 5\]; the model expects \[1, 3, '\?'\]"):
+        conform(load_dataset(str(tmp_path), ["x"], layout="feeds"), model)
+    with pytest.raises(InputError, match="do not stack"):           # as batches, they cannot be joined
+        load_dataset(str(tmp_path), ["x"], layout="batch")
+
+
+def test_an_unknown_layout_is_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 1)), __layout__=np.asarray("rows"))
+    with pytest.raises(InputError, match="declares layout 'rows'"):
+        load_dataset(str(tmp_path / "d.npz"), ["x"])
+    with pytest.raises(InputError, match="unknown data layout 'rows'"):
+        Dataset({"x": np.zeros((2, 1))}, layout="rows")
