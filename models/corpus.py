@@ -35,6 +35,8 @@ NOTES = {
                  "each feed x [1, 4, 6] and h0 [1, 1, 8]",
     "gru_state2": "input 'h0' is [layers=2, batch, hidden] (batch on axis 1): the .npz declares the feeds layout, "
                   "each feed x [2, 3, 3] (two sequences) and h0 [2, 2, 4]",
+    "crnn_seqfirst": "batch fixed to 1 and sequence-first inside: the .npz declares the feeds layout, each feed a "
+                     "text line x [1, 1, 16, 24] (lines of other widths: a folder of one .npz per feed)",
 }
 FEEDS = np.asarray("feeds")      # the layout declaration stored under '__layout__'
 
@@ -107,6 +109,27 @@ def lstm():
              init("ax1", np.array([1], np.int64)), init("head.w", w(r, 5, H).T.copy()), init("head.b", w(r, 5, scale=0.1))]
     m = build(nodes, [vi("x", ["N", Tn, F])], [vi("logits", ["N", Tn, 5])], inits, 17, "lstm")
     return m, {"x": r.standard_normal((SAMPLES, Tn, F)).astype(np.float32)}
+
+
+@model("text recognizer as PaddleOCR-style CRNNs export it (opset 12): batch fixed to 1, input [1, 1, 16, W], two "
+       "strided convs, columns to a sequence-first LSTM [T, 1, 64], per-step MatMul head -> [T, 1, 10]", 12)
+def crnn_seqfirst():
+    r, H = rng(4), 16
+    nodes = [h.make_node("Conv", ["x", "c1.w", "c1.b"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1], name="c1"),
+             h.make_node("Relu", ["c1"], ["r1"]),
+             h.make_node("Conv", ["r1", "c2.w", "c2.b"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1], name="c2"),
+             h.make_node("Relu", ["c2"], ["r2"]),
+             h.make_node("Transpose", ["r2"], ["cols"], perm=[3, 0, 1, 2]),          # [T, 1, 16, 4]
+             h.make_node("Reshape", ["cols", "seq_shape"], ["seq"]),                 # [T, 1, 64]
+             h.make_node("LSTM", ["seq", "W", "R", "B"], ["Y"], hidden_size=H, name="lstm"),
+             h.make_node("Squeeze", ["Y"], ["ys"], axes=[1]),                        # [T, 1, H]
+             h.make_node("MatMul", ["ys", "head.w"], ["hm"], name="head"),
+             h.make_node("Add", ["hm", "head.b"], ["logits"])]
+    inits = [*conv_params(r, 8, 1, 3, "c1"), *conv_params(r, 16, 8, 3, "c2"), init("seq_shape", np.array([0, 0, -1], np.int64)),
+             init("W", w(r, 1, 4 * H, 64)), init("R", w(r, 1, 4 * H, H)), init("B", w(r, 1, 8 * H, scale=0.1)),
+             init("head.w", w(r, H, 10)), init("head.b", w(r, 10, scale=0.1))]
+    m = build(nodes, [vi("x", [1, 1, 16, "W"])], [vi("logits", ["T", 1, 10])], inits, 12, "crnn_seqfirst")
+    return m, {"x": r.standard_normal((SAMPLES, 1, 1, 16, 24)).astype(np.float32), "__layout__": FEEDS}   # see NOTES
 
 
 @model("bidirectional GRU (linear_before_reset), last hidden states -> Gemm classifier", 17)

@@ -225,7 +225,7 @@ class Stepper:
             self.n_batches += 1
             for name, value in batch.items():
                 self.env[name].append(value)
-        self.keep, self.pos = set(keep), 0
+        self.keep, self.pos, self.per_feed = set(keep), 0, data.per_feed
 
     def fetch(self, name: str) -> list[np.ndarray]:
         """The tensor `name` for every batch of the dataset."""
@@ -260,7 +260,8 @@ class Stepper:
                 continue   # an optional input left out, or a weight
             if t.name in self.env:
                 first = self.env[t.name][0]
-                feeds[t.name] = (first.dtype, [None, *first.shape[1:]] if first.ndim else [])
+                dims = [None] * first.ndim if self.per_feed else [None, *first.shape[1:]][:first.ndim]
+                feeds[t.name] = (first.dtype, dims)      # feeds may differ in any dim, batches in the first
             elif len(t.inputs) == 1:
                 node = t.inputs[0]
                 if id(node) in seen:

@@ -110,3 +110,23 @@ def test_inputs_without_a_batch_axis_first_are_fed_as_complete_feeds(tmp_path, c
     assert code == 0, err
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"x": data["x"][0], "h0": data["h0"][0]})[0].shape == (2, 2, 4)
+
+
+@pytest.mark.parametrize("passes", ["prune-channels(ratio=0.5, round_to=1)", "distill(layers='all')", "quantize"])
+def test_a_sequence_first_recognizer_on_text_lines_of_different_widths(passes, tmp_path, capsys):
+    """The issue's case: a conv + LSTM recognizer with the batch fixed to 1 and a sequence-first LSTM
+    [time, batch, features] inside, calibrated on lines of four widths (a folder of one .npz per
+    feed): each line runs as it is, and the passes compress it with no reshape assuming axis 0."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    for i, width in enumerate([16, 24, 32, 40] * 6):
+        np.savez(folder / f"{i:03d}.npz", x=rng.standard_normal((1, 1, 16, width)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    code = main(["compress", str(CORPUS / "crnn_seqfirst.onnx"), "-o", str(out), "--passes", passes, "--calib",
+                 str(folder), "--layout", "feeds", "--max-drop", "none", "--no-latency"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0 and "Traceback" not in stdout + stderr, stderr
+    assert " applied " in stdout, stdout
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": rng.standard_normal((1, 1, 16, 36)).astype(np.float32)})[0].shape == (9, 1, 10)
