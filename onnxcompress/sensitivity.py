@@ -36,6 +36,7 @@ __all__ = ["Sensitivity", "Scorer", "sensitivity", "allocate", "plan", "Prune", 
 
 Prune = Callable[[onnx.ModelProto, dict[str, float]], onnx.ModelProto]
 RATIOS = (0.25, 0.5, 0.75)      # shares of a unit taken away in the sensitivity trials
+CONFIRM_ROUNDS = 7             # paired timing rounds that confirm a latency target is met
 LATENCY_BATCHES = (1, 32)       # a latency target: the time of one batch of each, summed (one thread:
                                 # steadier on a shared machine; the ratio is what counts)
 
@@ -178,6 +179,11 @@ def allocate(model: onnx.ModelProto, prune: Prune, sens: Sensitivity, calib: Dat
     ratios: dict[str, float] = {}
     measured = _measure(model, prune, ratios, shapes, by, latency, calib, providers, base)
     for _ in range(max_rounds):
+        if measured["value"] <= target * base and by == "latency" and ratios:
+            # a timing just under the target may be luck (ResNet's allocation "met" 0.5 and ran at
+            # 0.53x of the original in the benchmark): confirm with more rounds, keep the slower
+            measured = max(measured, _measure(model, prune, ratios, shapes, by, latency, calib, providers, base,
+                                              rounds=CONFIRM_ROUNDS), key=lambda m: m["value"])
         if measured["value"] <= target * base:
             break
         moves = []          # (accuracy cost per unit saved, cost, saving, group, level)
@@ -201,11 +207,11 @@ def allocate(model: onnx.ModelProto, prune: Prune, sens: Sensitivity, calib: Dat
     return ratios, measured
 
 
-def _measure(model, prune: Prune, ratios, shapes, by, latency, data, providers, base: float) -> dict:
+def _measure(model, prune: Prune, ratios, shapes, by, latency, data, providers, base: float, rounds: int = 3) -> dict:
     pruned = prune(model, ratios) if ratios else model
     out = {"macs": total_macs(pruned, shapes)}
     if by == "latency":  # against the original measured in the same moments: a shared machine drifts
-        ratio = paired_latency_ratio(pruned, model, latency or LatencyConfig(), data, providers) if ratios else 1.0
+        ratio = paired_latency_ratio(pruned, model, latency or LatencyConfig(), data, providers, rounds) if ratios else 1.0
         out["latency_ms"] = ratio * base
         out["value"] = out["latency_ms"]
     else:

@@ -103,3 +103,26 @@ def test_sensitivity_command_refuses_bad_round_to_and_jobs(capsys):
     assert "argument --round-to: expected 'auto' or a positive integer, got '0'" in capsys.readouterr().err
     assert main(base + ["--jobs", "0"]) == 2
     assert capsys.readouterr().err.strip() == "onnxcompress: error: --jobs must be at least 1, got 0"
+
+
+def test_a_latency_target_met_by_one_timing_is_confirmed_before_the_allocation_stops(monkeypatch):
+    """The first timing under the target is re-measured with more rounds; when the confirmation
+    is slower than the target, the allocation goes on cutting (timings here are scripted)."""
+    from onnxcompress import sensitivity as S
+    sens = S.Sensitivity(100.0, 1000, (0.25, 0.5, 0.75), ["a", "b"], {"a": 8, "b": 8},
+                         score={"a": [99.0, 98.0, 97.0], "b": [99.5, 99.0, 98.0]},
+                         macs={"a": [800, 600, 400], "b": [900, 800, 700]},
+                         latency={"a": [8.0, 6.0, 4.0], "b": [9.0, 8.0, 7.0]}, base_latency=10.0)
+    timings = iter([1.0, 0.45, 0.55, 0.40, 0.42, 0.4, 0.4])   # original, 1st cut, its confirmation, 2nd cut, ...
+    calls = []
+
+    def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
+        calls.append((dict(ratios), rounds))
+        value = next(timings) * base
+        return {"macs": 0, "latency_ms": value, "value": value}
+
+    monkeypatch.setattr(S, "_measure", fake_measure)
+    ratios, measured = S.allocate(None, lambda m, r: m, sens, Dataset({"x": np.zeros((2, 1))}), 0.5, by="latency")
+    assert [r for _, r in calls] == [3, 3, S.CONFIRM_ROUNDS, 3, S.CONFIRM_ROUNDS]
+    assert calls[3][0] != calls[1][0]                        # not confirmed: one more cut
+    assert measured["target_met"] and measured["value"] == 0.42 * 10.0
