@@ -1,6 +1,7 @@
 """Branching a classifier at run time: where a graph can be cut, an exit head on the cut tensor, and
 an `If` whose else-branch holds the rest of the network, so that onnxruntime runs it only when the
-branch is taken. Early exits use all of it; a width knob would reuse the cuts and the branch.
+branch is taken. Early exits use all of it; the width knob uses the branch (an If chain over width
+variants).
 
 A cut is a tensor that is the only thing the rest of the graph needs from the part before it: its
 ancestors form the first part, every other node the rest, and no node of the rest reads any other
@@ -214,17 +215,20 @@ def _body_outputs(graph: gs.Graph, values: Sequence[gs.Tensor], like: Sequence[g
 
 
 def branch(graph: gs.Graph, cond: gs.Tensor, then_values: Sequence[gs.Tensor], else_nodes: Sequence[gs.Node],
-           else_values: Sequence[gs.Tensor], outputs: Sequence[gs.Variable]) -> gs.Node:
+           else_values: Sequence[gs.Tensor], outputs: Sequence[gs.Variable], then_nodes: Sequence[gs.Node] = (),
+           prefix: str = "exit") -> gs.Node:
     """An If on `cond` that produces the tensors `outputs` (which must have no producer): the
-    then-branch returns `then_values`, the else-branch moves `else_nodes` out of the graph and
-    returns `else_values`. Both bodies read what they need from the outer scope."""
-    made = {t.name for n in else_nodes for t in n.outputs}
-    then_nodes, then_outs = _body_outputs(graph, then_values, outputs, set(), "then")
-    else_extra, else_outs = _body_outputs(graph, else_values, outputs, made, "else")
-    names = [G.unique_name(graph, base) for base in ("exit_if", "exit_then", "exit_else")]
-    moved = {id(n) for n in else_nodes}
+    then-branch moves `then_nodes` out of the graph and returns `then_values`, the else-branch
+    moves `else_nodes` and returns `else_values`. Both bodies read what they need from the outer
+    scope. The If and its bodies are named after `prefix`."""
+    made_then = {t.name for n in then_nodes for t in n.outputs}
+    made_else = {t.name for n in else_nodes for t in n.outputs}
+    then_extra, then_outs = _body_outputs(graph, then_values, outputs, made_then, "then")
+    else_extra, else_outs = _body_outputs(graph, else_values, outputs, made_else, "else")
+    names = [G.unique_name(graph, f"{prefix}_{base}") for base in ("if", "then", "else")]
+    moved = {id(n) for n in [*then_nodes, *else_nodes]}
     graph.nodes[:] = [n for n in graph.nodes if id(n) not in moved]
-    then_g = gs.Graph(nodes=then_nodes, outputs=then_outs, name=names[1], opset=graph.opset)
+    then_g = gs.Graph(nodes=[*then_nodes, *then_extra], outputs=then_outs, name=names[1], opset=graph.opset)
     else_g = gs.Graph(nodes=[*else_nodes, *else_extra], outputs=else_outs, name=names[2], opset=graph.opset)
     node = gs.Node("If", names[0], {"then_branch": then_g, "else_branch": else_g}, [cond], list(outputs))
     graph.nodes.append(node)

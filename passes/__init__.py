@@ -11,7 +11,8 @@ from .prune_channels import PruneChannels
 from .prune_weights import PruneWeights
 from .quantize import Quantize
 from .quantize_weights import QuantizeWeights
+from .width_knob import WidthKnob
 
-BUILTIN = (ClusterWeights, Distill, EarlyExit, FactorDepthwise, FactorLowRank, FoldBatchNorm, PruneChannels, PruneWeights, Quantize, QuantizeWeights)
+BUILTIN = (ClusterWeights, Distill, EarlyExit, FactorDepthwise, FactorLowRank, FoldBatchNorm, PruneChannels, PruneWeights, Quantize, QuantizeWeights, WidthKnob)
 
-__all__ = ["BUILTIN", "ClusterWeights", "Distill", "EarlyExit", "FactorDepthwise", "FactorLowRank", "FoldBatchNorm", "PruneChannels", "PruneWeights", "Quantize", "QuantizeWeights"]
+__all__ = ["BUILTIN", "ClusterWeights", "Distill", "EarlyExit", "FactorDepthwise", "FactorLowRank", "FoldBatchNorm", "PruneChannels", "PruneWeights", "Quantize", "QuantizeWeights", "WidthKnob"]
