@@ -7,11 +7,15 @@ Which width runs: the narrowest configured width at least the one fed; the wides
 (1.0 and above run the full model; below the narrowest width, the narrowest runs).
 
 Why an If over separate variants and not one set of weights sliced at run time (each narrower
-model a prefix of the wider one, the file no bigger than the original): onnxruntime pre-packs
-constant weights and folds BatchNorm into them when the session starts, and a weight Sliced by a
-run-time width is neither. Measured at batch 1 on one thread (`benchmarks/width.py`'s prototype),
-the sliced 50% ResNet ran slower than the full model; the If costs a few microseconds. The price of
-the If is the file: every width's weights are stored (1 + 0.75^2 + 0.5^2, about 1.8x by default).
+model a prefix of the wider one, the file barely bigger than the original): onnxruntime picks its
+blocked (NCHWc) Conv kernels and pre-packs the weights when the session starts, for constant weights
+only, and a weight Sliced by a run-time width is not constant (the prototype folds BatchNorm first,
+so that is not the difference). Measured at batch 1 on one thread (500 digits, interleaved, median of 5
+rounds; `benchmarks/width.py` has the prototype), latency over the original's at widths 1 / 0.75 /
+0.5: ResNet, If chain 1.02 / 0.90 / 0.62x (the pruned models alone 0.85 / 0.57x), sliced weights
+2.02 / 1.85 / 1.33x; VGG, If chain 1.06 / 0.76 / 0.38x (alone 0.77 / 0.34x), sliced 1.73 / 1.45 /
+0.70x. The If chain's price is the file: every width's weights are stored (ResNet 2.0x, VGG 1.9x
+the original; one sliced set 1.2x and 1.0x).
 """
 from __future__ import annotations
 

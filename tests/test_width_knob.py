@@ -63,6 +63,9 @@ def test_every_width_is_the_separately_pruned_model(knob, alone, inputs):
     for w, pruned in alone.items():
         for x in inputs:
             assert np.abs(run(new, {"input": x, "width": at(w)})[0] - run(pruned, {"input": x})[0]).max() <= 1e-5
+    x = inputs[0]
+    outs = [run(new, {"input": x, "width": at(w)})[0] for w in (1.0, 0.75, 0.5)]
+    assert min(np.abs(a - b).max() for i, a in enumerate(outs) for b in outs[i + 1:]) > 1e-3   # three models
 
 
 def test_by_default_the_knob_is_the_original(resnet, knob, inputs):
