@@ -3,6 +3,7 @@ tool's own speed and memory at a realistic size (`benchmarks/speed.py` builds th
 folder; they are not committed: 100 MB each).
 
     python models/big.py DIR [cnn] [tfm]   # writes DIR/cnn.onnx, cnn_calib.npz, tfm.onnx, tfm_calib.npz
+    python models/big.py DIR huge          # writes DIR/huge.onnx, huge.onnx.data (2.3 GB), huge_calib.npz
 
 (a) cnn.onnx: ResNet-50-shaped (bottlenecks 3-4-6-3, widths 64..2048, Conv(no bias)+BN+ReLU,
     residual Adds, GlobalAveragePool, Flatten, Gemm 2048->1000), He-initialised; input
@@ -12,7 +13,13 @@ folder; they are not committed: 100 MB each).
 (b) tfm.onnx: post-LN Transformer encoder, 8 layers, d_model 512, 8 heads, FFN 2048,
     LayerNormalization, Softmax, GELU written with Erf, MatMul with constant weights + Add bias;
     mean over the sequence and a Gemm 512->1000 head; input "input" [N,64,512] float.
-Both opset 17, symbolic batch "N".  Calibration: 256 samples each, key "input".
+(c) huge.onnx: a model over 2 GB for the external-data path: a stem Conv 3->1024 then 60 blocks of
+    Conv 3x3 1024->1024 (no bias) + BN + ReLU on 8x8 maps, GlobalAveragePool, Flatten, Gemm
+    1024->1000; 2.27 GB of float32 weights in huge.onnx.data. Written one tensor at a time straight
+    into the data file, so building it holds one layer's weights, never the model. BN statistics
+    are what He-initialised weights give (mean 0, variance 1, slightly perturbed). Calibration: 32
+    samples of 3x8x8.
+Both opset 17, symbolic batch "N".  Calibration: 256 samples each, key "input" (huge: 32).
 """
 import os
 import sys
@@ -225,6 +232,67 @@ def make_tfm(layers=8, d=512, heads=8, ffn=2048, seq=64, classes=1000):
     return m
 
 
+# ----------------------------------------------------------------------------- > 2 GB CNN
+class ExternalWriter:
+    """Initializers written straight into one external data file (aligned to 4 KiB, as onnx and
+    onnxruntime's memory mapping like), so only the tensor being written is ever in memory."""
+
+    def __init__(self, folder: str, location: str):
+        self.location = location
+        self.f = open(os.path.join(folder, location), "wb")
+        self.inits: list[onnx.TensorProto] = []
+
+    def add(self, name: str, arr: np.ndarray) -> str:
+        arr = np.ascontiguousarray(arr, np.float32)
+        offset = -(-self.f.tell() // 4096) * 4096
+        self.f.seek(offset)
+        self.f.write(arr.tobytes())   # one tensor's bytes at a time
+        t = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=arr.shape,
+                             data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(arr.nbytes))):
+            t.external_data.add(key=k, value=v)
+        self.inits.append(t)
+        return name
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def make_huge(folder: str, blocks: int = 60, width: int = 1024, classes: int = 1000) -> onnx.ModelProto:
+    """(c): saved as folder/huge.onnx with its weights in folder/huge.onnx.data."""
+    w = ExternalWriter(folder, "huge.onnx.data")
+    nodes, x, cin = [], "input", 3
+    for i in range(blocks + 1):
+        p = f"b{i}."
+        w.add(p + "conv.weight", rng.standard_normal((width, cin, 3, 3), dtype=np.float32)
+              * np.float32(np.sqrt(2.0 / (cin * 9))))
+        bn = {"scale": rng.uniform(0.8, 1.2, width), "bias": rng.normal(0, 0.1, width),
+              "mean": rng.normal(0, 0.05, width), "var": rng.uniform(0.8, 1.25, width)}
+        for k, v in bn.items():
+            w.add(p + "bn." + k, v)
+        nodes += [helper.make_node("Conv", [x, p + "conv.weight"], [p + "conv_out"], name=p + "conv",
+                                   kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [p + "conv_out"] + [p + "bn." + k for k in bn],
+                                   [p + "bn_out"], name=p + "bn", epsilon=1e-5),
+                  helper.make_node("Relu", [p + "bn_out"], [p + "relu_out"], name=p + "relu")]
+        x, cin = p + "relu_out", width
+    w.add("fc.weight", rng.standard_normal((classes, width), dtype=np.float32) * np.float32(np.sqrt(2.0 / width)))
+    w.add("fc.bias", np.zeros(classes))
+    w.close()
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap_out"], name="gap"),
+              helper.make_node("Flatten", ["gap_out"], ["flat_out"], name="flatten", axis=1),
+              helper.make_node("Gemm", ["flat_out", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "huge",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], w.inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="make.py")
+    m.ir_version = 8
+    path = os.path.join(folder, "huge.onnx")
+    onnx.save(m, path)
+    onnx.checker.check_model(path)
+    return m
+
+
 def nparams(m):
     return sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == TensorProto.FLOAT)
 
@@ -243,6 +311,10 @@ def main(out: str, which: list[str]) -> None:
         calib = rng.standard_normal((256, 64, 512)).astype(np.float32)
         np.savez(os.path.join(HERE, "tfm_calib.npz"), input=calib)
         print("tfm", nparams(m), "params", os.path.getsize(os.path.join(HERE, "tfm.onnx")), "bytes")
+    if "huge" in which:
+        m = make_huge(HERE)
+        np.savez(os.path.join(HERE, "huge_calib.npz"), input=smooth_images(32)[:, :, ::8, ::8])
+        print("huge", nparams(m), "params", os.path.getsize(os.path.join(HERE, "huge.onnx.data")), "bytes of data")
 
 
 if __name__ == "__main__":

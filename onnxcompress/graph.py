@@ -12,6 +12,9 @@ from typing import Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from . import io
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,38 @@ def output_names(model: onnx.ModelProto) -> list[str]:
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    """The model as a mutable graph. Weights stay where they are: in the model's tensors, or, for a
+    model over the protobuf limit, in their files (read when a pass asks for them)."""
+    graph = gs.import_onnx(model)
+    for g in [graph, *(s for n in iter_nodes(graph) for s in n.subgraphs())]:
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) \
+                    and t._values.tensor.data_location == onnx.TensorProto.EXTERNAL:
+                t._values, t.data_location = OnDisk(t._values.tensor), None
+    return graph
+
+
+class OnDisk(LazyValues):
+    """Values kept in an external data file (absolute location), read on demand without copying
+    the data into the tensor as onnx's own loader does."""
+
+    def load(self) -> np.ndarray:
+        return io.read_tensor(self.tensor)
+
+
+def _spill_constants(graph: gs.Graph) -> None:
+    """When a graph's constants outweigh the protobuf limit, move those a pass computed (numpy
+    arrays) to the scratch data file before export: the exported model refers to them, so neither
+    the graph nor the model holds them in memory (sessions read them from disk)."""
+    graphs = [graph, *(s for n in iter_nodes(graph) for s in n.subgraphs())]
+    consts = [t for g in graphs for t in g.tensors().values() if isinstance(t, gs.Constant)]
+    if sum(int(t._values.nbytes) for t in consts) <= io.EXTERNAL_DATA_THRESHOLD:
+        return
+    for t in consts:
+        v = t._values
+        if isinstance(v, np.ndarray) and v.nbytes >= io.EXTERNAL_MIN_BYTES and not _is_subbyte(v.dtype) \
+                and v.dtype != object:
+            t._values, t.data_location = OnDisk(io.spill(v, t.name)), None
 
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
@@ -57,6 +91,7 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
     default-domain opset is the higher of `like`'s and the graph's (a pass that needs a newer
     opset raises `graph.opset`), and the IR version at least what that opset needs."""
     _pack_subbyte(graph)
+    _spill_constants(graph)
     _sort_bodies(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     _drop_outer_value_info(model.graph, top=True)

@@ -6,6 +6,7 @@ place, so a failed run never leaves a half-written file and never touches its in
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from .errors import InputError
 
@@ -26,9 +27,14 @@ log = logging.getLogger(__name__)
 # Protobuf cannot serialize a message of 2 GiB or more; above this we switch to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
+# Tensors of at least this many bytes go to the data file when a model is saved with external data.
+EXTERNAL_MIN_BYTES = 1024
+_ALIGN = 4096      # offsets in a data file we write (onnxruntime maps aligned ones into memory)
+
 __all__ = [
     "load_model", "save_model", "read_arrays", "read_text", "write_text", "write_bytes", "write_json",
-    "scratch_dir", "EXTERNAL_DATA_THRESHOLD",
+    "scratch_dir", "EXTERNAL_DATA_THRESHOLD", "tensor_nbytes", "payload_bytes", "needs_file", "model_size",
+    "read_tensor", "tensor_bytes", "spill", "map_tensors", "copy_fields",
 ]
 
 
@@ -67,12 +73,223 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             raise InputError(f"{p}: external data location '{loc}' points outside the model's folder")
         if not target.is_file():
             raise InputError(f"{p}: external data file '{loc}' is missing")
-    if _external_locations(model):
-        try:
-            onnx.load_external_data_for_model(model, str(base))
-        except (OSError, ValueError) as e:
-            raise InputError(f"{p}: cannot read external data ({e})") from e
+    if not _external_locations(model):
+        return model
+    if payload_bytes(model) > EXTERNAL_DATA_THRESHOLD:   # too large for one message: read tensor by tensor
+        _pin_locations(model, base, p)
+        return model
+    try:
+        onnx.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{p}: cannot read external data ({e})") from e
     return model
+
+
+def _external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _pin_locations(model: onnx.ModelProto, base: Path, p: Path) -> None:
+    """Leave the weights of a model over the protobuf limit in their files: every external tensor's
+    location becomes absolute (checked to lie inside the model's folder, data long enough), and
+    `read_tensor` reads it when a pass asks for it. Saving always writes such a model's data anew."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    for t in _get_all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        info = _external_info(t)
+        target = (base / info["location"]).resolve()
+        offset, length = int(info.get("offset", 0) or 0), tensor_nbytes(t)
+        if offset + length > target.stat().st_size:
+            raise InputError(f"{p}: external data for '{t.name}' is shorter than declared "
+                             f"({target.stat().st_size} bytes, needs {offset + length})")
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = str(target)
+
+
+def _dims_bytes(t: onnx.TensorProto) -> int:
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 8
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, without serializing it (protobuf's ByteSize serializes the whole
+    message: a second copy of the model, and an error at 2 GiB)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        length = _external_info(t).get("length")
+        return int(length) if length else _dims_bytes(t)
+    return _dims_bytes(t) if t.HasField("raw_data") else t.ByteSize()
+
+
+def payload_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every tensor's data in the model (initializers, Constant values, bodies), inline or external."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    return sum(tensor_nbytes(t) for t in _get_all_tensors(model))
+
+
+def needs_file(model: onnx.ModelProto) -> bool:
+    """True when a model cannot go through one serialized message: too large, or its weights are
+    kept in files (a model over the limit as loaded, or as a pass left it)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    return (payload_bytes(model) > EXTERNAL_DATA_THRESHOLD
+            or any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model)))
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Size of the serialized model with every weight inline (the structure plus the tensors' data
+    when the model is too large to serialize)."""
+    if not needs_file(model):
+        return model.ByteSize()
+    return payload_bytes(model) + map_tensors(model, lambda t: _header(t)).ByteSize()
+
+
+def read_tensor(t: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values as numpy, read from its file when its data is external (the tensor itself
+    is left as it is, where onnx's loader would copy the data into it)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return onnx.numpy_helper.to_array(t)
+    info = _external_info(t)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    if dtype.kind in "biuf" and _dims_bytes(t) == tensor_nbytes(t):
+        count = int(np.prod(t.dims, dtype=np.int64))
+        a = np.fromfile(info["location"], dtype=dtype.newbyteorder("<"), count=count, offset=int(info.get("offset", 0) or 0))
+        return a.astype(dtype, copy=False).reshape(tuple(t.dims))
+    inline = _header(t)
+    inline.raw_data = tensor_bytes(t)
+    return onnx.numpy_helper.to_array(inline)
+
+
+def tensor_bytes(t: onnx.TensorProto) -> bytes:
+    """A tensor's data as ONNX stores it raw (little-endian), read from its file when external."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        info = _external_info(t)
+        with open(info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0) or 0))
+            return f.read(tensor_nbytes(t))
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t)).raw_data
+
+
+_DATA_FIELDS = frozenset({"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+                          "uint64_data", "external_data", "data_location"})
+
+
+def _header(t: onnx.TensorProto) -> onnx.TensorProto:
+    """The tensor without its data (name, type, dims, doc string)."""
+    out = onnx.TensorProto()
+    copy_fields(t, out, _DATA_FIELDS)
+    return out
+
+
+def _external(t: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    out = _header(t)
+    out.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        out.external_data.add(key=k, value=v)
+    return out
+
+
+class _DataFile:
+    """A data file written tensor by tensor at aligned offsets; opened on the first tensor."""
+
+    def __init__(self, path: Path, location: str):
+        self.path, self.location, self.f = path, location, None
+
+    def put(self, t: onnx.TensorProto, data: bytes | np.ndarray | None = None) -> onnx.TensorProto:
+        if self.f is None:
+            self.f = open(self.path, "ab")
+        offset = -(-self.f.tell() // _ALIGN) * _ALIGN
+        self.f.write(b"\0" * (offset - self.f.tell()))
+        data = tensor_bytes(t) if data is None else data
+        self.f.write(data)
+        return _external(t, self.location, offset, len(data) if isinstance(data, bytes) else data.nbytes)
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def _externalized(model: onnx.ModelProto, data: _DataFile) -> onnx.ModelProto:
+    """A copy of the model whose tensors of EXTERNAL_MIN_BYTES or more are written, one at a time,
+    to `data` and referenced from there: the caller's model is left as it is, and only one
+    tensor's bytes are copied at a time."""
+    def put(t: onnx.TensorProto) -> onnx.TensorProto:
+        big = t.data_location == onnx.TensorProto.EXTERNAL or tensor_nbytes(t) >= EXTERNAL_MIN_BYTES
+        return data.put(t) if big and t.data_type != onnx.TensorProto.STRING else t
+    try:
+        return map_tensors(model, put)
+    finally:
+        data.close()
+
+
+_SPILL: dict[str, Any] = {}
+
+
+def spill(values: np.ndarray, name: str) -> onnx.TensorProto:
+    """Write an array to this process's scratch data file; return a tensor that refers to it (an
+    absolute location, like a model over the limit as loaded). Big models keep the weights a pass
+    changed on disk between passes instead of in a second copy in memory."""
+    if "file" not in _SPILL:
+        folder = Path(tempfile.mkdtemp(prefix="onnxcompress-spill-"))
+        atexit.register(shutil.rmtree, folder, True)
+        _SPILL["file"] = _DataFile(folder / "weights.bin", str(folder / "weights.bin"))
+    header = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype), dims=values.shape)
+    out = _SPILL["file"].put(header, np.ascontiguousarray(values))
+    _SPILL["file"].f.flush()
+    return out
+
+
+def _is_repeated(f) -> bool:
+    return f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED
+
+
+def copy_fields(src: Message, dst: Message, skip: frozenset[str] = frozenset()) -> None:
+    """Copy every set field of `src` into the empty `dst`, except those named in `skip`."""
+    for f, value in src.ListFields():
+        if f.name in skip:
+            continue
+        if _is_repeated(f):
+            getattr(dst, f.name).extend(value)
+        elif f.type == f.TYPE_MESSAGE:
+            getattr(dst, f.name).CopyFrom(value)
+        else:
+            setattr(dst, f.name, value)
+
+
+def _map_graph(src: onnx.GraphProto, dst: onnx.GraphProto, fn) -> None:
+    copy_fields(src, dst, frozenset({"initializer", "node"}))
+    dst.initializer.extend(fn(t) for t in src.initializer)
+    for node in src.node:
+        out = dst.node.add()
+        copy_fields(node, out, frozenset({"attribute"}))
+        for a in node.attribute:
+            b = out.attribute.add()
+            copy_fields(a, b, frozenset({"t", "g", "tensors", "graphs"}))
+            if a.HasField("t"):
+                b.t.CopyFrom(fn(a.t))
+            if a.HasField("g"):
+                _map_graph(a.g, b.g, fn)
+            b.tensors.extend(fn(t) for t in a.tensors)
+            for g in a.graphs:
+                _map_graph(g, b.graphs.add(), fn)
+
+
+def map_tensors(model: onnx.ModelProto, fn) -> onnx.ModelProto:
+    """A copy of the model with every tensor (initializers, Constant and attribute values, in
+    bodies too) replaced by fn(tensor), built field by field so the replaced tensors' data is
+    never copied. Sparse initializers and model-local functions are copied whole."""
+    m = onnx.ModelProto()
+    copy_fields(model, m, frozenset({"graph"}))
+    _map_graph(model.graph, m.graph, fn)
+    return m
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
@@ -81,17 +298,15 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     out = Path(path)
     if not out.parent.exists():
         raise InputError(f"output folder does not exist: {out.parent}")
-    if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    external_data = bool(external_data) or needs_file(model)
     tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-", dir=out.parent))
     try:
         tmp_model = tmp / out.name
         if external_data:
-            m = onnx.ModelProto()
-            m.CopyFrom(model)  # save_model(save_as_external_data=True) rewrites tensors in place
             data_name = out.name + ".data"
-            onnx.save_model(m, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            m = _externalized(model, _DataFile(tmp / data_name, data_name))
+            with open(tmp_model, "wb") as f:
+                f.write(m.SerializeToString())
             if (tmp / data_name).exists():
                 os.replace(tmp / data_name, out.parent / data_name)
         else:

@@ -73,7 +73,9 @@ class Evaluator:
         # A model with an exit (an If the run knows the odds of) is judged one input at a time, as it is
         # deployed: in a batch it exits only when every sample is confident, so batches of 64 would
         # show the full model's answers.
-        outs = self.outputs(model, 1 if ifs & set(branch_probs or {}) else None)
+        one_by_one = bool(ifs & set(branch_probs or {}))
+        # the original's outputs are the reference: not computed (and held) a second time
+        outs = self.reference if model is self.original and not one_by_one else self.outputs(model, 1 if one_by_one else None)
         first = next(iter(outs.values()))
         step.accuracy = accuracy(first, self.data.labels) if self.data.labels is not None else None
         step.fidelity = fidelity(self.reference, outs)
@@ -199,6 +201,7 @@ class PassManager:
                            notes=step.notes, seconds=time.perf_counter() - t0, peak_mb=resources.peak_mb()), None
         try:
             new = G.to_model(G.tidy(result.graph), like=start)
+            del result      # the pass's graph (every weight it read or computed) is not needed past export
             validate_model(new, self.providers)
         except ValidationError as e:
             raise PassError(p.name, f"produced an invalid model: {e}", previous) from e

@@ -9,7 +9,6 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-from google.protobuf.message import Message
 from onnx import numpy_helper
 
 from . import graph as G, io
@@ -71,22 +70,32 @@ def sparsity(model: onnx.ModelProto) -> float:
 
 def size_bytes(model: onnx.ModelProto) -> int:
     """Size of the serialized model with all weights inline."""
-    return model.ByteSize()
+    return io.model_size(model)
+
+
+# Above the protobuf limit, zlib (about 30 MB/s) would take over a minute per measurement: the
+# weights' compressed size is estimated from 1 MiB in every GZIP_STRIDE bytes of each tensor.
+GZIP_STRIDE = 16 << 20
 
 
 def gzip_bytes(model: onnx.ModelProto) -> int:
     """Size after generic compression (zlib level 6): what sparse or clustered weights save in storage.
-    A model too large for one protobuf is compressed as one stream, initializer by initializer."""
-    if model.ByteSize() <= io.EXTERNAL_DATA_THRESHOLD:
-        return len(zlib.compress(model.SerializeToString(), 6))
-    stream, size = zlib.compressobj(6), 0
-    for t in model.graph.initializer:
-        size += len(stream.compress(t.SerializeToString()))
+    A model too large for one protobuf is compressed piece by piece: the structure whole, each
+    weight from samples (1 MiB in every 16 MiB, scaled to the tensor's size)."""
     rest = onnx.ModelProto()
-    _copy_fields(model, rest, skip=frozenset({"graph"}))
-    _copy_fields(model.graph, rest.graph, skip=frozenset({"initializer"}))
-    size += len(stream.compress(rest.SerializeToString()))
-    return size + len(stream.flush())
+    io.copy_fields(model, rest, skip=frozenset({"graph"}))
+    io.copy_fields(model.graph, rest.graph, skip=frozenset({"initializer"}))
+    if not io.needs_file(model):   # one stream, a tensor at a time: no serialized copy of the whole model
+        stream = zlib.compressobj(6)
+        size = sum(len(stream.compress(t.SerializeToString())) for t in model.graph.initializer)
+        return size + len(stream.compress(rest.SerializeToString())) + len(stream.flush())
+    size = 0.0
+    for t in model.graph.initializer:
+        data = io.tensor_bytes(t)
+        pieces = [data[i:i + (1 << 20)] for i in range(0, len(data), GZIP_STRIDE)]
+        sampled = sum(len(p) for p in pieces)
+        size += sum(len(zlib.compress(p, 6)) for p in pieces) * len(data) / max(sampled, 1)
+    return int(size) + len(zlib.compress(rest.SerializeToString(), 6))
 
 
 # Shape inference reads only the dims and type of a weight, so the shape-only copy of a model too
@@ -101,59 +110,21 @@ _STUB_LOCATION = "onnxcompress-shape-only-copy"
 _MAX_SEED_ROUNDS = 8
 
 
-def _is_repeated(f) -> bool:
-    return f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED
-
-
-def _copy_fields(src: Message, dst: Message, skip: frozenset[str] = frozenset()) -> None:
-    """Copy every set field of `src` into the empty `dst`, except those named in `skip`."""
-    for f, value in src.ListFields():
-        if f.name in skip:
-            continue
-        if _is_repeated(f):
-            getattr(dst, f.name).extend(value)
-        elif f.type == f.TYPE_MESSAGE:
-            getattr(dst, f.name).CopyFrom(value)
-        else:
-            setattr(dst, f.name, value)
-
-
 def _stub(t: onnx.TensorProto) -> onnx.TensorProto:
     """The tensor itself when small, else its name, type and dims with the data left out."""
     limit = _STUB_INT_BYTES if t.data_type in _SHAPE_TYPES else _STUB_BYTES
-    if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() <= limit:
+    if t.data_location == onnx.TensorProto.EXTERNAL or io.tensor_nbytes(t) <= limit:
         return t
     out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, data_location=onnx.TensorProto.EXTERNAL)
     out.external_data.add(key="location", value=_STUB_LOCATION)
     return out
 
 
-def _shape_only_graph(src: onnx.GraphProto, dst: onnx.GraphProto) -> None:
-    _copy_fields(src, dst, frozenset({"initializer", "node"}))
-    dst.initializer.extend(_stub(t) for t in src.initializer)
-    for node in src.node:
-        out = dst.node.add()
-        _copy_fields(node, out, frozenset({"attribute"}))
-        for a in node.attribute:
-            b = out.attribute.add()
-            _copy_fields(a, b, frozenset({"t", "g", "tensors", "graphs"}))
-            if a.HasField("t"):
-                b.t.CopyFrom(_stub(a.t))
-            if a.HasField("g"):
-                _shape_only_graph(a.g, b.g)
-            b.tensors.extend(_stub(t) for t in a.tensors)
-            for g in a.graphs:
-                _shape_only_graph(g, b.graphs.add())
-
-
 def _shape_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy for shape inference that never holds a second copy of the large weights (their data is
     left out, their dims kept), so models over protobuf's 2 GiB limit fit in one message and memory
     grows by the graph's structure only. Sparse initializers and model-local functions are copied whole."""
-    m = onnx.ModelProto()
-    _copy_fields(model, m, frozenset({"graph"}))
-    _shape_only_graph(model.graph, m.graph)
-    return m
+    return io.map_tensors(model, _stub)
 
 
 def _pin_inputs(m: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> None:
@@ -257,13 +228,10 @@ def _infer_with_loop_states(m: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _inferred(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> onnx.ModelProto:
-    """A copy of the model with inferred value_info in every graph, graph inputs pinned. Above
-    io.EXTERNAL_DATA_THRESHOLD the copy leaves out the weights' data (see _shape_only_copy)."""
-    if model.ByteSize() > io.EXTERNAL_DATA_THRESHOLD:
-        m = _shape_only_copy(model)
-    else:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
+    """A copy of the model with inferred value_info in every graph, graph inputs pinned. The copy
+    leaves out the weights' data (see _shape_only_copy): inference reads only their dims, and a
+    full copy (serialized twice more by inference) tripled the model in memory."""
+    m = _shape_only_copy(model)
     _pin_inputs(m, input_shapes)
     if input_shapes:   # sizes the model leaves symbolic, given: recorded shapes ([?, 8, ?, ?]) would win over them
         _forget_shapes(m.graph)

@@ -79,9 +79,9 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PROV
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    if model.ByteSize() <= io.EXTERNAL_DATA_THRESHOLD:
+    if not io.needs_file(model):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
-    with io.scratch_dir() as d:  # too large for one protobuf: go through a file with external data
+    with io.scratch_dir() as d:  # too large for one protobuf, or weights kept on disk: a file with external data
         path = io.save_model(model, d / "model.onnx", external_data=True)
         return ort.InferenceSession(str(path), opts, providers=list(providers))
 

@@ -93,7 +93,7 @@ def validate_model(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PR
     onnxruntime, and no graph input declares more data than any feed could hold."""
     _check_structure(model)
     _check_declared_inputs(model)
-    if model.ByteSize() > io.EXTERNAL_DATA_THRESHOLD:
+    if io.needs_file(model):
         _check_file(model)
     else:
         with _check("ONNX checker"):

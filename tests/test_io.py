@@ -97,3 +97,42 @@ def test_write_text_is_atomic_and_leaves_nothing_behind(tmp_path):
 def test_reference_files_exist():
     for name in ("resnet", "vgg", "mobilenet", "mlp"):
         assert (MODELS / f"{name}.onnx").exists()
+
+
+def test_a_model_over_the_limit_keeps_its_weights_on_disk_through_a_pipeline(tmp_path, resnet, mnist_test, monkeypatch):
+    """Above the threshold the loader leaves the weights in their file (no raw bytes in memory),
+    passes read them tensor by tensor, computed weights are spilled at export, sessions load from a
+    file; the saved result equals the same pipeline run in memory."""
+    feeds = {"input": mnist_test["input"][:8]}
+    passes = lambda: [FoldBatchNorm(), PruneWeights(sparsity=0.3, criterion="magnitude")]
+    expected = PassManager(passes(), latency=LatencyConfig(enabled=False)).run(resnet).model
+    io.save_model(resnet, tmp_path / "m.onnx", external_data=True)
+    before = (tmp_path / "m.onnx.data").read_bytes()
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    model = io.load_model(tmp_path / "m.onnx")
+    assert io.needs_file(model) and not any(t.HasField("raw_data") and len(t.raw_data) > 1024
+                                            for t in model.graph.initializer)
+    result = PassManager(passes(), latency=LatencyConfig(enabled=False)).run(model)
+    assert not any(len(t.raw_data) > 1024 for t in result.model.graph.initializer)   # spilled, not held
+    (tmp_path / "out").mkdir()
+    out = io.save_model(result.model, tmp_path / "out" / "r.onnx")
+    assert (tmp_path / "out" / "r.onnx.data").exists() and (tmp_path / "m.onnx.data").read_bytes() == before
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1_800_000_000)
+    np.testing.assert_allclose(run(io.load_model(out), feeds)[0], run(expected, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_saving_with_external_data_leaves_the_model_as_it_was(tmp_path, resnet):
+    model = onnx.ModelProto()
+    model.CopyFrom(resnet)
+    io.save_model(model, tmp_path / "m.onnx", external_data=True)
+    assert model == resnet and io.model_size(model) == resnet.ByteSize()
+
+
+def test_shape_inference_copies_no_weights():
+    from onnxcompress.metrics import _shape_only_copy
+
+    w = np.ones((256, 256), np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", 1, [1, 256])],
+        [helper.make_tensor_value_info("y", 1, [1, 256])], [onnx.numpy_helper.from_array(w, "w")]))
+    assert _shape_only_copy(model).ByteSize() < 1000 < w.nbytes
