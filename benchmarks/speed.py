@@ -82,7 +82,7 @@ def speed_section() -> str:
          "within"], rows) + "\n\n" + huge_rows()
 
 
-HUGE_PASSES = ("fold-bn", "prune-weights(criterion='magnitude', scope='layer')", "prune-channels(recover=False)")
+HUGE_PASSES = ("fold-bn", "prune-weights(criterion='magnitude', scope='layer')", "prune-channels(recover=False, criterion='l1')")
 
 
 def huge_rows() -> str:
