@@ -51,6 +51,17 @@ class NormalEquations:
         out.y_sq, out.rows = self.y_sq + other.y_sq, self.rows + other.rows
         return out
 
+    def through(self, m: np.ndarray) -> "NormalEquations":
+        """The equations of the features z = x m (m: [n_in, k]) against the same targets: what a
+        layer reading a fixed linear map of these inputs would accumulate."""
+        out = NormalEquations(m.shape[1], self.n_out)
+        g, k = self.G, m.shape[1]
+        out.G[:k, :k], out.G[:k, k] = m.T @ g[:-1, :-1] @ m, m.T @ g[:-1, -1]
+        out.G[k, :k], out.G[k, k] = out.G[:k, k], g[-1, -1]
+        out.C[:k], out.C[k] = m.T @ self.C[:-1], self.C[-1]
+        out.y_sq, out.rows = self.y_sq.copy(), self.rows
+        return out
+
     def ridge(self, ridge: float) -> float:
         """Absolute ridge strength: `ridge` times the mean diagonal of X^T X (scale-free)."""
         d = np.diag(self.G)[:-1]
@@ -94,15 +105,15 @@ def solve_free(ne: NormalEquations, ridge: float = 1e-4, bias: bool = True,
     return W, b
 
 
-def solve_reduced_rank(ne: NormalEquations, rank: int, ridge: float = 1e-4,
-                       bias: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def solve_reduced_rank(ne: NormalEquations, rank: int, ridge: float = 1e-4, bias: bool = True,
+                       prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The best map of rank `rank` from X to Y (reduced-rank regression): returns A [out, rank],
-    B [rank, in] and b [out] minimising ||Y - X B^T A^T - b||^2. The full ridge fit W is projected
-    onto the `rank` leading directions of its fitted outputs (the left singular vectors of
-    W S^(1/2), S the inputs' covariance, centred when there is a bias): A = U_K, B = U_K^T W,
-    balanced so that each rank's A column and B row have the same norm; b absorbs what the
-    projection moves at the inputs' mean."""
-    w, b = solve_free(ne, ridge, bias)
+    B [rank, in] and b [out] minimising ||Y - X B^T A^T - b||^2. The full ridge fit W (shrunk
+    towards `prior` [out, in] if given, else towards zero) is projected onto the `rank` leading
+    directions of its fitted outputs (the left singular vectors of W S^(1/2), S the inputs'
+    covariance, centred when there is a bias): A = U_K, B = U_K^T W, balanced so that each rank's
+    A column and B row have the same norm; b absorbs what the projection moves at the inputs' mean."""
+    w, b = solve_free(ne, ridge, bias, prior)
     n = max(ne.rows, 1)
     mean = ne.G[:ne.n_in, ne.n_in] / n
     cov = ne.G[:ne.n_in, :ne.n_in] / n - (np.outer(mean, mean) if bias else 0.0)
@@ -136,11 +147,7 @@ def solve_depthwise_pair(ne: NormalEquations, depth: np.ndarray, point: np.ndarr
         return block
 
     def pointwise(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        z = NormalEquations(rows_d, ne.n_out)
-        m = to_block(d)
-        z.G[:rows_d, :rows_d], z.G[:rows_d, rows_d], z.G[rows_d, :rows_d] = m.T @ h @ m, m.T @ sums, m.T @ sums
-        z.G[rows_d, rows_d], z.C[:rows_d], z.C[rows_d], z.rows = ne.G[n, n], m.T @ cxy, ne.C[n], ne.rows
-        return solve_free(z, ridge, bias)
+        return solve_free(ne.through(to_block(d)), ridge, bias)
 
     point, b = pointwise(depth)
     if rows_d * taps > max_unknowns:

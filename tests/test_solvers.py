@@ -153,3 +153,11 @@ def test_alternating_depthwise_pair_converges_to_an_exactly_separable_pair():
     assert errs[0] > 10 * errs[1] > 100 * errs[2] and errs[2] < 1e-3
     d, p, b = solve_depthwise_pair(ne, start, point, 1e-10, iters=3, max_unknowns=10)   # too many unknowns:
     assert np.array_equal(d, start)                                                    # the filters stay
+
+
+def test_equations_through_a_linear_map_equal_those_of_the_mapped_inputs():
+    m = np.random.default_rng(1).standard_normal((24, 5))
+    direct = NormalEquations(5, 6)
+    direct.add(X @ m, X @ W_TRUE.T + B_TRUE)
+    through = normal_equations(X @ W_TRUE.T + B_TRUE).through(m)
+    assert np.allclose(through.G, direct.G) and np.allclose(through.C, direct.C) and through.rows == direct.rows
