@@ -104,7 +104,7 @@ def test_the_else_branch_holds_the_rest_of_the_network(resnet, exited):
 def test_calibrated_threshold_meets_the_budget_on_the_cross_fitted_digits(resnet, exited, calib):
     new, result, ctx = exited
     stats = result.stats
-    assert stats["holdout_drop"] + 2 * stats["holdout_drop_error"] <= 1.0    # margin: two standard errors
+    assert stats["holdout_drop"] + 3 * stats["holdout_drop_error"] <= 1.0    # margin: three standard errors
     assert 0 < stats["exit_share"] and stats["expected_macs_ratio"] < 0.8 and stats["holdout_samples"] == 300
     # every calibration digit was judged by a head fit without it; the sweep's chosen row is what the stats say
     row = next(r for r in stats["sweep"] if r["threshold"] == stats["threshold"])
