@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, help="distillation temperature (default 4)")
     c.add_argument("--alpha", type=float, help="weight of hard labels in distillation (default 0)")
     c.add_argument("--report", help="write the JSON report here")
+    c.add_argument("--plot", help="write a PNG of the sweeps the passes measured (early-exit: accuracy drop and "
+                   "share exiting against expected MACs, per threshold); needs matplotlib (pip install onnxcompress[plot])")
     c.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data beside the model")
     _runtime_args(c)
 
@@ -187,12 +189,21 @@ def cmd_compress(args: argparse.Namespace, registry: Registry) -> int:
     manager = PassManager(passes, calib=calib, eval_data=evaluation, teachers=teachers, providers=providers,
                           max_drop=None if max_drop == "none" else max_drop, latency=_latency(args),
                           temperature=pick(args.temperature, "temperature", 4.0), alpha=pick(args.alpha, "alpha", 0.0))
+    if args.plot:
+        _pyplot()                                  # missing matplotlib: say so before the passes run
     result = manager.run(model, name=src.name)
     io.save_model(result.model, dst, external_data=True if args.external_data else None)
     print(render(result.report))
     if args.report:
         io.write_json(args.report, result.report.to_dict())
     print(f"wrote {dst}")
+    if args.plot:
+        sweeps = [s for s in result.report.steps if s.stats.get("sweep")]
+        if sweeps:
+            io.write_bytes(args.plot, _sweep_plot(sweeps))
+            print(f"wrote {args.plot}")
+        else:
+            print("--plot: no pass measured a sweep; nothing plotted")
     if not result.budget_met:
         raise BudgetError(f"budget of {manager.max_drop:g} points of {result.report.budget['metric']} not met "
                           f"(--max-drop; 'none' lifts it): rolled-back passes are listed "
@@ -310,14 +321,51 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-def _plot(sens) -> bytes:
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise InputError("--plot needs matplotlib (pip install onnxcompress[plot])") from None
+    return plt
+
+
+def _png(fig) -> bytes:
     import io as _bytes_io
+    buf = _bytes_io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def _sweep_plot(steps) -> bytes:
+    """Each sweep (one per step that measured one): the drop and the share exiting against the
+    expected MACs, one point per threshold, the chosen threshold marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(steps), figsize=(7 * len(steps), 4.5), squeeze=False)
+    for ax, step in zip(axes[0], steps):
+        rows, chosen = step.stats["sweep"], step.stats.get("threshold")
+        macs = [r["macs_ratio"] for r in rows]
+        ax.errorbar(macs, [r["drop"] for r in rows], yerr=[r["error"] for r in rows], marker="o", label="drop (points)")
+        for r in rows:
+            ax.annotate(f"{r['threshold']:g}", (r["macs_ratio"], r["drop"]), fontsize=6, xytext=(2, 3),
+                        textcoords="offset points")
+        share = ax.twinx()
+        share.plot(macs, [100 * r["exit_share"] for r in rows], color="gray", ls="--", marker=".", label="exiting (%)")
+        share.set_ylabel("share exiting at batch 1 (%)")
+        if chosen is not None:
+            ax.axvline(next(r["macs_ratio"] for r in rows if r["threshold"] == chosen), color="green", lw=1,
+                       label=f"chosen threshold {chosen:g}")
+        ax.set_xlabel("expected MACs (x the original's)")
+        ax.set_ylabel("drop below the full model (points)")
+        ax.set_title(f"{step.pass_}: threshold sweep on held-out calibration data")
+        ax.legend(fontsize=7, loc="upper right")
+    return _png(fig)
+
+
+def _plot(sens) -> bytes:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for g in sens.groups:
         ax.plot((0,) + sens.ratios, [sens.base_score] + sens.score[g], marker="o", label=g[-28:])
@@ -325,10 +373,7 @@ def _plot(sens) -> bytes:
     ax.set_ylabel(sens.metric)
     ax.set_title(f"Sensitivity of each channel group (pruned alone, {'with' if sens.recovered else 'no'} recovery)")
     ax.legend(fontsize=6, ncol=2)
-    buf = _bytes_io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def cmd_passes(args: argparse.Namespace, registry: Registry) -> int:

@@ -236,3 +236,24 @@ def test_sweep_and_choice_on_numbers():
     assert X.choose(rows, max_drop=25, margin=1).threshold == 0.7
     labels = np.array([0, 0, 1, 0])             # with labels: accuracy, and the full model is 75% right
     assert [r.drop for r in X.sweep(head, full, labels, 40, 100, 2, (0.5,))] == [-25.0]
+
+
+def test_the_cli_plots_the_threshold_sweep_or_says_why_not(tmp_path, capsys, monkeypatch):
+    """--plot writes the early-exit sweep as a PNG; a pipeline without a sweep writes nothing and
+    says so; without matplotlib the run stops at once with a one-line error (exit 2)."""
+    import sys
+    from onnxcompress.cli import main
+    args = lambda passes, plot: ["compress", str(MODELS / "resnet.onnx"), "-o", str(tmp_path / "o.onnx"), "--passes",
+                                 passes, "--calib", str(MODELS / "mnist_calib.npz"), "--no-latency", "--max-drop",
+                                 "none", "--plot", str(plot)]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # as if not installed
+    assert main(args("early-exit", tmp_path / "a.png")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--plot needs matplotlib (pip install onnxcompress[plot])" in err
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "a.png").exists()
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    pytest.importorskip("matplotlib")
+    assert main(args("fold-bn", tmp_path / "b.png")) == 0
+    assert "no pass measured a sweep; nothing plotted" in capsys.readouterr().out and not (tmp_path / "b.png").exists()
+    assert main(args("early-exit(max_candidates=1, grid=1)", tmp_path / "c.png")) == 0
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
