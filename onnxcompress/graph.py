@@ -55,12 +55,25 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """The model as a mutable graph. Weights stay where they are: in the model's tensors, or, for a
     model over the protobuf limit, in their files (read when a pass asks for them)."""
     graph = gs.import_onnx(model)
+    _keep_overrides(graph, model)
     for g in [graph, *(s for n in iter_nodes(graph) for s in n.subgraphs())]:
         for t in g.tensors().values():
             if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) \
                     and t._values.tensor.data_location == onnx.TensorProto.EXTERNAL:
                 t._values, t.data_location = OnDisk(t._values.tensor), None
     return graph
+
+
+def _keep_overrides(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Keep 0-d initializers the model lists as graph inputs among the inputs: they are per-call
+    knobs with a default (early-exit's `exit_threshold`, width-knob's `width`), not weights. Others
+    listed as inputs (old exporters list every weight) are imported as constants, so passes can
+    change them."""
+    listed = [i.name for i in model.graph.input]
+    scalars = {t.name for t in model.graph.initializer if len(t.dims) == 0 and t.name in listed}
+    if scalars:
+        tensors = graph.tensors()
+        graph.inputs = [tensors[n] for n in listed if n in tensors and (n in scalars or tensors[n] in graph.inputs)]
 
 
 class OnDisk(LazyValues):

@@ -106,8 +106,8 @@ class WidthKnob(Pass):
         macs = ", ".join(f"{w:g}: {stats[f'macs_ratio_{w:g}']:.2f}x" for w, _ in variants)
         summary = (f"widths {', '.join(f'{w:g}' for w, _ in variants)} in one If chain; the optional float input "
                    f"'{self.input_name}' (default 1) runs the narrowest width at least the one fed (the widest "
-                   f"when none is); MACs {macs}. Put it last: a pass after it reloads the graph, which turns "
-                   f"'{self.input_name}' into a constant (the full width)")
+                   f"when none is); MACs {macs}. Passes after it leave the If bodies as they are (quantize "
+                   "excepted: it quantizes their weights)")
         return PassResult(graph, True, stats, [summary, *notes])
 
     def _refusal(self, graph: gs.Graph, ctx: Context) -> str:

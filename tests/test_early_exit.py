@@ -257,3 +257,22 @@ def test_the_cli_plots_the_threshold_sweep_or_says_why_not(tmp_path, capsys, mon
     assert "no pass measured a sweep; nothing plotted" in capsys.readouterr().out and not (tmp_path / "b.png").exists()
     assert main(args("early-exit(max_candidates=1, grid=1)", tmp_path / "c.png")) == 0
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_threshold_input_survives_a_later_pass(exited, digits):
+    """A pass after early-exit reloads the graph: the 0-d `exit_threshold` listed as an input stays
+    an overridable input (old exporters' weights listed as inputs are still imported as constants)."""
+    from onnxcompress.passes import FoldBatchNorm
+    model, _, ctx = exited
+    folded, _ = apply_pass(FoldBatchNorm(), model, ctx)
+    assert [i.name for i in folded.graph.input] == [i.name for i in model.graph.input]
+    sess = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_overridable_initializers()] == ["exit_threshold"]
+    full = sess.run(None, {"input": digits[:1], "exit_threshold": at(1.01)})
+    assert int(full[-1][0]) == 1                             # the override still runs the rest
+
+
+def test_weights_listed_as_inputs_still_become_constants():
+    from onnxcompress import graph as G
+    model = onnx.load(str(MODELS / "corpus" / "init_as_inputs.onnx"))
+    assert [t.name for t in G.to_graph(model).inputs] == ["x"]
