@@ -34,7 +34,7 @@ def _variants(fold: bool) -> list[tuple[str, list]]:
         ("factor-lowrank(macs=0.5)", pre + [FactorLowRank(macs=0.5)]),
         ("factor-lowrank(macs=0.5, allocation='uniform')", pre + [FactorLowRank(macs=0.5, allocation="uniform")]),
         ("factor-lowrank(macs=0.5, data_aware=false)", pre + [FactorLowRank(macs=0.5, data_aware=False)]),
-        ("factor-lowrank(macs=0.5, conv_split='kx1-1xk')", pre + [FactorLowRank(macs=0.5, conv_split="kx1-1xk")]),
+        ("factor-lowrank(macs=0.5, conv_split='kxk-1x1')", pre + [FactorLowRank(macs=0.5, conv_split="kxk-1x1")]),
         ("factor-depthwise(macs=0.5)", pre + [FactorDepthwise(macs=0.5)]),
         ("factor-lowrank(latency=0.5)", pre + [FactorLowRank(latency=0.5)]),
         ("factor-depthwise(latency=0.5)", pre + [FactorDepthwise(latency=0.5)]),

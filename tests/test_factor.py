@@ -36,7 +36,7 @@ def test_a_low_rank_conv_keeps_strides_pads_and_dilations_exactly():
     model = make_model(nodes, [tensor("x", ["N", 8, 11, 9])], [tensor("y", ["N", 16, 6, 5])],
                        {"w": rows.reshape(16, 8, 3, 3), "b": rand(16, seed=2)}, opset=13)
     x = rand(8, 8, 11, 9, seed=4)
-    result = _run(model, FactorLowRank(ranks={"conv": 2}, recover=False), x)
+    result = _run(model, FactorLowRank(ranks={"conv": 2}, conv_split="kxk-1x1", recover=False), x)
     first, second = [n for n in G.to_graph(result.model).nodes if n.op == "Conv"]
     assert W.layer_weight(first).value.shape == (2, 8, 3, 3) and W.layer_weight(second).value.shape == (16, 2, 1, 1)
     assert first.attrs == {"strides": [2, 2], "pads": [2, 1, 2, 1], "dilations": [2, 1]} and second.attrs == {}
@@ -124,7 +124,7 @@ def test_constant_node_weights_at_opset_11_and_quantize_after_factoring():
              helper.make_node("Relu", ["h"], ["y"])]
     model = make_model(nodes, [tensor("x", ["N", 4, 6, 6])], [tensor("y", ["N", 8, 6, 6])], {}, opset=11)
     x = rand(32, 4, 6, 6, seed=2)
-    result = PassManager([FactorLowRank(ranks={"conv": 3}, recover=False), Quantize()], calib=Dataset({"x": x}),
+    result = PassManager([FactorLowRank(ranks={"conv": 3}, conv_split="kxk-1x1", recover=False), Quantize()], calib=Dataset({"x": x}),
                          latency=NO_LATENCY).run(model)
     assert [s.status for s in result.report.steps[1:]] == ["applied", "applied"]
     convs = [n for n in G.to_graph(result.model).nodes if n.op == "Conv"]
@@ -159,9 +159,9 @@ def test_chosen_ranks_are_multiples_of_round_to_below_break_even():
 
 
 def test_kx1_then_1xk_split_is_exact_for_a_separable_conv_with_its_geometry():
-    """conv_split='kx1-1xk': a conv whose weights are a sum of 3 (vertical x horizontal) products
-    is split into a 3x1 conv to 3 channels and a 1x3 conv, strides, pads and dilations shared out
-    between them, and computes the same; a bad conv_split is refused."""
+    """conv_split='kx1-1xk' (the default): a conv whose weights are a sum of 3 (vertical x
+    horizontal) products is split into a 3x1 conv to 3 channels and a 1x3 conv, strides, pads and
+    dilations shared out between them, and computes the same; a bad conv_split is refused."""
     import pytest
     vertical, horizontal = rand(3, 5, 3, seed=1), rand(10, 3, 3, seed=2)
     w = np.einsum("okx,kiy->oiyx", horizontal, vertical).astype(np.float32)
@@ -202,7 +202,7 @@ def test_recovery_refits_both_factors_of_a_pair_together():
     # correlated channels: the per-channel initial depthwise factors are then not the best pair
     mix = (rand(8, 8, seed=8) + 2 * np.eye(8)) * np.geomspace(4, 0.05, 8)[:, None]
     x = np.einsum("dc,nchw->ndhw", mix, rand(64, 8, 6, 6, seed=9)).astype(np.float32)
-    lowrank = dict(ranks={"conv": 4}, data_aware=False)       # factors from the weights alone, then fit on data
+    lowrank = dict(ranks={"conv": 4}, data_aware=False, conv_split="kxk-1x1")   # from the weights alone, then fit on data
     for p_fit, p_plain in ((FactorLowRank(**lowrank), FactorLowRank(**lowrank, recover=False)),
                            (FactorDepthwise(multipliers={"conv": 1}), FactorDepthwise(multipliers={"conv": 1}, recover=False))):
         plain, fit = _run(model, p_plain, x), _run(model, p_fit, x)
@@ -212,3 +212,19 @@ def test_recovery_refits_both_factors_of_a_pair_together():
         err = {k: float(np.mean((run(model, {"x": x})[1] - run(r.model, {"x": x})[1]) ** 2))
                for k, r in (("plain", plain), ("fit", fit))}
         assert err["fit"] < 0.9 * err["plain"], (p_fit.name, err)
+
+
+def test_kx1_then_1xk_factors_are_whitened_by_the_input_columns():
+    """Correlated, anisotropic input channels: at rank 4 the data-aware k x 1 / 1 x k factors lose
+    far less on those inputs than the weights' own truncated SVD."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], name="conv")]
+    model = make_model(nodes, [tensor("x", ["N", 5, 11, 12])], [tensor("y", ["N", 10, 11, 12])],
+                       {"w": rand(10, 5, 3, 3, seed=2), "b": rand(10, seed=3)}, opset=13)
+    mix = (rand(5, 5, seed=8) + 2 * np.eye(5)) * np.geomspace(4, 0.05, 5)[:, None]
+    x = np.einsum("dc,nchw->ndhw", mix, rand(32, 5, 11, 12, seed=4)).astype(np.float32)
+    err = {}
+    for aware in (True, False):
+        result = _run(model, FactorLowRank(ranks={"conv": 4}, data_aware=aware, recover=False), x)
+        assert "as 3x1 + 1x3" in " ".join(result.report.steps[-1].notes)
+        err[aware] = float(np.mean((run(model, {"x": x})[0] - run(result.model, {"x": x})[0]) ** 2))
+    assert err[True] < 0.1 * err[False], err
