@@ -215,7 +215,7 @@ def cmd_inspect(args: argparse.Namespace, registry: Registry) -> int:
     model = _load_checked(args.input, check_providers(None))
     ops = Counter(n.op_type for n in model.graph.node)
     print(f"{args.input}: opset {model.opset_import[0].version}, IR {model.ir_version}, "
-          f"{len(model.graph.node)} nodes, {human_count(count_params(model))} parameters, {human_bytes(model.ByteSize())}")
+          f"{len(model.graph.node)} nodes, {human_count(count_params(model))} parameters, {human_bytes(io.model_size(model))}")
     print("\nops: " + ", ".join(f"{op} x{n}" for op, n in ops.most_common()))
     graph = G.to_graph(model)
     summary = W.storage_summary(graph)
