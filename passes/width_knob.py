@@ -84,7 +84,7 @@ class WidthKnob(Pass):
         if why:
             return PassResult(graph, False, {}, [f"left as is: {why}"])
         model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
-        pins = None if ctx.calib is None else {k: [1, *np.shape(v)[1:]] for k, v in ctx.calib.feeds.items()}
+        pins = None if ctx.calib is None else ctx.calib.feed_shapes()
         full_macs = max(total_macs(model, pins), 1)
         variants, stats, notes = [], {"widths": sorted(self.widths, reverse=True)}, []
         for w in sorted(self.widths, reverse=True):
