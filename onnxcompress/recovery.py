@@ -720,7 +720,7 @@ class _Walk:
         y_name = node.outputs[0].name
         t_name = self.mapping.get(y_name)
         if t_name is None and G.layer_id(node) in self.ctx.state.pairs.values():
-            if not any(joint_pair(n, node) for n in self.graph.nodes if self.ctx.state.pairs.get(G.layer_id(n)) == G.layer_id(node)):
+            if not any(self._first_of_pair(n) is node for n in node.outputs[0].outputs):   # else refit with its second
                 self.notes.append(f"{node.op} '{G.display_name(node)}': first of a factored pair, fixed; the second "
                                   "is refit onto the teacher's output of the pair")
             return None
