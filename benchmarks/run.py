@@ -405,7 +405,7 @@ def main() -> None:
     ap.add_argument("--skip-factor", action="store_true", help="skip the factoring experiments")
     ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
     ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize", "factor", "prune",
-                                       "early-exit", "width", "speed"],
+                                       "early-exit", "width", "width-ocr", "speed"],
                     help="run only that section and replace it in --output (the rest untouched)")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
@@ -426,6 +426,9 @@ def main() -> None:
         elif args.only == "early-exit":
             from benchmarks import exits
             section, title = exits.exits_section(calib, test), exits.SECTION_TITLE
+        elif args.only == "width-ocr":
+            from benchmarks import width
+            section, title = width.ocr_section(), width.OCR_TITLE
         elif args.only == "width":
             from benchmarks import width
             section, title = width.width_section(calib, test, [m for m in width.MODELS if m in args.models]), \
@@ -472,6 +475,9 @@ def main() -> None:
     from benchmarks.width import MODELS as WIDTH_MODELS, width_section
     print("width knob ...", flush=True)
     sections.append(width_section(calib, test, [m for m in WIDTH_MODELS if m in args.models]))
+    if not args.skip_ocr:
+        from benchmarks.width import ocr_section as width_ocr_section
+        sections.append(width_ocr_section())
     if not args.skip_compose:
         print("composition ...", flush=True)
         sections.append(compose_section(calib, test, cfg, args.rounds,

@@ -153,3 +153,34 @@ the knob fed a width computes that model. "Sliced weights (prototype)": the othe
 issue names, for timing only: the pruned model with BatchNorm folded and every Conv/Gemm weight
 read through a Slice (of one zero-padded full-width tensor) whose ends come from the width input at
 run time; its file size is what one shared set of weights would weigh."""
+
+
+OCR_TITLE = "## Width knob on PP-OCR (width-knob)"
+
+
+def ocr_section() -> str:
+    """`width-knob` with its defaults on the three PP-OCR models, each width judged by what a user
+    sees (decoded strings, text maps, angle labels): the knob file with its `width` default set to
+    that width (each width is `prune-channels(ratio=1 - width)` with recovery, as the MNIST section
+    checks); latency ratios of the whole knob file fed that width."""
+    from benchmarks import ocr
+
+    knobs: dict[int, tuple] = {}
+
+    def run(model, calib, passes):
+        label = passes[0]
+        if id(model) not in knobs:                 # one knob per model, fed each width below
+            t0 = time.perf_counter()
+            result = PassManager([WidthKnob()], calib=calib, max_drop=None, latency=LatencyConfig(enabled=False)).run(model)
+            knobs[id(model)] = (result.model, time.perf_counter() - t0, result.report.steps[-1])
+        knob, secs, step = knobs[id(model)]
+        fed = onnx.ModelProto()
+        fed.CopyFrom(knob)
+        value = next(t for t in fed.graph.initializer if t.name == "width")
+        value.CopyFrom(onnx.numpy_helper.from_array(np.array(label, np.float32), "width"))
+        return fed, secs, step.notes, {**step.stats, "width": label}
+
+    widths = [(f"width-knob fed width {w:g} (defaults; MACs column: the full knob)", lambda w=w: w) for w in (1.0, 0.75, 0.5)]
+    stat = lambda st: "{:.2f}x".format(st.get("macs_ratio_{:g}".format(st["width"]), float("nan"))) if "width" in st else "-"
+    return OCR_TITLE + "\n\n" + ocr_section.__doc__.split("\n\n")[0].replace("    ", "") + "\n\n" + \
+        ocr.pass_rows(widths, "MACs at that width", stat, run)
