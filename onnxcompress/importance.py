@@ -30,6 +30,7 @@ __all__ = ["CRITERIA", "RANK_ONLY", "group_scores", "input_norms"]
 
 CRITERIA = ("l1", "l2", "bn-scale", "mean-act", "apoz", "thinet", "lasso")
 RANK_ONLY = frozenset({"thinet", "lasso"})   # scores comparable inside one group only
+Z_CHUNK = 4_000_000     # values of Z (float64) computed at a time by the reconstruction criteria
 DATA_CRITERIA = frozenset({"mean-act", "apoz", "thinet", "lasso"})
 ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "PRelu", "Elu",
                          "Selu", "Gelu", "Mish", "Tanh"})
@@ -136,14 +137,15 @@ def input_norms(graph: gs.Graph, ctx: Context, data: Dataset, nodes: list[gs.Nod
 # -- reconstruction-based -----------------------------------------------------------------------
 
 def _contributions(node: gs.Node, an: Analysis, group: Group, batches: Iterator[np.ndarray],
-                   budget: int, rng: np.random.Generator) -> np.ndarray | None:
-    """Z [rows, units, outputs]: each unit's contribution to the consumer's output, on sampled rows."""
+                   budget: int, rng: np.random.Generator) -> Iterator[np.ndarray] | None:
+    """Z, each unit's contribution to the consumer's output on sampled rows, in chunks of rows
+    [units, rows, outputs] (float64): a wide group's whole Z (2048 units x 512 outputs x 32 rows)
+    would take 270 MB, and normalizing and transposing it as many again."""
     cols = _consumer_columns(node)
     if cols is None:
         return None
     x_name = node.inputs[0].name
     roots = an.uf.roots(an.ids[x_name])
-    index = {r: i for i, r in enumerate(group.units)}
     feats = [np.flatnonzero(roots == r) for r in group.units]
     fan_out = cols.shape[0]
     rows_wanted = int(np.clip(budget // max(len(group.units) * fan_out, 1), 32, 2048))
@@ -165,13 +167,38 @@ def _contributions(node: gs.Node, an: Analysis, group: Group, batches: Iterator[
         if have >= rows_wanted:
             break
     a = np.concatenate(parts)[:rows_wanted]                     # [R, F, k]
-    z = np.zeros((len(a), len(group.units), fan_out))
-    for u, f in enumerate(feats):
-        if f.size and group.units[u] in index:
-            k = max(a.shape[2], cols.shape[2])      # a kernel axis of 1 broadcasts (a transposed conv's taps)
-            x, c = np.broadcast_to(a[:, f, :], (len(a), f.size, k)), np.broadcast_to(cols[:, f, :], (len(cols), f.size, k))
-            z[:, u, :] = x.reshape(len(a), -1) @ c.reshape(len(cols), -1).T
-    return z
+    return _contribution_chunks(a, cols, feats, max(1, Z_CHUNK // max(len(feats) * fan_out, 1)))
+
+
+def _contribution_chunks(a: np.ndarray, cols: np.ndarray, feats: list[np.ndarray], rows: int) -> Iterator[np.ndarray]:
+    """Z for `rows` rows of `a` [R, F, k] at a time: [units, rows, outputs], a unit's features `feats[u]`."""
+    k = max(a.shape[2], cols.shape[2])      # a kernel axis of 1 broadcasts (a transposed conv's taps)
+    for start in range(0, len(a), rows):
+        part = a[start:start + rows]
+        z = np.zeros((len(feats), len(part), len(cols)))
+        for u, f in enumerate(feats):
+            if f.size:
+                x, c = np.broadcast_to(part[:, f, :], (len(part), f.size, k)), np.broadcast_to(cols[:, f, :], (len(cols), f.size, k))
+                z[u] = x.reshape(len(part), -1) @ c.reshape(len(cols), -1).T
+        yield z
+
+
+def _normalized_gram(chunks: Iterator[np.ndarray]) -> np.ndarray:
+    """The units' U x U Gram sum_r,o z[u,r,o] z[v,r,o] (through BLAS), of Z divided by the RMS of
+    its sum over units (so that every consumer weighs alike), accumulated chunk by chunk."""
+    gram, squares, count = 0.0, 0.0, 0
+    for z in chunks:
+        zu = z.reshape(len(z), -1)
+        gram = gram + zu @ zu.T
+        squares += float((z.sum(0) ** 2).sum())
+        count += zu.shape[1]
+    return gram / max(np.sqrt(squares / max(count, 1)), 1e-12) ** 2
+
+
+def _normalized(chunks: Iterator[np.ndarray]) -> np.ndarray:
+    """Z [units, rows, outputs] whole, divided by the RMS of its sum over units."""
+    z = np.concatenate(list(chunks), axis=1)
+    return z / max(np.sqrt((z.sum(0) ** 2).mean()), 1e-12)
 
 
 def reconstruction_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ctx: Context, data: Dataset,
@@ -190,15 +217,9 @@ def reconstruction_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ct
     for x_name in sorted(by_input, key=lambda t: position.get(t, -1)):
         batches = stepper.fetch(x_name)
         for g, node in by_input[x_name]:
-            z = _contributions(node, an, g, iter(batches), budget, rng)
-            if z is None:
-                continue
-            z = z / max(np.sqrt((z.sum(1) ** 2).mean()), 1e-12)   # consumers weigh alike
-            if criterion == "thinet":       # the U x U Gram sum_r,o z[r,u,o] z[r,v,o], through BLAS
-                zu = z.transpose(1, 0, 2).reshape(z.shape[1], -1)
-                parts[g.id].append(zu @ zu.T)
-            else:
-                parts[g.id].append(z)
+            chunks = _contributions(node, an, g, iter(batches), budget, rng)
+            if chunks is not None:
+                parts[g.id].append(_normalized_gram(chunks) if criterion == "thinet" else _normalized(chunks))
     result = {}
     for g in groups:
         if not parts[g.id]:
@@ -229,7 +250,7 @@ def _lasso_rank(zs: list[np.ndarray]) -> np.ndarray:
     """LASSO (He et al.): units that enter the LARS path first matter most for the consumers' output."""
     from sklearn.linear_model import lars_path
 
-    X = np.concatenate([z.transpose(0, 2, 1).reshape(-1, z.shape[1]) for z in zs])   # [(R*O), U]
+    X = np.concatenate([z.reshape(len(z), -1).T for z in zs])   # [(R*O), U]
     y = X.sum(1)
     _, active, _ = lars_path(X, y, method="lasso", max_iter=4 * X.shape[1])
     n = X.shape[1]
