@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import onnx
 
 from . import container, graph as G, io, weights as W
@@ -341,22 +342,24 @@ def _png(fig) -> bytes:
 
 def _sweep_plot(steps) -> bytes:
     """Each sweep (one per step that measured one): the drop and the share exiting against the
-    expected MACs, one point per threshold, the chosen threshold marked."""
+    expected MACs, one point per threshold (for several exits, per setting of their thresholds on
+    the chosen chain's Pareto front, written t1/t2), the chosen one marked."""
     plt = _pyplot()
+    text = lambda t: "/".join(f"{v:g}" for v in np.atleast_1d(t))
     fig, axes = plt.subplots(1, len(steps), figsize=(7 * len(steps), 4.5), squeeze=False)
     for ax, step in zip(axes[0], steps):
         rows, chosen = step.stats["sweep"], step.stats.get("threshold")
         macs = [r["macs_ratio"] for r in rows]
         ax.errorbar(macs, [r["drop"] for r in rows], yerr=[r["error"] for r in rows], marker="o", label="drop (points)")
         for r in rows:
-            ax.annotate(f"{r['threshold']:g}", (r["macs_ratio"], r["drop"]), fontsize=6, xytext=(2, 3),
+            ax.annotate(text(r["threshold"]), (r["macs_ratio"], r["drop"]), fontsize=6, xytext=(2, 3),
                         textcoords="offset points")
         share = ax.twinx()
         share.plot(macs, [100 * r["exit_share"] for r in rows], color="gray", ls="--", marker=".", label="exiting (%)")
         share.set_ylabel("share exiting at batch 1 (%)")
         if chosen is not None:
-            ax.axvline(next(r["macs_ratio"] for r in rows if r["threshold"] == chosen), color="green", lw=1,
-                       label=f"chosen threshold {chosen:g}")
+            ax.axvline(next(r["macs_ratio"] for r in rows if text(r["threshold"]) == text(chosen)), color="green",
+                       lw=1, label=f"chosen threshold {text(chosen)}")
         ax.set_xlabel("expected MACs (x the original's)")
         ax.set_ylabel("drop below the full model (points)")
         ax.set_title(f"{step.pass_}: threshold sweep on held-out calibration data")

@@ -9,6 +9,7 @@ tensor the first part computed (constants excepted) or a graph input.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -24,8 +25,8 @@ from .solvers import softmax
 log = logging.getLogger(__name__)
 
 __all__ = ["CannotBranch", "Cut", "cut_at", "cuts_between", "reads", "detach_output", "grid_window",
-           "grid_pool", "add_head", "min_confidence", "confident", "add_override", "branch", "pooled_features",
-           "SweepRow", "sweep", "choose", "sweep_table", "THRESHOLDS"]
+           "grid_pool", "add_head", "min_confidence", "confident", "add_override", "outer_value", "branch", "pooled_features",
+           "SweepRow", "sweep", "ChainRow", "chain_sweep", "choose", "sweep_table", "THRESHOLDS"]
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
@@ -154,14 +155,15 @@ def grid_pool(a: np.ndarray, grid: int) -> np.ndarray:
 
 
 def add_head(graph: gs.Graph, x: gs.Variable, weight: np.ndarray, bias: np.ndarray, dtype,
-             window: tuple[int, int] | None = None) -> gs.Variable:
+             window: tuple[int, int] | None = None, name: str = "exit_head") -> gs.Variable:
     """The pooled features of x -> Gemm (weight [classes, features]): the logits [N, classes].
-    Pooling: GlobalAveragePool, or AveragePool over `window` cells (`grid_window`), then Flatten."""
+    Pooling: GlobalAveragePool, or AveragePool over `window` cells (`grid_window`), then Flatten.
+    The Gemm's weights are '{name}.weight' and '{name}.bias'."""
     pooled = (_node(graph, "GlobalAveragePool", [x], dtype) if window is None else
               _node(graph, "AveragePool", [x], dtype, kernel_shape=list(window), strides=list(window)))
     flat = _node(graph, "Flatten", [pooled], dtype)
-    w = G.make_constant(G.unique_name(graph, "exit_head.weight"), weight.astype(dtype))
-    b = G.make_constant(G.unique_name(graph, "exit_head.bias"), bias.astype(dtype))
+    w = G.make_constant(G.unique_name(graph, f"{name}.weight"), weight.astype(dtype))
+    b = G.make_constant(G.unique_name(graph, f"{name}.bias"), bias.astype(dtype))
     return _node(graph, "Gemm", [flat, w, b], dtype, None, transB=1)
 
 
@@ -197,6 +199,13 @@ def add_override(graph: gs.Graph, name: str, value: np.ndarray) -> gs.Constant:
     const = gs.Constant(name, np.asarray(value))
     graph.inputs.append(const)
     return const
+
+
+def outer_value(graph: gs.Graph, override: gs.Constant) -> gs.Variable:
+    """`override` (an `add_override` input) as a node's output, for a nested If's body to read: given
+    an overridable initializer from an outer scope, onnxruntime's nested bodies see its stored
+    value, not the one fed (1.32; an Identity's output is what was fed)."""
+    return _node(graph, "Identity", [override], override.dtype, override.shape)
 
 
 def _body_outputs(graph: gs.Graph, values: Sequence[gs.Tensor], like: Sequence[gs.Variable],
@@ -268,37 +277,79 @@ def sweep(head_logits: np.ndarray, full_logits: np.ndarray, truth: np.ndarray | 
           full_macs: float, head_macs: float, thresholds: Sequence[float] = THRESHOLDS) -> list[SweepRow]:
     """What each threshold does at batch 1: a sample exits when its largest softmax probability from
     the head reaches the threshold. `exit_macs` counts the first part and the head; a sample that
-    does not exit costs the full model and the head. Without labels the score is top-1 agreement."""
-    confidence = softmax(head_logits).max(axis=1)
-    full_pred, head_pred = full_logits.argmax(1), head_logits.argmax(1)
+    does not exit costs the full model and the head. Without labels the score is top-1 agreement.
+    (`chain_sweep` with one exit.)"""
+    rows = chain_sweep([head_logits], full_logits, truth, [exit_macs - head_macs], full_macs, [head_macs],
+                       [(t,) for t in thresholds])
+    return [SweepRow(r.thresholds[0], r.exit_shares[0], r.score, r.drop, r.error, r.macs_ratio) for r in rows]
+
+
+@dataclass(frozen=True)
+class ChainRow:
+    """Thresholds for a chain of exits (one per exit, in graph order), judged at batch 1."""
+    thresholds: tuple[float, ...]
+    exit_shares: tuple[float, ...]   # the samples each exit answers (of all samples)
+    score: float
+    drop: float
+    error: float
+    macs_ratio: float
+
+    @property
+    def threshold(self) -> tuple[float, ...]:   # as SweepRow's, for `choose` and `sweep_table`
+        return self.thresholds
+
+    @property
+    def exit_share(self) -> float:              # the samples leaving early, at any exit
+        return sum(self.exit_shares)
+
+
+def chain_sweep(heads: Sequence[np.ndarray], full_logits: np.ndarray, truth: np.ndarray | None,
+                cut_macs: Sequence[float], full_macs: float, head_macs: Sequence[float],
+                settings: Sequence[Sequence[float]] | None = None) -> list[ChainRow]:
+    """What each setting of thresholds does to a chain of exits at batch 1: a sample leaves at the
+    first exit whose head's largest softmax probability reaches that exit's threshold. Leaving at
+    exit j costs the network up to its cut (`cut_macs[j]`) and the heads 0..j; a sample that leaves
+    at none costs the full model and every head. `settings`: threshold tuples to try; by default
+    every combination of THRESHOLDS. Without labels the score is top-1 agreement."""
+    if settings is None:
+        settings = list(itertools.product(THRESHOLDS, repeat=len(heads)))
+    confidence = [softmax(h).max(axis=1) for h in heads]
+    full_pred = full_logits.argmax(1)
     truth = full_pred if truth is None else truth.reshape(-1)
     full_right = full_pred == truth
+    head_right = [h.argmax(1) == truth for h in heads]
+    spent = np.cumsum(head_macs)
+    costs = [c + s for c, s in zip(cut_macs, spent)] + [full_macs + spent[-1]]
     rows = []
-    for t in thresholds:
-        out = confidence >= t
-        right = np.where(out, head_pred, full_pred) == truth
+    for ts in settings:
+        pending, right, shares = np.ones(len(truth), bool), full_right.copy(), []
+        for conf, correct, t in zip(confidence, head_right, ts):
+            out = pending & (conf >= t)
+            right[out] = correct[out]
+            pending &= ~out
+            shares.append(float(out.mean()))
         diff = full_right.astype(np.float64) - right      # per sample: 1 lost, -1 won, 0 same
         error = float(diff.std(ddof=1) / np.sqrt(len(diff)) * 100) if len(diff) > 1 else 0.0
-        share = float(out.mean())
-        macs = share * exit_macs + (1 - share) * (full_macs + head_macs)
-        rows.append(SweepRow(float(t), share, float(right.mean() * 100), float(diff.mean() * 100), error,
-                             macs / full_macs))
+        macs = float(np.dot([*shares, 1 - sum(shares)], costs))
+        rows.append(ChainRow(tuple(float(t) for t in ts), tuple(shares), float(right.mean() * 100),
+                             float(diff.mean() * 100), error, macs / full_macs))
     return rows
 
 
-def choose(rows: Sequence[SweepRow], max_drop: float, margin: float = 0.0) -> SweepRow | None:
-    """The row that saves the most expected MACs (the higher threshold on ties) with its drop plus
-    `margin` standard errors within `max_drop`, or None when none saves any."""
+def choose(rows: Sequence, max_drop: float, margin: float = 0.0):
+    """The row (SweepRow or ChainRow) that saves the most expected MACs (the higher thresholds on
+    ties) with its drop plus `margin` standard errors within `max_drop`, or None when none saves any."""
     fits = [r for r in rows if r.drop + margin * r.error <= max_drop + 1e-9 and r.macs_ratio < 1]
-    return min(fits, key=lambda r: (r.macs_ratio, -r.threshold)) if fits else None
+    return min(fits, key=lambda r: (r.macs_ratio, -np.sum(r.threshold))) if fits else None
 
 
-def sweep_table(rows: Sequence[SweepRow], metric: str, chosen: float | None) -> str:
-    """A compact text table of the sweep (the chosen threshold marked)."""
+def sweep_table(rows: Sequence, metric: str, chosen) -> str:
+    """A compact text table of a sweep (SweepRow or ChainRow; the chosen threshold marked)."""
+    text = lambda t: "/".join(f"{v:g}" for v in np.atleast_1d(t))
     lines = [f"threshold sweep at batch 1 ({metric} on the held-out calibration samples):",
              "      threshold  exit%   drop  (s.e.)   MACs"]
     for r in rows:
         mark = " <-" if chosen is not None and r.threshold == chosen else ""
-        lines.append(f"      {r.threshold:9.3f}  {r.exit_share * 100:5.1f}  {r.drop:5.2f}  ({r.error:4.2f})  "
+        lines.append(f"      {text(r.threshold):>9s}  {r.exit_share * 100:5.1f}  {r.drop:5.2f}  ({r.error:4.2f})  "
                      f"{r.macs_ratio:5.2f}x{mark}")
     return "\n".join(lines)

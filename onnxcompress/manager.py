@@ -16,7 +16,7 @@ from . import graph as G, resources
 from ._version import __version__
 from .data import Dataset, check_batch_first, conform
 from .errors import CompressError, InputError, PassError
-from .metrics import LatencyConfig, accuracy, budget_metric, count_params, fidelity, gzip_bytes, latency_ms, macs_breakdown, size_bytes
+from .metrics import LatencyConfig, accuracy, budget_metric, count_params, fidelity, gzip_bytes, if_outputs, latency_ms, macs_breakdown, size_bytes
 from .pass_api import ChannelMap, Context, Pass
 from .report import Report, Step
 from .runtime import DEFAULT_PROVIDERS, make_session, run_model
@@ -69,7 +69,7 @@ class Evaluator:
                          desc="evaluate")
 
     def measure(self, model: onnx.ModelProto, step: Step, branch_probs: dict[str, float] | None = None) -> Step:
-        ifs = {n.output[0] for n in model.graph.node if n.op_type == "If"}
+        ifs = if_outputs(model)
         # A model with an exit (an If the run knows the odds of) is judged one input at a time, as it is
         # deployed: in a batch it exits only when every sample is confident, so batches of 64 would
         # show the full model's answers.

@@ -377,6 +377,11 @@ def _check_probs(branch_probs: Mapping[str, float] | None) -> dict[str, float]:
     return probs
 
 
+def if_outputs(model: onnx.ModelProto) -> set[str]:
+    """The first output of every If node, in bodies too: the names `branch_probs` may use."""
+    return {n.output[0] for g in _graphs(model.graph) for n in g.node if n.op_type == "If" and n.output}
+
+
 def macs_breakdown(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None,
                    branch_probs: Mapping[str, float] | None = None) -> list[NodeMacs]:
     """A NodeMacs for every top-level node at batch 1, with the detail of If/Loop/Scan bodies (nested

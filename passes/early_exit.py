@@ -28,6 +28,7 @@ which part answered.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,7 @@ CUT_SHARE = (0.10, 0.75)       # share of the MACs before the cuts tried when `a
 CANDIDATE_ITERS, FINAL_ITERS = 60, 150   # L-BFGS iterations: the candidates' heads, then the finalists'
                                          # (warm-started from the candidate's head)
 FINALISTS, FOLDS = 3, 3        # candidates judged again by cross-fitting on every calibration sample
+MAX_EXITS = 3                  # chains are searched over every combination of thresholds: 13^k settings
 
 
 @dataclass
@@ -69,15 +71,17 @@ class Head:
     agreement: float                 # held-out top-1 agreement of the head with the full model, percent
     rows: list[X.SweepRow]
     chosen: X.SweepRow | None
+    predicted: np.ndarray | None = None   # every calibration sample's logits from a head fit without it
 
 
 @dataclass
 class EarlyExit(Pass):
-    """Add one exit head mid-network: confident inputs skip the rest (an If that onnxruntime skips)."""
+    """Add exit heads mid-network: confident inputs skip the rest (nested Ifs that onnxruntime skips)."""
 
     name = "early-exit"
     handles = frozenset({"Conv"})           # the exit reads a conv stage's [N, C, H, W] activation
-    at: str | None = None                   # the tensor after which the exit goes; None: chosen (module doc)
+    at: tuple[str, ...] = ()                # the tensors after which exits go (one name or several); (): chosen
+    exits: int = 2                          # when chosen: the most exits placed (each after another stage)
     grid: int | None = None                 # head pooling cells per side (1: global average); None: chosen
     max_candidates: int = 8                 # cuts tried when `at` is None (evenly spread over those found)
     threshold: float | None = None          # None: the cheapest within max_drop on held-out calibration data
@@ -99,6 +103,9 @@ class EarlyExit(Pass):
             raise ValueError("grid must be between 1 and 8")
         if self.max_candidates < 1:
             raise ValueError("max_candidates must be at least 1")
+        if not 1 <= self.exits <= MAX_EXITS:
+            raise ValueError(f"exits must be between 1 and {MAX_EXITS}")
+        self.at = (self.at,) if isinstance(self.at, str) else tuple(self.at)
 
     def required_opset(self) -> int:
         return 13   # Softmax over one axis, GreaterOrEqual
@@ -125,40 +132,95 @@ class EarlyExit(Pass):
         fit = lambda site, k, iters: self._head(site, k, features[site.cut.tensor.name, k], n_fit, targets,
                                                 logits[n_fit:], labels, budget, iters)
         heads = [fit(site, k, CANDIDATE_ITERS) for site in sites for k in grids[site.cut.tensor.name]]
-        # The cheapest few by that split are judged again on every calibration sample, each predicted by a
-        # head fit without it (FOLDS-fold cross-fitting): a third of the data picked the cheapest of many
-        # candidates on a few hundred samples, and a threshold whose drop rests on no lost sample at all
-        # is the one the next data breaks (VGG: 0.0 on 333 held-out digits, 1.2 points on the test digits).
-        ranked = sorted(heads, key=lambda h: (h.chosen is None, h.chosen.macs_ratio if h.chosen else 0,
-                                              -h.agreement))[:FINALISTS]
-        finals = [self._crossfit(h, features[h.site.cut.tensor.name, h.grid], logits, data.labels, budget)
-                  for h in ranked]
-        fitting = [h for h in finals if h.chosen is not None]
-        best = min(fitting, key=lambda h: (h.chosen.macs_ratio, h.weight.size)) if fitting else \
-            max(finals, key=lambda h: h.agreement)
+        crossfit = lambda h: self._crossfit(h, features[h.site.cut.tensor.name, h.grid], logits, data.labels, budget)
+        several = len(self.at) > 1 or (not self.at and self.exits > 1)
+        chain, chosen, sweep = self._chain(heads, crossfit, logits, data.labels, budget) if several else \
+            self._single(heads, crossfit)
         metric = "accuracy" if labels is not None else "top-1 agreement"
-        site, chosen = best.site, best.chosen
-        stats = {"exit_after": site.cut.tensor.name, "cut_macs_share": site.exit_macs / max(site.full_macs, 1),
-                 "grid": best.grid, "max_drop": budget, "holdout_samples": len(data),
-                 "head_agreement": best.agreement, "sweep": [dataclasses.asdict(r) for r in best.rows],
+        first = chain[0]
+        stats = {"exit_after": first.site.cut.tensor.name,
+                 "cut_macs_share": first.site.exit_macs / max(first.site.full_macs, 1),
+                 "grid": first.grid, "max_drop": budget, "holdout_samples": len(data),
+                 "head_agreement": first.agreement, "sweep": [self._row(r) for r in sweep],
                  "candidates": [self._describe(h) for h in heads]}
-        notes = [X.sweep_table(best.rows, metric, None if chosen is None else chosen.threshold)]
+        notes = [X.sweep_table(sweep, metric, None if chosen is None else chosen.threshold)]
         if len(heads) > 1:
-            notes.append(self._candidates_table(heads, best))
+            notes.append(self._candidates_table(heads, chain))
         if chosen is None:
             return PassResult(graph, False, stats, [f"left as is: no threshold keeps {metric} within {budget} points "
                                                     f"({self.margin:g} standard errors included) and saves MACs",
                                                     *notes])
-        self._insert(graph, best, chosen.threshold)
-        ctx.state.branch_probs[site.output.name] = chosen.exit_share
-        stats.update(threshold=chosen.threshold, exit_share=chosen.exit_share, expected_macs_ratio=chosen.macs_ratio,
-                     holdout_drop=chosen.drop, holdout_drop_error=chosen.error, rest_nodes=len(site.cut.rest))
-        summary = (f"exit after '{site.cut.tensor.name}' ({stats['cut_macs_share']:.0%} of the MACs), head pooled "
-                   f"{best.grid}x{best.grid}, threshold {chosen.threshold:g}: {chosen.exit_share:.0%} of the "
-                   "calibration samples exit at batch 1 (each judged by a head fit without it), expected MACs "
-                   f"{chosen.macs_ratio:.2f}x, {metric} drop {chosen.drop:.2f} +- {chosen.error:.2f} points; a batch "
-                   "exits only when every sample in it is confident")
+        thresholds = np.atleast_1d(chosen.threshold).tolist()
+        shares = list(getattr(chosen, "exit_shares", [chosen.exit_share]))
+        ifs = self._insert(graph, chain, thresholds)
+        reached = 1.0
+        for node, share in zip(ifs, shares):   # each If's odds of exiting, given that it runs
+            ctx.state.branch_probs[node.outputs[0].name] = min(share / reached, 1.0) if reached > 0 else 0.0
+            reached -= share
+        stats.update(threshold=thresholds[0] if len(chain) == 1 else thresholds, exit_share=chosen.exit_share, expected_macs_ratio=chosen.macs_ratio,
+                     holdout_drop=chosen.drop, holdout_drop_error=chosen.error, rest_nodes=len(first.site.cut.rest),
+                     exits=[{"tensor": h.site.cut.tensor.name, "grid": h.grid, "threshold": t, "exit_share": p,
+                             "threshold_input": name} for h, t, p, name in
+                            zip(chain, thresholds, shares, self._threshold_names(len(chain)))])
+        where = "; ".join(f"after '{h.site.cut.tensor.name}' ({h.site.exit_macs / max(h.site.full_macs, 1):.0%} of "
+                          f"the MACs, pooled {h.grid}x{h.grid}, threshold {t:g}, {p:.0%} leave)"
+                          for h, t, p in zip(chain, thresholds, shares))
+        summary = (f"{len(chain)} exit{'s' if len(chain) > 1 else ''} {where}: expected MACs {chosen.macs_ratio:.2f}x "
+                   f"at batch 1, {metric} drop {chosen.drop:.2f} +- {chosen.error:.2f} points (each calibration "
+                   "sample judged by heads fit without it); a batch exits only when every sample in it is confident")
         return PassResult(graph, True, stats, [summary, *notes])
+
+    @staticmethod
+    def _row(r: X.SweepRow | X.ChainRow) -> dict:
+        """A sweep row for the report: a chain's thresholds as a list, its exit share the total."""
+        return {**dataclasses.asdict(r), "threshold": r.threshold if isinstance(r, X.SweepRow) else list(r.threshold),
+                "exit_share": r.exit_share}
+
+    @staticmethod
+    def _rank(h: Head) -> tuple:
+        """Candidates' order: those whose sweep found a threshold, cheapest first, then by agreement."""
+        return h.chosen is None, h.chosen.macs_ratio if h.chosen else 0, -h.agreement
+
+    def _single(self, heads: list[Head], crossfit) -> tuple[list[Head], X.SweepRow | None, list[X.SweepRow]]:
+        """One exit: the cheapest few candidates by their held-out third (FINALISTS) judged again on
+        every calibration sample, each predicted by a head fit without it (FOLDS-fold cross-fitting):
+        a third of the data picked the cheapest of many candidates on a few hundred samples, and a
+        threshold whose drop rests on no lost sample at all is the one the next data breaks (VGG: 0.0
+        on 333 held-out digits, 1.2 points on the test digits)."""
+        finals = [crossfit(h) for h in sorted(heads, key=self._rank)[:FINALISTS]]
+        fitting = [h for h in finals if h.chosen is not None]
+        best = min(fitting, key=lambda h: (h.chosen.macs_ratio, h.weight.size)) if fitting else \
+            max(finals, key=lambda h: h.agreement)
+        return [best], best.chosen, best.rows
+
+    def _chain(self, heads: list[Head], crossfit, logits: np.ndarray, labels: np.ndarray | None,
+               budget: float) -> tuple[list[Head], X.ChainRow | None, list[X.ChainRow]]:
+        """Several exits: the best candidate at each cut, cross-fit on every sample; then every
+        chain of up to `exits` of them in graph order (every named one when `at` names several)
+        under every combination of thresholds, and the cheapest within the budget. The rows
+        returned are the chosen chain's cheapest for each drop (its Pareto front)."""
+        best_at: dict[str, Head] = {}
+        for h in sorted(heads, key=self._rank):
+            best_at.setdefault(h.site.cut.tensor.name, h)
+        finals = sorted((crossfit(h) for h in best_at.values()), key=lambda h: h.site.exit_macs)
+        sizes = [len(finals)] if self.at else range(1, min(self.exits, len(finals)) + 1)
+        found: tuple | None = None
+        for chain in (c for k in sizes for c in itertools.combinations(finals, k)):
+            settings = None if self.threshold is None else [(self.threshold,) * len(chain)]
+            rows = X.chain_sweep([h.predicted for h in chain], logits, labels, [h.site.exit_macs for h in chain],
+                                 chain[0].site.full_macs, [h.weight.size for h in chain], settings)
+            row = rows[0] if self.threshold is not None and self.at else X.choose(rows, budget, self.margin)
+            if row is not None and (found is None or row.macs_ratio < found[1].macs_ratio):
+                found = list(chain), row, rows
+        if found is None:
+            return finals[:1], None, []
+        chain, row, rows = found
+        front, lowest = [], np.inf
+        for r in sorted(rows, key=lambda r: (r.macs_ratio, r.drop)):
+            if r.drop < lowest or r is row:
+                front.append(r)
+                lowest = min(lowest, r.drop)
+        return chain, row, front
 
     def _grids(self, shape) -> list[int]:
         """The pooling grids to try on an activation of `shape`."""
@@ -189,7 +251,7 @@ class EarlyExit(Pass):
                                      W0=h.weight, b0=h.bias, max_iter=FINAL_ITERS)
         rows, chosen = self._sweep(h.site, predicted, logits, labels, weight.size, budget)
         agreement = float(np.mean(predicted.argmax(1) == logits.argmax(1)) * 100)
-        return Head(h.site, h.grid, weight, bias, agreement, rows, chosen)
+        return Head(h.site, h.grid, weight, bias, agreement, rows, chosen, predicted)
 
     def _sweep(self, site: Site, head: np.ndarray, full: np.ndarray, labels: np.ndarray | None, head_macs: int,
                budget: float) -> tuple[list[X.SweepRow], X.SweepRow | None]:
@@ -201,7 +263,7 @@ class EarlyExit(Pass):
         given = [r for r in rows if r.threshold == self.threshold]
         # a given threshold: at a named tensor it is taken as it is; among candidates, one qualifies by
         # keeping the budget there
-        return rows, given[0] if self.at is not None else X.choose(given, budget, self.margin)
+        return rows, given[0] if self.at else X.choose(given, budget, self.margin)
 
     @staticmethod
     def _describe(h: Head) -> dict:
@@ -212,8 +274,8 @@ class EarlyExit(Pass):
                 "expected_macs_ratio": None if h.chosen is None else h.chosen.macs_ratio}
 
     @staticmethod
-    def _candidates_table(heads: list[Head], best: Head) -> str:
-        mark = lambda h: (h.site.cut.tensor.name, h.grid) == (best.site.cut.tensor.name, best.grid)
+    def _candidates_table(heads: list[Head], chain: list[Head]) -> str:
+        mark = lambda h: any((h.site.cut.tensor.name, h.grid) == (c.site.cut.tensor.name, c.grid) for c in chain)
         lines = ["exit candidates (head fit on two thirds of the calibration data, judged on the rest):",
                  "      MACs before  grid  head agrees  threshold  exit%   MACs   tensor"]
         for h in heads:
@@ -226,10 +288,11 @@ class EarlyExit(Pass):
 
     def _sites(self, graph: gs.Graph, ctx: Context) -> list[Site]:
         """Where an exit may go; raises CannotBranch naming why the model cannot take one."""
-        taken = {THRESHOLD_INPUT, *([INDEX_OUTPUT] if self.exit_output else [])} & set(graph.tensors())
+        ours = {*self._threshold_names(1), *self._threshold_names(MAX_EXITS), INDEX_OUTPUT}
+        taken = ours & set(graph.tensors())
         if taken:
             raise X.CannotBranch(f"the graph already has a tensor named {', '.join(sorted(taken))} "
-                                 "(one exit per model)")
+                                 "(early-exit runs once per model)")
         if len(graph.outputs) != 1:
             raise X.CannotBranch(f"the model has {len(graph.outputs)} outputs; an exit needs a "
                                  "single-output classifier")
@@ -242,36 +305,58 @@ class EarlyExit(Pass):
         if len(shape) != 2 or shape[1] < 2 or out.dtype is None or np.dtype(out.dtype).kind != "f":
             raise X.CannotBranch(f"the output '{out.name}' is not [N, classes] float logits (shape {shape})")
         macs = {d.output: d.macs or 0 for d in macs_breakdown(model, pins)}
-        if self.at is None:
+        if not self.at:
             cuts = X.cuts_between(graph, shapes, macs, *CUT_SHARE)
             cuts = [c for i, c in enumerate(cuts) if i + 1 == len(cuts) or cuts[i + 1][1] != c[1]]
             picks = np.unique(np.linspace(0, len(cuts) - 1, min(self.max_candidates, len(cuts))).round().astype(int))
             cuts = [cuts[i][0] for i in picks]
-        elif self.at not in graph.tensors():
-            raise OptionError(f"{self.name}: at='{self.at}' names no tensor of the graph")
         else:
-            cuts = [X.cut_at(graph, self.at)]
-            if len(shapes.get(self.at) or ()) != 4:
-                raise X.CannotBranch(f"'{self.at}' is not a 4-D activation [N, C, H, W] "
-                                     f"(shape {shapes.get(self.at)})")
+            cuts = [self._named_cut(graph, name, shapes) for name in dict.fromkeys(self.at)]
         total = sum(macs.values())
         declared = static_shapes(model) if pins else shapes
         return [Site(cut, out, model, sum(macs.get(G.layer_id(n), 0) for n in cut.first), total, declared)
                 for cut in cuts]
 
-    def _insert(self, graph: gs.Graph, head: Head, threshold: float) -> gs.Node:
-        """The head and the If at the cut; the rest of the graph moves into the If's else-branch."""
-        site = head.site
-        out, dtype = site.output, np.dtype(site.output.dtype)
-        window = None if head.grid == 1 else X.grid_window(site.shapes[site.cut.tensor.name], head.grid)
-        inner = X.detach_output(graph, out)
-        logits = X.add_head(graph, site.cut.tensor, head.weight, head.bias, dtype, window)
-        limit = X.add_override(graph, THRESHOLD_INPUT, np.array(threshold, dtype))
-        then_values, else_values, outputs = [logits], [inner], [out]
-        if self.exit_output:
-            index = gs.Variable(INDEX_OUTPUT, np.int64, [1])
+    def _named_cut(self, graph: gs.Graph, name: str, shapes: dict) -> X.Cut:
+        if name not in graph.tensors():
+            raise OptionError(f"{self.name}: at='{name}' names no tensor of the graph")
+        cut = X.cut_at(graph, name)
+        if len(shapes.get(name) or ()) != 4:
+            raise X.CannotBranch(f"'{name}' is not a 4-D activation [N, C, H, W] (shape {shapes.get(name)})")
+        return cut
+
+    @staticmethod
+    def _threshold_names(k: int) -> list[str]:
+        """The threshold inputs of k exits: 'exit_threshold', or 'exit_threshold_1' ... in graph order."""
+        return [THRESHOLD_INPUT] if k == 1 else [f"{THRESHOLD_INPUT}_{j + 1}" for j in range(k)]
+
+    def _insert(self, graph: gs.Graph, chain: list[Head], thresholds: list[float]) -> list[gs.Node]:
+        """Each exit's head and If at its cut, the deepest first: the rest of the graph (deeper exits
+        included) moves into the If's else-branch, so the Ifs nest. Returns the Ifs in graph order."""
+        out, dtype = chain[0].site.output, np.dtype(chain[0].site.output.dtype)
+        index = gs.Variable(INDEX_OUTPUT, np.int64, [1]) if self.exit_output else None
+        if index is not None:
             graph.outputs.append(index)
-            then_values.append(G.make_constant(G.unique_name(graph, "exit_index_head"), np.array([0], np.int64)))
-            else_values.append(G.make_constant(G.unique_name(graph, "exit_index_full"), np.array([1], np.int64)))
-            outputs.append(index)
-        return X.branch(graph, X.confident(graph, logits, limit), then_values, site.cut.rest, else_values, outputs)
+        limits = [X.add_override(graph, name, np.array(t, dtype))      # the inputs in graph order
+                  for name, t in zip(self._threshold_names(len(chain)), thresholds)]
+        # the deeper exits' thresholds are read inside the outer Ifs' bodies, through an Identity that
+        # stays in the main graph (`outer_value`)
+        limits[1:] = [X.outer_value(graph, limit) for limit in limits[1:]]
+        keep = {id(t.inputs[0]) for t in limits[1:]}
+        ifs = []
+        for j, (head, limit) in reversed(list(enumerate(zip(chain, limits)))):
+            cut = X.cut_at(graph, head.site.cut.tensor.name)    # the graph as the deeper exits left it
+            rest = [n for n in cut.rest if id(n) not in keep]
+            window = None if head.grid == 1 else X.grid_window(head.site.shapes[cut.tensor.name], head.grid)
+            inner = X.detach_output(graph, out)
+            logits = X.add_head(graph, cut.tensor, head.weight, head.bias, dtype, window,
+                                "exit_head" if len(chain) == 1 else f"exit_head_{j + 1}")
+            then_values, else_values, outputs = [logits], [inner], [out]
+            if index is not None:   # exit j answers j; the full model len(chain)
+                deeper = X.detach_output(graph, index) if ifs else \
+                    G.make_constant(G.unique_name(graph, "exit_index_full"), np.array([len(chain)], np.int64))
+                then_values.append(G.make_constant(G.unique_name(graph, "exit_index_head"), np.array([j], np.int64)))
+                else_values.append(deeper)
+                outputs.append(index)
+            ifs.append(X.branch(graph, X.confident(graph, logits, limit), then_values, rest, else_values, outputs))
+        return ifs[::-1]

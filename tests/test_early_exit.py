@@ -35,9 +35,9 @@ def exited(resnet, calib):
 
 @pytest.fixture(scope="module")
 def chosen(resnet, calib):
-    """(model, PassResult, Context): the exit's place, pooling and threshold all chosen by the pass."""
+    """(model, PassResult, Context): one exit, its place, pooling and threshold all chosen by the pass."""
     ctx = Context(calib=calib, original=resnet)
-    new, result = apply_pass(EarlyExit(), resnet, ctx)
+    new, result = apply_pass(EarlyExit(exits=1), resnet, ctx)
     return new, result, ctx
 
 
@@ -202,14 +202,15 @@ def test_a_named_tensor_that_is_not_a_cut_is_refused(resnet, name, reason):
 
 def test_an_exit_is_added_once(exited):
     _, result = apply_pass(EarlyExit(), exited[0])
-    assert not result.modified and "one exit per model" in result.notes[0]
+    assert not result.modified and "early-exit runs once per model" in result.notes[0]
 
 
 @pytest.mark.parametrize("options, message", [
     ({"threshold": 1.5}, "threshold must be in [0, 1]"),
     ({"temperature": 0}, "temperature must be positive"),
     ({"margin": -1}, "margin must not be negative"),
-    ({"at": 3}, "option 'at' must be str or None"),
+    ({"at": 3}, "option 'at' must be list of str"),
+    ({"exits": 4}, "exits must be between 1 and 3"),
     ({"grid": 0}, "grid must be between 1 and 8"),
     ({"max_candidates": 0}, "max_candidates must be at least 1"),
 ])
@@ -276,3 +277,90 @@ def test_weights_listed_as_inputs_still_become_constants():
     from onnxcompress import graph as G
     model = onnx.load(str(MODELS / "corpus" / "init_as_inputs.onnx"))
     assert [t.name for t in G.to_graph(model).inputs] == ["x"]
+
+
+# -- several exits ----------------------------------------------------------------------------------
+
+EARLY = "/blocks/blocks.0/Relu_1_output_0"   # ResNet after its first block: 18% of the MACs
+
+
+@pytest.fixture(scope="module")
+def chained(resnet, calib):
+    """(model with exits at EARLY and CUT, globally pooled, thresholds chosen jointly, PassResult, Context)."""
+    ctx = Context(calib=calib, original=resnet)
+    new, result = apply_pass(EarlyExit(at=[CUT, EARLY], grid=1), resnet, ctx)
+    return new, result, ctx
+
+
+def test_two_exits_nest_their_ifs(resnet, chained):
+    new, result, _ = chained
+    assert [e["tensor"] for e in result.stats["exits"]] == [EARLY, CUT]      # graph order, whatever the order named
+    sess = ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_overridable_initializers()] == ["exit_threshold_1", "exit_threshold_2"]
+    assert [o.name for o in new.graph.output] == ["logits", "exit_index"]
+    outer = next(n for n in new.graph.node if n.op_type == "If")
+    bodies = {a.name: a.g for a in outer.attribute}
+    inner = next(n for n in bodies["else_branch"].node if n.op_type == "If")
+    inner_bodies = {a.name: a.g for a in inner.attribute}
+    convs = lambda nodes: sum(n.op_type == "Conv" for n in nodes)
+    # the stem and first block before the outer If, the next two blocks in its else-branch, the rest (as
+    # with one exit at CUT) in the inner else-branch
+    assert (convs(new.graph.node), convs(bodies["else_branch"].node), convs(inner_bodies["else_branch"].node)) \
+        == (3, 5, convs(resnet.graph.node) - 8)
+
+
+def test_each_exit_answers_as_its_thresholds_say(resnet, chained, calib, digits):
+    new, _, _ = chained
+    graphs = [new.graph]
+    for g in graphs:     # the deeper head's weights live in the outer If's else-branch
+        graphs += [a.g for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    weights = {t.name: onnx.numpy_helper.to_array(t) for g in graphs for t in g.initializer}
+    acts = capture(resnet, Dataset({"input": digits}), [EARLY, CUT])
+    head = lambda cut, j: acts[cut].mean(axis=(2, 3)) @ weights[f"exit_head_{j}.weight"].T \
+        + weights[f"exit_head_{j}.bias"]
+    feeds = lambda t1, t2: {"input": digits, "exit_threshold_1": at(t1), "exit_threshold_2": at(t2)}
+    logits, index = run(new, feeds(0.0, 0.0))
+    close = lambda a, b: np.abs(a - b).max() <= 1e-4 * np.abs(b).max()   # float32 sums in another order
+    assert index.tolist() == [0] and close(logits, head(EARLY, 1))
+    logits, index = run(new, feeds(1.01, 0.0))
+    assert index.tolist() == [1] and close(logits, head(CUT, 2))
+    logits, index = run(new, feeds(1.01, 1.01))
+    assert index.tolist() == [2] and np.abs(logits - run(resnet, {"input": digits})[0]).max() <= 1e-5
+
+
+def test_a_chain_reports_the_odds_of_each_if_and_its_expected_macs(resnet, chained, calib):
+    from onnxcompress import LatencyConfig, PassManager
+    _, result, ctx = chained
+    stats = result.stats
+    shares = [e["exit_share"] for e in stats["exits"]]
+    assert stats["holdout_drop"] + 3 * stats["holdout_drop_error"] <= 1.0 and stats["exit_share"] == sum(shares)
+    # the inner If runs only when the outer one did not exit: its odds are conditional
+    assert sorted(ctx.state.branch_probs.values()) == sorted([shares[0], shares[1] / (1 - shares[0])])
+    report = PassManager([EarlyExit(at=[EARLY, CUT], grid=1)], calib=calib, max_drop=None,
+                         latency=LatencyConfig(enabled=False)).run(resnet).report
+    assert report.steps[-1].macs / report.steps[0].macs == pytest.approx(stats["expected_macs_ratio"], abs=1e-3)
+
+
+def test_by_default_up_to_two_exits_are_chosen_in_graph_order(resnet, calib):
+    new, result = apply_pass(EarlyExit(), resnet, Context(calib=calib, original=resnet))
+    exits = result.stats["exits"]
+    shares = {c["tensor"]: c["macs_share"] for c in result.stats["candidates"]}
+    assert 1 <= len(exits) <= 2 and [shares[e["tensor"]] for e in exits] == sorted(shares[e["tensor"]] for e in exits)
+    assert result.stats["holdout_drop"] + 3 * result.stats["holdout_drop_error"] <= 1.0
+    assert {i.name for i in new.graph.input} == {"input", *(e["threshold_input"] for e in exits)}
+    validate_model(new)
+
+
+def test_chain_sweep_on_numbers():
+    """Two heads on four samples: a sample leaves at the first exit sure enough of itself."""
+    sure, unsure = [9.0, 0.0], [0.1, 0.0]
+    first = np.array([sure, unsure, unsure, sure])      # right on samples 0 and 3
+    second = np.array([unsure, [0.0, 9.0], sure, sure])  # wrong on sample 1
+    full = np.array([[1.0, 0.0]] * 4)                  # class 0 everywhere
+    rows = X.chain_sweep([first, second], full, None, cut_macs=[10, 40], full_macs=100, head_macs=[1, 2],
+                         settings=[(0.9, 0.9), (1.0, 0.9), (1.0, 1.0)])
+    assert [r.exit_shares for r in rows] == [(0.5, 0.5), (0.0, 0.75), (0.0, 0.0)]
+    assert [r.drop for r in rows] == [25.0, 25.0, 0.0]
+    assert rows[0].macs_ratio == pytest.approx((2 * 11 + 2 * 43) / 4 / 100)
+    assert rows[2].macs_ratio == pytest.approx(1.03)
+    assert X.choose(rows, max_drop=30).thresholds == (0.9, 0.9) and X.choose(rows, max_drop=0) is None
