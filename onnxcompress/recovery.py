@@ -264,11 +264,20 @@ def sequential(graph: gs.Graph, ctx: Context, data: Dataset,
                 fit = refit_layer(graph, node, zip(xs, teacher.fetch(node.outputs[0].name)), len(data), max_rows=max_rows,
                                   seed=seed)
                 refit += isinstance(fit, Fit) and fit.after < fit.before
-            split = _layer_equations(node, W.layer_weight(node).value, ((x, None) for x in xs), len(data), max_rows, rng)
-            if split is not None and split[0][0].n_in > MIN_OBS_COLUMNS:
-                grams = [ne.merged(out).G for ne, out in zip(*split[:2])]
+            grams = _input_grams(node, xs, len(data), max_rows, rng)
         visit[id(node)](node, grams)
     return refit
+
+
+def _input_grams(node: gs.Node, xs: list[np.ndarray], n_total: int, max_rows: int,
+                 rng: np.random.Generator) -> list[np.ndarray] | None:
+    """`sequential`'s Gram matrices of a layer's inputs (fit and held-out rows together), or None.
+    Only the Gram matrices outlive this call: the rest of the equations (as large) goes before the
+    layer is visited."""
+    split = _layer_equations(node, W.layer_weight(node).value, ((x, None) for x in xs), n_total, max_rows, rng)
+    if split is None or split[0][0].n_in <= MIN_OBS_COLUMNS:
+        return None
+    return [ne.absorb(out).G for ne, out in zip(*split[:2])]
 
 
 def mean_shift(rows: np.ndarray, new: np.ndarray, groups: list[tuple[slice, np.ndarray]]) -> np.ndarray:
@@ -348,7 +357,7 @@ def refit_layer(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarr
     n_out = rows.shape[0]
     if best[0] >= before:
         return Fit(before / n_out, before / n_out)
-    new_rows, new_b = constraint.solve_all([ne.merged(out) for ne, out in zip(eqs, held)], rows, b, best[1], bias)
+    new_rows, new_b = constraint.solve_all([ne.absorb(out) for ne, out in zip(eqs, held)], rows, b, best[1], bias)
     _write(graph, node, constraint, new_rows, new_b if bias else None)
     return Fit(before / n_out, best[0] / n_out)
 
@@ -419,7 +428,7 @@ def refit_pair(graph: gs.Graph, second: gs.Node, first: gs.Node, batches: Iterab
                 best = (err, r, joint)
     if best[0] >= before:
         return Fit(before / n_out, before / n_out)
-    new_first, new_a, new_b = solve(eqs[0].merged(held[0]), best[1], best[2])
+    new_first, new_a, new_b = solve(eqs[0].absorb(held[0]), best[1], best[2])
     _write(graph, first, C.Free(), new_first, None)
     _write(graph, second, C.Free(), new_a, new_b if bias else None)
     return Fit(before / n_out, best[0] / n_out)
