@@ -146,8 +146,34 @@ def model_size(model: onnx.ModelProto) -> int:
     """Size of the serialized model with every weight inline (the structure plus the tensors' data
     when the model is too large to serialize)."""
     if not needs_file(model):
-        return model.ByteSize()
+        return _encoded_size(model)
     return payload_bytes(model) + map_tensors(model, lambda t: _header(t)).ByteSize()
+
+
+_HOLDERS = frozenset({"graph", "initializer", "node", "attribute", "t", "tensors", "g", "graphs"})  # may hold weights
+
+
+def _encoded_size(msg: Message) -> int:
+    """msg.ByteSize(), exactly, without serializing the weights: protobuf's ByteSize encodes the
+    whole message (two more copies of a model's weights at once). A tensor's raw data is counted
+    from its length; the fields that may hold tensors, message by message; the rest by ByteSize."""
+    if isinstance(msg, onnx.TensorProto):
+        header = onnx.TensorProto()
+        copy_fields(msg, header, frozenset({"raw_data"}))
+        return header.ByteSize() + (_field_size(9, len(msg.raw_data)) if msg.HasField("raw_data") else 0)  # field 9
+    rest = type(msg)()
+    copy_fields(msg, rest, _HOLDERS)
+    return rest.ByteSize() + sum(_field_size(f.number, _encoded_size(m)) for f, value in msg.ListFields()
+                                 if f.name in _HOLDERS for m in (value if _is_repeated(f) else [value]))
+
+
+def _field_size(number: int, length: int) -> int:
+    """Bytes of a length-delimited field: its tag, the length as a varint, the payload."""
+    return _varint_size(number << 3) + _varint_size(length) + length
+
+
+def _varint_size(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 def read_tensor(t: onnx.TensorProto) -> np.ndarray:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ from .progress import progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_providers", "make_session", "channel_multiple", "worker_threads", "run_model", "iter_outputs", "fixed_batch",
+__all__ = ["check_providers", "make_session", "session_from_file", "channel_multiple", "worker_threads", "run_model", "iter_outputs", "fixed_batch",
            "graph_fixed_batch", "capture",
            "capture_session", "Stepper", "StepError"]
 
@@ -73,17 +74,23 @@ def worker_threads(n: int) -> None:
 
 def make_session(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PROVIDERS,
                  threads: int | None = None) -> ort.InferenceSession:
+    """A session of the model, loaded from a scratch file with external data: from bytes,
+    onnxruntime's Python session would keep the serialized model (a copy of every weight) as long
+    as it lives, and serializing it whole is another; written tensor by tensor, neither exists."""
+    with io.scratch_dir() as d:
+        return session_from_file(io.save_model(model, d / "model.onnx", external_data=True), providers, threads)
+
+
+def session_from_file(path: Path, providers: Sequence[str] = DEFAULT_PROVIDERS,
+                      threads: int | None = None) -> ort.InferenceSession:
+    """A session of the model file `path` (its weights are read at once: the file may go after)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 4       # errors reach the user through our own one-line message
     threads = threads or _WORKER_THREADS
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    if not io.needs_file(model):
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
-    with io.scratch_dir() as d:  # too large for one protobuf, or weights kept on disk: a file with external data
-        path = io.save_model(model, d / "model.onnx", external_data=True)
-        return ort.InferenceSession(str(path), opts, providers=list(providers))
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
 
 
 def fixed_batch(session: ort.InferenceSession) -> int | None:

@@ -9,7 +9,7 @@ import onnx
 from google.protobuf.descriptor import FieldDescriptor
 
 from . import io
-from .runtime import DEFAULT_PROVIDERS, make_session
+from .runtime import DEFAULT_PROVIDERS, session_from_file
 
 __all__ = ["ValidationError", "validate_model"]
 
@@ -33,9 +33,10 @@ def _check(what: str) -> Iterator[None]:
         raise ValidationError(f"{what}: {_first_line(e)}") from e
 
 
-def _check_file(model: onnx.ModelProto) -> None:
-    """Checker and strict shape inference through a file with external data: a model over
-    io.EXTERNAL_DATA_THRESHOLD cannot be serialized into one protobuf for the in-memory checks."""
+def _check_file(model: onnx.ModelProto, providers: Sequence[str], session: bool) -> None:
+    """Checker, strict shape inference and a session, all through one file with external data:
+    the in-memory checks serialize and parse the whole model (several copies of every weight at
+    once), and a model over io.EXTERNAL_DATA_THRESHOLD cannot be serialized into one protobuf."""
     with io.scratch_dir() as d:
         path = io.save_model(model, d / "model.onnx", external_data=True)
         with _check("ONNX checker"):
@@ -43,6 +44,9 @@ def _check_file(model: onnx.ModelProto) -> None:
         with _check("shape inference"):
             onnx.shape_inference.infer_shapes_path(str(path), str(d / "inferred.onnx"), check_type=True,
                                                    strict_mode=True)
+        if session:
+            with _check("onnxruntime"):
+                session_from_file(path, providers)
 
 
 MAX_INPUT_BYTES = 1 << 36    # 64 GiB: a graph input declaring more than this cannot be fed
@@ -93,13 +97,4 @@ def validate_model(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PR
     onnxruntime, and no graph input declares more data than any feed could hold."""
     _check_structure(model)
     _check_declared_inputs(model)
-    if io.needs_file(model):
-        _check_file(model)
-    else:
-        with _check("ONNX checker"):
-            onnx.checker.check_model(model, full_check=True)
-        with _check("shape inference"):
-            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    if session:
-        with _check("onnxruntime"):
-            make_session(model, providers)
+    _check_file(model, providers, session)

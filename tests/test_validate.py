@@ -48,7 +48,7 @@ def test_failure_names_the_check_and_keeps_the_cause(matmul_model, large):
 
 def test_session_failure_keeps_the_cause(matmul_model, monkeypatch):
     cause = RuntimeError("no kernel\nsecond line")
-    monkeypatch.setattr(validate, "make_session", lambda *a, **k: (_ for _ in ()).throw(cause))
+    monkeypatch.setattr(validate, "session_from_file", lambda *a, **k: (_ for _ in ()).throw(cause))
     with pytest.raises(ValidationError, match=r"^onnxruntime: no kernel$") as info:
         validate_model(matmul_model)
     assert info.value.__cause__ is cause
