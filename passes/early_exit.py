@@ -208,7 +208,7 @@ class EarlyExit(Pass):
         for chain in (c for k in sizes for c in itertools.combinations(finals, k)):
             settings = None if self.threshold is None else [(self.threshold,) * len(chain)]
             rows = X.chain_sweep([h.predicted for h in chain], logits, labels, [h.site.exit_macs for h in chain],
-                                 chain[0].site.full_macs, [h.weight.size for h in chain], settings)
+                                 chain[0].site.full_macs, [h.weight.size for h in chain], settings, vouch=True)
             row = rows[0] if self.threshold is not None and self.at else X.choose(rows, budget, self.margin)
             if row is not None and (found is None or row.macs_ratio < found[1].macs_ratio):
                 found = list(chain), row, rows
@@ -249,15 +249,16 @@ class EarlyExit(Pass):
             predicted[held] = H[held] @ weight.T + bias
         weight, bias = fit_soft_head(H, soft_targets([logits], self.temperature), self.temperature,
                                      W0=h.weight, b0=h.bias, max_iter=FINAL_ITERS)
-        rows, chosen = self._sweep(h.site, predicted, logits, labels, weight.size, budget)
+        rows, chosen = self._sweep(h.site, predicted, logits, labels, weight.size, budget, vouch=True)
         agreement = float(np.mean(predicted.argmax(1) == logits.argmax(1)) * 100)
         return Head(h.site, h.grid, weight, bias, agreement, rows, chosen, predicted)
 
     def _sweep(self, site: Site, head: np.ndarray, full: np.ndarray, labels: np.ndarray | None, head_macs: int,
-               budget: float) -> tuple[list[X.SweepRow], X.SweepRow | None]:
-        """The threshold sweep of a head's logits against the full model's, and the row chosen."""
+               budget: float, vouch: bool = False) -> tuple[list[X.SweepRow], X.SweepRow | None]:
+        """The threshold sweep of a head's logits against the full model's, and the row chosen
+        (`vouch`: the final judgement, on every sample, rather than a candidate's ranking)."""
         grid = sorted({*X.THRESHOLDS, *([self.threshold] if self.threshold is not None else [])})
-        rows = X.sweep(head, full, labels, site.exit_macs + head_macs, site.full_macs, head_macs, grid)
+        rows = X.sweep(head, full, labels, site.exit_macs + head_macs, site.full_macs, head_macs, grid, vouch)
         if self.threshold is None:
             return rows, X.choose(rows, budget, self.margin)
         given = [r for r in rows if r.threshold == self.threshold]

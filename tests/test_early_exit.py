@@ -364,3 +364,6 @@ def test_chain_sweep_on_numbers():
     assert rows[0].macs_ratio == pytest.approx((2 * 11 + 2 * 43) / 4 / 100)
     assert rows[2].macs_ratio == pytest.approx(1.03)
     assert X.choose(rows, max_drop=30).thresholds == (0.9, 0.9) and X.choose(rows, max_drop=0) is None
+    # when the rows decide, a drop no sample changed still carries one sample's standard error (100/n)
+    vouched = X.chain_sweep([first, second], full, None, [10, 40], 100, [1, 2], [(1.0, 1.0)], vouch=True)
+    assert (rows[2].error, vouched[0].error) == (0.0, 25.0)
