@@ -1,6 +1,7 @@
 """The pass manager: run passes in order, validate and measure after each, roll back budget breakers."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -202,6 +203,7 @@ class PassManager:
         try:
             new = G.to_model(G.tidy(result.graph), like=start)
             del result      # the pass's graph (every weight it read or computed) is not needed past export
+            gc.collect()    # graphsurgeon's nodes and tensors refer to each other: only the cycle collector frees them
             validate_model(new, self.providers)
         except ValidationError as e:
             raise PassError(p.name, f"produced an invalid model: {e}", previous) from e

@@ -9,6 +9,7 @@ channel counts are multiples of what the execution provider's kernels want (`rou
 from __future__ import annotations
 
 import dataclasses
+import gc
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -118,6 +119,7 @@ class PruneChannels(Pass):
             _update_channel_maps(ctx, an, removed)
             apply_removal(graph, an, removed)
             G.tidy(graph)
+            gc.collect()    # the cut constants sit in graphsurgeon's reference cycles, whole weights read from disk included
             if self.recover and removed:
                 result = recover(graph, ctx, data, RecoverySettings(temperature=ctx.temperature, alpha=ctx.alpha))
                 stats.update({f"step{step}_{k}": v for k, v in result.stats.items() if k.startswith("head_agreement")})
