@@ -1,31 +1,32 @@
-"""early-exit: an exit head mid-network, so that confident inputs stop there and onnxruntime
+"""early-exit: exit heads mid-network, so that confident inputs stop there and onnxruntime
 really skips the rest.
 
-The exit reads a cut tensor (the only thing the rest of the network needs from the part before
+An exit reads a cut tensor (the only thing the rest of the network needs from the part before
 it): pooled over a grid of cells (1 x 1 is the global average; 2 x 2 to 4 x 4 keep where things
 are, which a head early in the network needs: ResNet's head after its first block agrees with the
 model on 73% of digits pooled 1 x 1, 97% pooled 4 x 4), flattened, and a Gemm distilled from the
 model's own logits on soft targets. An `If` on the head's confidence returns the head's logits, or
-runs the rest of the network in its else-branch. Confidence is the largest softmax probability,
-and a batch exits only when every sample in it is confident (an If takes one condition per run):
-at batch 1 each input decides alone; in a larger batch one doubtful sample sends the whole batch
-through the full model.
+runs the rest of the network in its else-branch; a second exit sits inside the first one's
+else-branch, so the Ifs nest. Confidence is the largest softmax probability, and a batch exits
+only when every sample in it is confident (an If takes one condition per run): at batch 1 each
+input decides alone; in a larger batch one doubtful sample sends the whole batch on.
 
-Where (unless `at` names the tensor) and how (unless `grid` is given): every cut holding between
+Where (unless `at` names the tensors) and how (unless `grid` is given): every cut holding between
 10% and 75% of the MACs, with every grid its activation allows, gets a head fit on the first two
-thirds of the calibration data and swept over thresholds on the last third. The cheapest few
-(FINALISTS) are then judged on every calibration sample by cross-fitting (each fold predicted by a
-head fit on the other folds), and the (cut, grid, threshold) with the least expected MACs is kept
-whose drop (accuracy with labels, else top-1 agreement, at batch 1) plus `margin` standard errors
-stays within the budget; the head deployed is fit on all of the data. Many candidates judged on a
-few hundred samples make one of them look better than it is: hence the second look on all the
-samples and a margin of three standard errors, about what a one-sided 5% test corrected for some
-30 candidates asks (Bonferroni: z = 2.9). With two, VGG's threshold 0.85 said 0.10 +- 0.17 points
-and lost 0.6 on the test digits; with one, MobileNet lost 0.8. The threshold is a graph input "exit_threshold" with that value as
-its initializer, so a deployer can override it per call; the optional output "exit_index" says
-which part answered.
-"""
-from __future__ import annotations
+thirds of the calibration data and swept over thresholds on the last third. Then some are judged
+on every calibration sample by cross-fitting (each fold predicted by a head fit on the other
+folds): for one exit the cheapest few (FINALISTS), for several the best at each cut, whose chains
+(up to `exits` long, in graph order) are swept over every combination of thresholds. The setting
+with the least expected MACs is kept whose drop (accuracy with labels, else top-1 agreement, at
+batch 1) plus `margin` standard errors stays within the budget; the heads deployed are fit on all
+of the data. Many candidates judged on a few hundred samples make one of them look better than it
+is: hence the second look on all the samples, a margin of three standard errors (about what a
+one-sided 5% test corrected for some 30 candidates asks, Bonferroni: z = 2.9; with two, VGG's
+threshold 0.85 said 0.10 +- 0.17 points and lost 0.6 on the test digits), and a standard error of
+at least one sample's where no sample changed. Each threshold is a graph input ("exit_threshold",
+or "exit_threshold_1", ... for several exits) with its value as the initializer, so a deployer can
+override it per call; the optional output "exit_index" says which part answered.
+"""from __future__ import annotations
 
 import dataclasses
 import itertools
@@ -83,7 +84,7 @@ class EarlyExit(Pass):
     at: tuple[str, ...] = ()                # the tensors after which exits go (one name or several); (): chosen
     exits: int = 2                          # when chosen: the most exits placed (each after another stage)
     grid: int | None = None                 # head pooling cells per side (1: global average); None: chosen
-    max_candidates: int = 8                 # cuts tried when `at` is None (evenly spread over those found)
+    max_candidates: int = 8                 # cuts tried when `at` is empty (evenly spread over those found)
     threshold: float | None = None          # None: the cheapest within max_drop on held-out calibration data
     max_drop: float | None = None           # points; None: the run's --max-drop, else 1
     margin: float = 3.0                     # standard errors of the held-out drop added before the budget test
@@ -157,8 +158,9 @@ class EarlyExit(Pass):
         for node, share in zip(ifs, shares):   # each If's odds of exiting, given that it runs
             ctx.state.branch_probs[node.outputs[0].name] = min(share / reached, 1.0) if reached > 0 else 0.0
             reached -= share
-        stats.update(threshold=thresholds[0] if len(chain) == 1 else thresholds, exit_share=chosen.exit_share, expected_macs_ratio=chosen.macs_ratio,
-                     holdout_drop=chosen.drop, holdout_drop_error=chosen.error, rest_nodes=len(first.site.cut.rest),
+        stats.update(threshold=thresholds[0] if len(chain) == 1 else thresholds, exit_share=chosen.exit_share,
+                     expected_macs_ratio=chosen.macs_ratio, holdout_drop=chosen.drop, holdout_drop_error=chosen.error,
+                     rest_nodes=len(first.site.cut.rest),
                      exits=[{"tensor": h.site.cut.tensor.name, "grid": h.grid, "threshold": t, "exit_share": p,
                              "threshold_input": name} for h, t, p, name in
                             zip(chain, thresholds, shares, self._threshold_names(len(chain)))])
