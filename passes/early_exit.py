@@ -26,7 +26,8 @@ threshold 0.85 said 0.10 +- 0.17 points and lost 0.6 on the test digits), and a 
 at least one sample's where no sample changed. Each threshold is a graph input ("exit_threshold",
 or "exit_threshold_1", ... for several exits) with its value as the initializer, so a deployer can
 override it per call; the optional output "exit_index" says which part answered.
-"""from __future__ import annotations
+"""
+from __future__ import annotations
 
 import dataclasses
 import itertools
