@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["reset_peak", "peak_mb"]
+__all__ = ["reset_peak", "peak_mb", "release_free_memory"]
 
 
 def reset_peak() -> bool:
@@ -33,3 +33,14 @@ def peak_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). glibc
+    keeps what a freed onnxruntime session or large array leaves in its heap, in pieces the next
+    allocation often cannot reuse: on the 2.27 GB model, 0.9 GB of the peak."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass

@@ -10,7 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from . import graph as G, io
+from . import graph as G, io, resources
 from .data import Dataset
 from .errors import InputError
 from .progress import progress
@@ -83,7 +83,10 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PROV
 
 def session_from_file(path: Path, providers: Sequence[str] = DEFAULT_PROVIDERS,
                       threads: int | None = None) -> ort.InferenceSession:
-    """A session of the model file `path` (its weights are read at once: the file may go after)."""
+    """A session of the model file `path` (its weights are read at once: the file may go after).
+    The heap's free pages go back to the OS first: building a session takes about twice its
+    weights for a moment, on top of whatever earlier sessions left in the heap."""
+    resources.release_free_memory()
     opts = ort.SessionOptions()
     opts.log_severity_level = 4       # errors reach the user through our own one-line message
     threads = threads or _WORKER_THREADS

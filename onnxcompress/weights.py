@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import graph as G
 from .layers import from_out_rows, out_rows
@@ -500,6 +501,11 @@ def to_matmul_nbits(graph: gs.Graph, node: gs.Node, storage: NBits) -> None:
 
 
 def storage_summary(graph: gs.Graph) -> StorageSummary:
+    """Weights, zeros and bytes by storage kind. Each weight is read and let go: the constants not
+    loaded yet are left unloaded (a graph made only for this summary would otherwise hold every
+    weight, read from disk for a large model, until the cycle collector frees it)."""
+    lazy = {t.name: (t, t._values) for g in [graph, *(s for n in G.iter_nodes(graph) for s in n.subgraphs())]
+            for t in g.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues)}
     seen: set[tuple[str, ...]] = set()
     total = zeros = 0
     by_kind: dict[str, float] = {}
@@ -511,4 +517,8 @@ def storage_summary(graph: gs.Graph) -> StorageSummary:
         total += s.value.size
         zeros += int(s.value.size - np.count_nonzero(s.value))
         by_kind[s.kind] = by_kind.get(s.kind, 0.0) + s.storage.nbytes()
+        for name in s.sources:
+            if name in lazy:
+                tensor, values = lazy[name]
+                tensor._values = values
     return StorageSummary(total, zeros, {k: int(round(v)) for k, v in sorted(by_kind.items())})
