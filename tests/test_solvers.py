@@ -161,3 +161,14 @@ def test_equations_through_a_linear_map_equal_those_of_the_mapped_inputs():
     direct.add(X @ m, X @ W_TRUE.T + B_TRUE)
     through = normal_equations(X @ W_TRUE.T + B_TRUE).through(m)
     assert np.allclose(through.G, direct.G) and np.allclose(through.C, direct.C) and through.rows == direct.rows
+
+
+def test_scipy_blas_runs_on_one_thread_beside_numpys():
+    """Two OpenBLAS pools at the core count spin against each other (SparseGPT 35% slower)."""
+    from pathlib import Path
+
+    from threadpoolctl import ThreadpoolController
+
+    import onnxcompress.solvers  # noqa: F401 - sets it on import
+    scipy_pools = [c for c in ThreadpoolController().lib_controllers if "scipy" in Path(c.filepath).parent.as_posix()]
+    assert scipy_pools and all(c.num_threads == 1 for c in scipy_pools)
