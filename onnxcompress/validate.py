@@ -9,7 +9,7 @@ import onnx
 from google.protobuf.descriptor import FieldDescriptor
 
 from . import io
-from .runtime import DEFAULT_PROVIDERS, session_from_file
+from .runtime import DEFAULT_PROVIDERS, SERIALIZED_LIMIT, make_session, session_from_file
 
 __all__ = ["ValidationError", "validate_model"]
 
@@ -97,4 +97,14 @@ def validate_model(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PR
     onnxruntime, and no graph input declares more data than any feed could hold."""
     _check_structure(model)
     _check_declared_inputs(model)
-    _check_file(model, providers, session)
+    if io.payload_bytes(model) >= SERIALIZED_LIMIT or io.needs_file(model):
+        _check_file(model, providers, session)
+        return
+    # a small model in memory: its serialized copies are small, and a file costs more than the checks
+    with _check("ONNX checker"):
+        onnx.checker.check_model(model, full_check=True)
+    with _check("shape inference"):
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    if session:
+        with _check("onnxruntime"):
+            make_session(model, providers)
