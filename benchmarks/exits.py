@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from benchmarks.run import ROOT
-from onnxcompress import LatencyConfig, PassManager, io
+from onnxcompress import LatencyConfig, PassManager, exits as X, io
 from onnxcompress.metrics import total_macs
 from onnxcompress.passes import EarlyExit, FoldBatchNorm, PruneChannels
 from onnxcompress.report import markdown_table
@@ -69,11 +69,10 @@ def exit_probs(model: onnx.ModelProto, shares) -> dict[str, float]:
     """The branch probabilities of the nested exit Ifs (keyed by each If's first output) from the
     share of inputs each exit answered: the outer If exits with the first share, the If in its
     else-branch with the second share over what reaches it, and so on."""
-    probs, graph, wanted, reached = {}, model.graph, model.graph.output[0].name, 1.0
-    for share in shares:
+    probs, graph, wanted = {}, model.graph, model.graph.output[0].name
+    for odds in X.exit_odds(shares):
         node = next(n for n in graph.node if n.op_type == "If" and n.output[0] == wanted)
-        probs[wanted] = min(share / reached, 1.0) if reached > 0 else 0.0
-        reached -= share
+        probs[wanted] = odds
         graph = next(a.g for a in node.attribute if a.name == "else_branch")
         wanted = graph.output[0].name
     return probs

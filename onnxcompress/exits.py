@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CannotBranch", "Cut", "cut_at", "cuts_between", "reads", "detach_output", "grid_window",
            "grid_pool", "add_head", "min_confidence", "confident", "add_override", "outer_value", "branch", "pooled_features",
-           "SweepRow", "sweep", "ChainRow", "chain_sweep", "choose", "sweep_table", "THRESHOLDS"]
+           "SweepRow", "sweep", "ChainRow", "chain_sweep", "exit_odds", "choose", "sweep_table", "THRESHOLDS"]
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
@@ -272,6 +272,14 @@ class SweepRow:
     error: float         # the drop's standard error (per-sample paired differences; at least one sample's), points
     macs_ratio: float    # expected MACs at batch 1 over the original's
 
+    @property
+    def thresholds(self) -> tuple[float, ...]:   # as ChainRow's: one exit
+        return (self.threshold,)
+
+    @property
+    def exit_shares(self) -> tuple[float, ...]:
+        return (self.exit_share,)
+
 
 def sweep(head_logits: np.ndarray, full_logits: np.ndarray, truth: np.ndarray | None, exit_macs: float,
           full_macs: float, head_macs: float, thresholds: Sequence[float] = THRESHOLDS,
@@ -341,6 +349,16 @@ def chain_sweep(heads: Sequence[np.ndarray], full_logits: np.ndarray, truth: np.
         rows.append(ChainRow(tuple(float(t) for t in ts), tuple(shares), float(right.mean() * 100),
                              float(diff.mean() * 100), error, macs / full_macs))
     return rows
+
+
+def exit_odds(shares: Sequence[float]) -> list[float]:
+    """Each nested exit If's odds of exiting given that it runs, from the share of all inputs each
+    exit answers (the first If's odds are its share; the next one's are over what reaches it)."""
+    odds, reached = [], 1.0
+    for share in shares:
+        odds.append(min(share / reached, 1.0) if reached > 0 else 0.0)
+        reached -= share
+    return odds
 
 
 def choose(rows: Sequence, max_drop: float, margin: float = 0.0):

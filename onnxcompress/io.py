@@ -138,8 +138,18 @@ def needs_file(model: onnx.ModelProto) -> bool:
     kept in files (a model over the limit as loaded, or as a pass left it)."""
     from onnx.external_data_helper import _get_all_tensors
 
-    return (payload_bytes(model) > EXTERNAL_DATA_THRESHOLD
-            or any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model)))
+    return payload_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model))
+
+
+def serializable_below(model: onnx.ModelProto, limit: int) -> bool:
+    """True when the model's weights are all inline and weigh less than `limit` bytes (below
+    EXTERNAL_DATA_THRESHOLD): it can be handed around serialized, and its copies are small."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    tensors = list(_get_all_tensors(model))
+    return (all(t.data_location != onnx.TensorProto.EXTERNAL for t in tensors)
+            and sum(tensor_nbytes(t) for t in tensors) < min(limit, EXTERNAL_DATA_THRESHOLD))
 
 
 def model_size(model: onnx.ModelProto) -> int:

@@ -82,7 +82,7 @@ def make_session(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PROV
     long as it lives, and serializing it whole is another; written tensor by tensor, neither
     exists. A small one (under SERIALIZED_LIMIT) is handed over serialized: its copy is small, and
     the file costs 4x the time (17 ms against 4 for the MNIST ResNet; the tests build thousands)."""
-    if io.payload_bytes(model) < SERIALIZED_LIMIT and not io.needs_file(model):
+    if io.serializable_below(model, SERIALIZED_LIMIT):
         return ort.InferenceSession(model.SerializeToString(), _options(threads), providers=list(providers))
     with io.scratch_dir() as d:
         return session_from_file(io.save_model(model, d / "model.onnx", external_data=True), providers, threads)

@@ -97,7 +97,7 @@ def validate_model(model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PR
     onnxruntime, and no graph input declares more data than any feed could hold."""
     _check_structure(model)
     _check_declared_inputs(model)
-    if io.payload_bytes(model) >= SERIALIZED_LIMIT or io.needs_file(model):
+    if not io.serializable_below(model, SERIALIZED_LIMIT):
         _check_file(model, providers, session)
         return
     # a small model in memory: its serialized copies are small, and a file costs more than the checks

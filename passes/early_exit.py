@@ -152,13 +152,10 @@ class EarlyExit(Pass):
             return PassResult(graph, False, stats, [f"left as is: no threshold keeps {metric} within {budget} points "
                                                     f"({self.margin:g} standard errors included) and saves MACs",
                                                     *notes])
-        thresholds = np.atleast_1d(chosen.threshold).tolist()
-        shares = list(getattr(chosen, "exit_shares", [chosen.exit_share]))
+        thresholds, shares = list(chosen.thresholds), list(chosen.exit_shares)
         ifs = self._insert(graph, chain, thresholds)
-        reached = 1.0
-        for node, share in zip(ifs, shares):   # each If's odds of exiting, given that it runs
-            ctx.state.branch_probs[node.outputs[0].name] = min(share / reached, 1.0) if reached > 0 else 0.0
-            reached -= share
+        for node, odds in zip(ifs, X.exit_odds(shares)):
+            ctx.state.branch_probs[node.outputs[0].name] = odds
         stats.update(threshold=thresholds[0] if len(chain) == 1 else thresholds, exit_share=chosen.exit_share,
                      expected_macs_ratio=chosen.macs_ratio, holdout_drop=chosen.drop, holdout_drop_error=chosen.error,
                      rest_nodes=len(first.site.cut.rest),
