@@ -65,7 +65,7 @@ def summarize(batches, seed: int = 0) -> Summary:
     return s.summary()
 
 
-BATCH_BYTES = 256 * 2 ** 20   # activations one batch of a range capture may hand back at once
+BATCH_BYTES = 64 * 2 ** 20    # activations one batch of a range capture may hand back at once
 
 
 def summarize_activations(model, data, names, providers, batch_size: int = 64) -> dict[str, Summary]:

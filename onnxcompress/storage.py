@@ -104,9 +104,9 @@ def _per_group(values: np.ndarray, groups: np.ndarray, fn: np.ufunc, init: float
 class Quantized(Storage):
     """`DequantizeLinear(codes, scale, zero_point, axis, block_size)`: value = (q - zp) * scale."""
     kind: ClassVar[str] = "qdq"
-    q: np.ndarray                 # integer codes (int64 here; `elem_type` in the file)
-    scale: np.ndarray             # aligned with q
-    zero_point: np.ndarray        # aligned with q
+    q: np.ndarray                 # integer codes (`elem_type` in the file; see `compact`)
+    scale: np.ndarray             # aligned with q (a read-only broadcast of its table, once compact)
+    zero_point: np.ndarray        # aligned with q (int64)
     elem_type: int
     axis: int | None = None       # value-layout axis of per-channel or blocked scales
     block_size: int = 0
@@ -126,6 +126,22 @@ class Quantized(Storage):
         if out.axis is not None and not out._consistent():   # a slice cut through blocks
             out = out.encode(out.decode(), refit=True)
         return out
+
+    def compact(self) -> "Quantized":
+        """The same storage in less memory: codes in the smallest integer type that holds them, and a
+        per-tensor or per-channel scale and zero point as read-only broadcasts of their tables (one
+        byte a weight instead of twenty: the quantize pass holds every layer of a 25M-parameter model
+        at once). Arithmetic on the codes still promotes to int64 through the zero point."""
+        bits, signed = INT_RANGES[self.elem_type]
+        q = self.q.astype(f"{'' if signed else 'u'}int{max(8, bits)}", copy=False)
+        if self.block_size or self.q.ndim == 0:
+            return replace(self, q=q)
+        corner = tuple(slice(None) if a == self.axis else slice(0, 1) for a in range(self.q.ndim))
+        scale = np.broadcast_to(self.scale[corner].copy(), self.q.shape)      # copies: a view would keep the
+        zp = np.broadcast_to(self.zero_point[corner].astype(np.int64), self.q.shape)   # full arrays alive
+        if not (np.array_equal(scale, self.scale) and np.array_equal(zp, self.zero_point)):
+            return replace(self, q=q)
+        return replace(self, q=q, scale=scale, zero_point=zp)
 
     def _consistent(self) -> bool:
         groups = _group_ids(self.q.shape, self.axis, self.block_size)
@@ -147,13 +163,13 @@ class Quantized(Storage):
                 sums = _per_group(np.abs(value), groups, np.add, 0.0)
                 counts = _per_group(np.ones(value.shape), groups, np.add, 0.0)
                 scale = (sums / np.maximum(counts, 1))[groups]
-            return replace(self, q=q, scale=scale.astype(self.scale.dtype))
+            return replace(self, q=q, scale=scale.astype(self.scale.dtype)).compact()
         lo, hi = _qrange(self.elem_type)
         scale, zp = self.scale.astype(np.float64), self.zero_point
         if refit:
             scale, zp = self._fit_scales(value, lo, hi)
         q = np.clip(np.round(value / scale) + zp, lo, hi).astype(np.int64)
-        return replace(self, q=q, scale=scale.astype(self.scale.dtype), zero_point=zp.astype(np.int64))
+        return replace(self, q=q, scale=scale.astype(self.scale.dtype), zero_point=zp.astype(np.int64)).compact()
 
     def _fit_scales(self, value: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Per granularity group: symmetric max-abs scales when every zero point is the range's
@@ -198,13 +214,19 @@ class Quantized(Storage):
 class Codebook(Storage):
     """value = codebook[index] (one codebook), or codebook[c, index] along `axis` (one per channel)."""
     kind: ClassVar[str] = "codebook"
-    index: np.ndarray             # aligned codes (int64 here; `elem_type` in the file)
+    index: np.ndarray             # aligned codes (the smallest unsigned type that holds them; `elem_type` in the file)
     codebook: np.ndarray          # [k], or [C, k] with C the size of `axis`
     elem_type: int = onnx.TensorProto.UINT8
     axis: int | None = None
 
+    def __post_init__(self) -> None:   # a byte a weight, not eight: every clustered layer is held at once
+        self.index = np.asarray(self.index).astype(np.min_scalar_type(max(self.codebook.shape[-1] - 1, 0)), copy=False)
+
     def _channel(self) -> np.ndarray:
-        return np.indices(self.index.shape)[self.axis]
+        """Each index's channel along `axis`, as a broadcast (no array the weight's size)."""
+        shape = [1] * self.index.ndim
+        shape[self.axis] = self.index.shape[self.axis]
+        return np.broadcast_to(np.arange(shape[self.axis]).reshape(shape), self.index.shape)
 
     def decode(self) -> np.ndarray:
         if self.axis is None:

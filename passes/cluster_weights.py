@@ -169,8 +169,10 @@ class ClusterWeights(Pass):
                 return np.where(z[:, j], 0.0, np.where(np.isfinite(cost.min(1)), pick, 0.0))
             new.append(gptq(rows[part], gram[:-1, :-1], project))
         new = np.concatenate(new)
-        cost = np.abs(new[:, :, None] - books[:, None, :])                      # exact: values are centroids
-        return from_out_rows(node, cost.argmin(2), value.shape).astype(index.dtype)
+        step = max(1, 2 ** 22 // (new.shape[1] * books.shape[1]))             # rows at a time: the costs stay small
+        picked = np.concatenate([np.abs(new[i:i + step, :, None] - books[i:i + step, None, :]).argmin(2)
+                                 for i in range(0, len(new), step)])            # exact: values are centroids
+        return from_out_rows(node, picked, value.shape).astype(index.dtype)
 
     def _cluster(self, value: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
         """(index in the weight's shape, codebook [k] or [C, k]); per-channel books are padded by

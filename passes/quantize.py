@@ -342,7 +342,7 @@ class Quantize(Pass):
         axis = out_axis(node) if per_channel else None
         weight = Quantized(from_out_rows(node, q, s.value.shape),
                            from_out_rows(node, np.broadcast_to(scale[:, None], rows.shape), s.value.shape).astype(np.float32),
-                           np.zeros(s.value.shape, np.int64), INT8, axis, 0, True, ())
+                           np.zeros(s.value.shape, np.int64), INT8, axis, 0, True, ()).compact()
         return _Layer(weight, self._bias(node, x_scale * scale, delta, per_channel), _relative_error(rows, new, groups))
 
     def _per_channel(self, node: gs.Node) -> bool:

@@ -311,3 +311,29 @@ def test_per_tensor_int32_bias_keeps_its_value_when_weight_scales_diverge():
     back = G.to_graph(G.to_model(G.tidy(g), like=model))
     bias = W.layer_bias(next(n for n in back.nodes if n.op == "Conv")).value
     np.testing.assert_allclose(bias, new, atol=sx * 0.01)      # within a step: sx * sw < sx * 0.01
+
+
+def test_storages_hold_a_byte_per_weight_and_decode_unchanged():
+    """Quantized codes narrow to their code type and a per-channel scale and zero point become
+    broadcasts of their tables; a codebook's index narrows to the smallest unsigned type: the same
+    values decoded, a slice still taken, an encode still compact."""
+    from onnxcompress.storage import as_codebook, as_quantized
+    v = rand(64, 32, 3, 3)
+    full = as_quantized(v, TP.INT8, axis=0)
+    assert full.q.dtype == np.int8 and full.scale.strides == (full.scale.itemsize, 0, 0, 0)
+    assert full.zero_point.dtype == np.int64 and full.zero_point.strides[1:] == (0, 0, 0)
+    wide = replace_arrays(full)
+    np.testing.assert_array_equal(full.decode(), wide.decode())
+    np.testing.assert_array_equal(full.take(np.arange(0, v.size, 7)).decode(), wide.take(np.arange(0, v.size, 7)).decode())
+    assert full.encode(v * 0.5, refit=True).q.dtype == np.int8
+    u = as_quantized(v, TP.UINT8, axis=None, symmetric=False)
+    assert u.q.dtype == np.uint8 and np.abs(u.decode() - v).max() <= float(u.scale.ravel()[0])   # no uint8 wrap-around
+    book = as_codebook(v, np.linspace(-1, 1, 16).astype(np.float32)[None].repeat(64, 0), axis=0)
+    assert book.index.dtype == np.uint8
+    np.testing.assert_array_equal(book.decode(), book.codebook[np.arange(64)[:, None, None, None], book.index.astype(np.int64)])
+
+
+def replace_arrays(q):
+    """The same storage with full int64 / float arrays, as before `compact`."""
+    from dataclasses import replace
+    return replace(q, q=q.q.astype(np.int64), scale=np.array(q.scale), zero_point=np.array(q.zero_point))
