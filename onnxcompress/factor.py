@@ -160,6 +160,13 @@ class Factoring(Pass):
         raise NotImplementedError
 
     size_word: ClassVar[str] = "size"      # "rank", "multiplier"
+    # The allocation's trials: each layer at the distinct sizes these shares of its MACs taken away
+    # give (sizes in multiples of round_to collapse: MobileNet's 64-to-128 1x1 conv had ranks
+    # 32/24/8 at 25/50/75%, not 16; 87.5%: rank 8 of a 1x1 conv from 64 channels), and how they
+    # are scored (`sensitivity.Scorer`).
+    trial_ratios: ClassVar[tuple[float, ...]] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+    trial_score: ClassVar[str] = "kl"
+    trial_search: ClassVar[str] = "exact"   # a layer's MACs saved add up exactly: the knapsack's prediction holds
 
     def _sizes(self) -> dict[str, int]:
         """Sizes the user named per layer (node name or output tensor)."""
@@ -194,12 +201,20 @@ class Factoring(Pass):
         `round_to` below break-even (VGG at half the MACs: ranks 16/24/24/48 ran 0.59x of fp32 at
         batch 32, the unrounded 14/26/28/52 0.65x), else the exact size."""
         breakeven = self._breakeven(node)
-        exact = max(1, int(np.floor((1.0 - ratio) * breakeven)))
+        exact = max(1, int(np.floor((1.0 - ratio) * breakeven + 1e-9)))
         r = getattr(self, "_multiple", self.round_to if self.round_to != "auto" else 1)
         for size in (max(r, int(round(exact / r)) * r), int(exact // r) * r):
             if 1 <= size < breakeven:
                 return size
         return exact
+
+    def _trial_ratios(self, node: gs.Node) -> tuple[float, ...]:
+        """The layer's allocation trials: one per distinct size `trial_ratios` give, as the exact
+        share of its MACs that size takes away (smallest first)."""
+        breakeven = self._breakeven(node)
+        sizes = sorted({self._size_at(node, r) for r in self.trial_ratios}, reverse=True)
+        ratios = tuple(r for r, s in ((1.0 - s / breakeven, s) for s in sizes) if self._size_at(node, r) == s)
+        return ratios or tuple(self.trial_ratios)
 
     def _split(self, graph: gs.Graph, ctx: Context, node: gs.Node, gram: np.ndarray | None, size: int,
                cache: dict) -> str:
@@ -233,7 +248,8 @@ class Factoring(Pass):
                 grams[G.layer_id(node)] = g[0] if g else None
             named = self._sizes()                 # with sizes named, only those layers need their moments
             sequential(graph, ctx, data, {id(n): keep for lid, n in layers.items()
-                                          if not named or n.name in named or lid in named})
+                                          if not named or n.name in named or lid in named},
+                       min_columns=0)     # whitening pays for any fan-in (a first conv's 9 taps too)
         sizes: dict[str, int] = {}
         for lid, node in layers.items():
             size, why = self._size(node, grams[lid])
@@ -261,8 +277,11 @@ class Factoring(Pass):
     def _allocate(self, graph: gs.Graph, ctx: Context, data, layers: dict[str, gs.Node], grams: dict,
                   stats: dict, notes: list[str]) -> dict[str, int]:
         """Sizes for `macs` of the model's MACs with the least accuracy lost: each layer factored
-        alone with 25/50/75% of its MACs taken away and scored against the original, then the
-        greedy allocation of structured pruning's sensitivity analysis (`onnxcompress.sensitivity`)."""
+        alone at each size `trial_ratios` give (`_trial_ratios`), scored by how far the outputs
+        move from the original's (`trial_score`: KL, finer than top-1 on a few hundred samples),
+        then structured pruning's allocation (`onnxcompress.sensitivity`) with its exact search:
+        the combination whose summed losses are least for the MACs saved (MobileNet at 0.5x:
+        97.6% where the greedy's last move, one deep cut, gave 97.1%)."""
         model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
 
         def factored(m, ratios: dict[str, float]):
@@ -273,8 +292,10 @@ class Factoring(Pass):
             return G.to_model(G.tidy(g), like=m)
 
         units = {lid: layer_cost(n)[0] for lid, n in layers.items()}
+        trials = {lid: self._trial_ratios(n) for lid, n in layers.items()}
         by, target = ("latency", self.latency) if self.latency is not None else ("macs", self.macs)
-        chosen, more_stats, more_notes = plan(model, factored, data, target, by, units=units, providers=ctx.providers)
+        chosen, more_stats, more_notes = plan(model, factored, data, target, by, units=units, providers=ctx.providers,
+                                              ratios=trials, score=self.trial_score, search=self.trial_search)
         stats.update(more_stats)
         notes += more_notes[1:]      # the first lists ratios by layer id; the report lists the sizes
         return {lid: self._size_at(layers[lid], r) for lid, r in chosen.items()}

@@ -237,13 +237,16 @@ MIN_OBS_COLUMNS = 16   # rows with fewer weights than this keep their magnitude 
 
 def sequential(graph: gs.Graph, ctx: Context, data: Dataset,
                visit: dict[int, Callable[[gs.Node, list[np.ndarray] | None], None]],
-               max_rows: int = 20000, seed: int = 0, reference: gs.Graph | None = None) -> int:
+               max_rows: int = 20000, seed: int = 0, reference: gs.Graph | None = None,
+               min_columns: int = MIN_OBS_COLUMNS) -> int:
     """Visit layers front to back on the model as changed so far, in one streamed forward pass:
     `visit[id(node)](node, grams)` gets the Gram matrix of the layer's inputs with a column of
     ones appended ([x, 1]^T [x, 1]: the last row holds the inputs' sums and the row count; one per
     group of a grouped conv; sampled rows, as in refits) and rewrites the layer itself, so that
     later layers see its new outputs; grams is None where the layout is not supported or a row
-    holds too few inputs (a depthwise conv's 9 taps) for the second-order update to pay.
+    holds `min_columns` inputs or fewer (a depthwise conv's 9 taps: too few for GPTQ's or
+    SparseGPT's second-order update to pay; a caller that uses the moments otherwise, such as
+    factoring's whitening, passes 0).
 
     With a `reference` graph (the float model, same tensor names), each visited layer is first
     refit (`refit_layer`, held-out check included) from its inputs in the graph as changed so far
@@ -264,18 +267,18 @@ def sequential(graph: gs.Graph, ctx: Context, data: Dataset,
                 fit = refit_layer(graph, node, zip(xs, teacher.fetch(node.outputs[0].name)), len(data), max_rows=max_rows,
                                   seed=seed)
                 refit += isinstance(fit, Fit) and fit.after < fit.before
-            grams = _input_grams(node, xs, len(data), max_rows, rng)
+            grams = _input_grams(node, xs, len(data), max_rows, rng, min_columns)
         visit[id(node)](node, grams)
     return refit
 
 
 def _input_grams(node: gs.Node, xs: list[np.ndarray], n_total: int, max_rows: int,
-                 rng: np.random.Generator) -> list[np.ndarray] | None:
+                 rng: np.random.Generator, min_columns: int = MIN_OBS_COLUMNS) -> list[np.ndarray] | None:
     """`sequential`'s Gram matrices of a layer's inputs (fit and held-out rows together), or None.
     Only the Gram matrices outlive this call: the rest of the equations (as large) goes before the
     layer is visited."""
     split = _layer_equations(node, W.layer_weight(node).value, ((x, None) for x in xs), n_total, max_rows, rng)
-    if split is None or split[0][0].n_in <= MIN_OBS_COLUMNS:
+    if split is None or split[0][0].n_in <= min_columns:
         return None
     return [ne.absorb(out).G for ne, out in zip(*split[:2])]
 

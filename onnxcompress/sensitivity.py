@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -99,6 +99,11 @@ class Sensitivity:
     base_latency: float | None = None
     metric: str = "accuracy"
     recovered: bool = False       # measured after recovery (or one shot without)
+    unit_ratios: dict[str, tuple[float, ...]] = field(default_factory=dict)   # a unit's own ratios, where given
+
+    def ratios_of(self, group: str) -> tuple[float, ...]:
+        """The ratios the group was measured at (its own, else the shared ones)."""
+        return self.unit_ratios.get(group, self.ratios)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -106,67 +111,108 @@ class Sensitivity:
 
 class Scorer:
     """Accuracy of a model on the evaluation data, or without labels what a budget protects: its
-    agreement with the original as a user sees it (top-1, decoded sequences, map IoU)."""
+    agreement with the original as a user sees it (top-1, decoded sequences, map IoU).
 
-    def __init__(self, model: onnx.ModelProto, data: Dataset, providers: Sequence[str]):
-        self.data, self.providers = data, providers
+    `score="kl"` scores instead how far the model's outputs moved from the original's on the same
+    samples, in points below 0: -100 x the mean KL divergence of the softmax of [N, classes]
+    outputs from the original's (for other outputs, -100 x the squared error relative to the
+    original's energy). Finer than top-1 on a few hundred samples, whose differences between
+    candidates are often below its noise (a digit or two); labels are not needed."""
+
+    SCORES = ("accuracy", "kl")
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset, providers: Sequence[str], score: str = "accuracy"):
+        if score not in self.SCORES:
+            raise ValueError(f"score must be one of {self.SCORES}, got {score!r}")
+        self.data, self.providers, self.score = data, providers, score
         self.reference = self.outputs(model)
-        self.metric = "accuracy" if data.labels is not None else budget_metric(
-            None, fidelity(self.reference, self.reference))[0]
+        if score == "kl":
+            self.metric = "-100 x KL from the original"
+        else:
+            self.metric = "accuracy" if data.labels is not None else budget_metric(
+                None, fidelity(self.reference, self.reference))[0]
 
     def outputs(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         return run_model(make_session(model, self.providers), self.data)
 
     def __call__(self, model: onnx.ModelProto) -> float:
         out = self.outputs(model)
+        if self.score == "kl":
+            return -100.0 * _divergence(next(iter(self.reference.values())), next(iter(out.values())))
         if self.data.labels is not None:
             return accuracy(next(iter(out.values())), self.data.labels)
         return budget_metric(None, fidelity(self.reference, out))[1]
 
 
+def _divergence(reference: np.ndarray, output: np.ndarray) -> float:
+    """Mean KL(softmax(reference) || softmax(output)) over the rows of [N, classes] logits; for
+    other shapes, the squared error relative to the reference's mean square."""
+    ref, out = reference.astype(np.float64), output.astype(np.float64)
+    if ref.ndim != 2 or ref.shape[1] < 2:
+        return float(np.mean((out - ref) ** 2) / max(float(np.mean(ref ** 2)), 1e-30))
+    lp = ref - ref.max(1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+    lq = out - out.max(1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(1, keepdims=True))
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
+
+
 def sensitivity(model: onnx.ModelProto, prune: Prune, calib: Dataset, evaluation: Dataset,
-                ratios: Sequence[float] = RATIOS, latency: LatencyConfig | None = None,
+                ratios: Sequence[float] | Mapping[str, Sequence[float]] = RATIOS, latency: LatencyConfig | None = None,
                 providers: Sequence[str] = DEFAULT_PROVIDERS, recovered: bool = False,
-                units: dict[str, int] | None = None, jobs: int | None = None) -> Sensitivity:
+                units: dict[str, int] | None = None, jobs: int | None = None, score: str = "accuracy") -> Sensitivity:
     """Score, MACs (and latency) of the model with each prunable group pruned alone at each ratio.
 
     `prune(model, {group: ratio})` returns the model pruned (`recovered` says whether it recovers).
     `units` ({name: size}) replaces the channel groups with other units a `prune` understands (the
     layers `factor-lowrank` factors, a ratio being the share of a layer's MACs taken away).
-    Scores and MACs come from `jobs` parallel workers (default: one per core); latencies are then
-    measured one model at a time, so that the workers do not disturb them."""
+    `ratios` may also be given per unit ({name: ratios}: a unit's own trials, such as the distinct
+    ranks a layer can be factored to). Scores and MACs come from `jobs` parallel workers (default: one per core); latencies are then
+    measured one model at a time, so that the workers do not disturb them. `score`: what a trial
+    measures (`Scorer`: "accuracy", or "kl" from the original's outputs)."""
     shapes = calib.feed_shapes()
     if units is None:
         an = analyze(G.to_graph(model), model, shapes)
         units = {g.name: len(g.units) for g in an.groups if not g.frozen}
     groups = list(units)
-    scorer = Scorer(model, evaluation, providers)
-    result = Sensitivity(scorer(model), total_macs(model, shapes), tuple(ratios), groups, dict(units),
-                         metric=scorer.metric, recovered=recovered)
+    own = {g: tuple(ratios[g]) for g in groups} if isinstance(ratios, Mapping) else {}
+    shared = tuple(sorted({r for rs in own.values() for r in rs})) if own else tuple(ratios)
+    scorer = Scorer(model, evaluation, providers, score)
+    result = Sensitivity(scorer(model), total_macs(model, shapes), shared, groups, dict(units),
+                         metric=scorer.metric, recovered=recovered, unit_ratios=own)
 
     def trial(item: tuple[str, float]) -> tuple[float, int, bytes | None]:
         pruned = prune(model, {item[0]: item[1]})
         kept = pruned.SerializeToString() if latency is not None else None
         return scorer(pruned), total_macs(pruned, shapes), kept
 
-    trials = [(g, r) for g in groups for r in ratios]
+    trials = [(g, r) for g in groups for r in result.ratios_of(g)]
     for (g, _), (score, macs, _) in zip(trials, parallel_map(trial, trials, jobs, desc="sensitivity")):
         result.score.setdefault(g, []).append(score)
         result.macs.setdefault(g, []).append(macs)
     if latency is not None:
         result.base_latency = mean_latency_ms(model, latency, evaluation, providers)
         for g in progress(groups, desc="latency"):
-            result.latency[g] = [mean_latency_ms(prune(model, {g: r}), latency, evaluation, providers) for r in ratios]
+            result.latency[g] = [mean_latency_ms(prune(model, {g: r}), latency, evaluation, providers)
+                                 for r in result.ratios_of(g)]
     return result
 
 
 def allocate(model: onnx.ModelProto, prune: Prune, sens: Sensitivity, calib: Dataset, target: float,
              by: str = "macs", latency: LatencyConfig | None = None, providers: Sequence[str] = DEFAULT_PROVIDERS,
-             max_rounds: int = 200) -> tuple[dict[str, float], dict]:
+             max_rounds: int = 200, search: str = "greedy") -> tuple[dict[str, float], dict]:
     """Per-group ratios meeting `target` (a fraction of the original's MACs, or latency when
     by="latency") with the least predicted accuracy loss. Returns the ratios and what the pruned
     model measured (MACs, latency). `prune` builds the candidates; it need not recover (MACs and
-    latency depend on the structure only)."""
+    latency depend on the structure only).
+
+    search="greedy" moves one group a step at a time from nothing pruned; search="exact" starts
+    from the combination whose predicted savings (the trials', added up) reach the target at the
+    least predicted loss (`_cheapest`: a knapsack over every group's levels, which the greedy
+    misses where a deep cut of one group is dearer than two shallow ones elsewhere), then goes on
+    greedily while the model as measured misses it."""
+    if search not in ("greedy", "exact"):
+        raise ValueError(f"search must be 'greedy' or 'exact', got {search!r}")
     shapes = calib.feed_shapes()
     cost = {g: [0.0] + [max(sens.base_score - s, 0.0) for s in sens.score[g]] for g in sens.groups}
     if by == "latency":
@@ -176,7 +222,9 @@ def allocate(model: onnx.ModelProto, prune: Prune, sens: Sensitivity, calib: Dat
         gain = {g: [0] + [sens.base_macs - m for m in sens.macs[g]] for g in sens.groups}
         base = sens.base_macs
     level = {g: 0 for g in sens.groups}
-    ratios: dict[str, float] = {}
+    if search == "exact":
+        level = _cheapest(cost, gain, base - target * base)
+    ratios = {g: sens.ratios_of(g)[j - 1] for g, j in level.items() if j}
     measured = _measure(model, prune, ratios, shapes, by, latency, calib, providers, base)
     for _ in range(max_rounds):
         if measured["value"] <= target * base and by == "latency" and ratios:
@@ -201,10 +249,48 @@ def allocate(model: onnx.ModelProto, prune: Prune, sens: Sensitivity, calib: Dat
         finishing = [m for m in moves if m[2] >= measured["value"] - target * base]
         best = min(finishing, key=lambda m: (m[1], m[2]))[3:] if finishing else min(moves)[3:]
         level[best[0]] = best[1]
-        ratios[best[0]] = sens.ratios[best[1] - 1]
+        ratios[best[0]] = sens.ratios_of(best[0])[best[1] - 1]
         measured = _measure(model, prune, ratios, shapes, by, latency, calib, providers, base)
     measured["target_met"] = measured["value"] <= target * base
     return ratios, measured
+
+
+def _cheapest(cost: dict[str, list[float]], gain: dict[str, list[float]], needed: float,
+              steps: int = 2000) -> dict[str, int]:
+    """The level of each group (0: untouched) whose gains add up to `needed` at the least summed
+    cost; of equal costs, the one that overshoots least (else the most gain, where none reaches).
+    A multiple-choice knapsack over the Pareto front of (gain, cost), gains binned in `steps`
+    parts of `needed` (the gain beyond `needed` counts as `needed`)."""
+    if needed <= 0:
+        return {g: 0 for g in cost}
+    quantum = needed / steps
+    front: dict[int, tuple[float, float]] = {0: (0.0, 0.0)}       # bin -> (cost, gain), the best state
+    back: list[dict[int, tuple[int, int]]] = []                  # per group: bin -> (previous bin, level)
+    for g in cost:
+        nxt: dict[int, tuple[float, float]] = {}
+        came: dict[int, tuple[int, int]] = {}
+        for b, (c, s) in front.items():
+            for j in range(len(cost[g])):
+                if j and gain[g][j] <= 0:
+                    continue
+                c2, s2 = c + cost[g][j], s + gain[g][j]
+                b2 = min(int(s2 / quantum), steps)
+                old = nxt.get(b2)
+                if old is None or c2 < old[0] - 1e-12 or (abs(c2 - old[0]) <= 1e-12 and (s2 < old[1] if b2 == steps else s2 > old[1])):
+                    nxt[b2], came[b2] = (c2, s2), (b, j)
+        # Pareto: a bin survives only if it costs less than every bin with more gain
+        front, best = {}, float("inf")
+        for b in sorted(nxt, reverse=True):
+            if nxt[b][0] < best - 1e-12 or b == steps:
+                front[b] = nxt[b]
+                best = min(best, nxt[b][0])
+        back.append(came)
+    reached = [b for b in front if front[b][1] >= needed]
+    b = min(reached, key=lambda k: front[k]) if reached else max(front, key=lambda k: front[k][1])
+    level = {}
+    for g, came in zip(reversed(list(cost)), reversed(back)):
+        b, level[g] = came[b]
+    return {g: level[g] for g in cost}
 
 
 def _measure(model, prune: Prune, ratios, shapes, by, latency, data, providers, base: float, rounds: int = 3) -> dict:
@@ -221,22 +307,27 @@ def _measure(model, prune: Prune, ratios, shapes, by, latency, data, providers, 
 
 def plan(model: onnx.ModelProto, prune: Prune, data: Dataset, target: float, by: str = "macs",
          structure: Prune | None = None, units: dict[str, int] | None = None, recovered: bool = False,
-         evaluation: Dataset | None = None, providers: Sequence[str] = DEFAULT_PROVIDERS, jobs: int | None = None
-         ) -> tuple[dict[str, float], dict, list[str]]:
+         evaluation: Dataset | None = None, providers: Sequence[str] = DEFAULT_PROVIDERS, jobs: int | None = None,
+         ratios: Sequence[float] | Mapping[str, Sequence[float]] = RATIOS, score: str = "accuracy",
+         search: str = "greedy") -> tuple[dict[str, float], dict, list[str]]:
     """Sensitivity scored on `evaluation` (default `data`), then the allocation for `target` (by
     "macs" or "latency", the mean over LATENCY_BATCHES): per-unit ratios, stats and notes for a
     pass's report. `structure` builds the same structure as `prune` faster (without recovery) for
-    the allocation's trials."""
+    the allocation's trials. `ratios`: the shares of a unit taken away in the trials (the
+    allocation chooses among them), shared or per unit; `score`: what the trials measure (`Scorer`);
+    `search`: how the allocation combines them (`allocate`)."""
     timing = LatencyConfig(batch_sizes=LATENCY_BATCHES, threads=1) if by == "latency" else None
     evaluation = data if evaluation is None else evaluation
-    sens = sensitivity(model, prune, data, evaluation, RATIOS, latency=timing, providers=providers, units=units,
-                       recovered=recovered, jobs=jobs)
+    sens = sensitivity(model, prune, data, evaluation, ratios, latency=timing, providers=providers, units=units,
+                       recovered=recovered, jobs=jobs, score=score)
     chosen, measured = allocate(model, structure or prune, sens, data, target, by=by, latency=timing,
-                                providers=providers)
+                                providers=providers, search=search)
     stats = {"macs_ratio": measured["macs"] / sens.base_macs, "target_met": bool(measured["target_met"])}
     if timing:
         stats["latency_ratio"] = measured["latency_ms"] / sens.base_latency
-    notes = [f"{by}={target:g}: {len(sens.groups)} units measured alone at {'/'.join(f'{r:.0%}' for r in RATIOS)} "
+    shares = (f"{sum(map(len, sens.unit_ratios.values()))} trials at their own shares of each unit" if sens.unit_ratios
+              else "/".join(f"{r:.1%}".replace(".0%", "%") for r in sens.ratios))
+    notes = [f"{by}={target:g}: {len(sens.groups)} units measured alone at {shares} "
              f"({sens.metric} on {len(evaluation)} calibration samples"
              f"{'' if not recovered else ', after recovery on the same samples' if evaluation is data else f', after recovery on {len(data)} others'}); allocated: "
              + (", ".join(f"{k} {v:g}" for k, v in chosen.items()) or "nothing")]

@@ -19,8 +19,9 @@ on data (the pair's intermediate mixes columns: no closed-form joint fit). Convs
 
 Rank per layer: `ranks={layer: K}` names it; else `energy=` keeps that share of the whitened
 spectrum; else `macs=` (default 0.5) is the model's MACs to reach: each layer is factored alone at
-25, 50 and 75% of its MACs taken away and scored against the original, and structured pruning's
-greedy allocation (`onnxcompress.sensitivity`, shared) spends the cuts where they cost least
+each distinct rank that 25 to 87.5% of its MACs taken away give, scored by the KL divergence of
+the outputs from the original's, and structured pruning's allocation (`onnxcompress.sensitivity`,
+shared; its exact search) spends the cuts where their summed cost is least
 (`allocation="uniform"`: every layer at `macs` of its own MACs).
 """
 from __future__ import annotations

@@ -228,3 +228,19 @@ def test_kx1_then_1xk_factors_are_whitened_by_the_input_columns():
         assert "as 3x1 + 1x3" in " ".join(result.report.steps[-1].notes)
         err[aware] = float(np.mean((run(model, {"x": x})[0] - run(result.model, {"x": x})[0]) ** 2))
     assert err[True] < 0.1 * err[False], err
+
+
+def test_a_first_conv_with_few_inputs_is_still_fit_on_its_data():
+    """A 1-channel 3x3 stem conv has 9 inputs per output, at or below the threshold under which
+    GPTQ/SparseGPT skip a layer's input moments: factoring still whitens it by its inputs (smooth
+    images: neighbouring taps correlated) and loses much less than the plain truncated SVD."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], name="stem")]
+    model = make_model(nodes, [tensor("x", ["N", 1, 16, 16])], [tensor("y", ["N", 16, 16, 16])],
+                       {"w": rand(16, 1, 3, 3), "b": rand(16, seed=2)}, opset=13)
+    x = np.repeat(np.repeat(rand(64, 1, 4, 4, seed=6), 4, axis=2), 4, axis=3) + 0.01 * rand(64, 1, 16, 16, seed=7)
+    (y,), errs = run(model, {"x": x}), {}
+    for aware in (True, False):
+        result = _run(model, FactorLowRank(ranks={"stem": 3}, conv_split="kxk-1x1", data_aware=aware, recover=False), x)
+        assert [W.layer_weight(n).value.shape for n in G.to_graph(result.model).nodes if n.op == "Conv"] == [(3, 1, 3, 3), (16, 3, 1, 1)]
+        errs[aware] = float(np.sqrt(np.mean((run(result.model, {"x": x})[0] - y) ** 2)))
+    assert errs[True] < 0.5 * errs[False]

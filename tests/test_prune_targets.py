@@ -126,3 +126,31 @@ def test_a_latency_target_met_by_one_timing_is_confirmed_before_the_allocation_s
     assert [r for _, r in calls] == [3, 3, S.CONFIRM_ROUNDS, 3, S.CONFIRM_ROUNDS]
     assert calls[3][0] != calls[1][0]                        # not confirmed: one more cut
     assert measured["target_met"] and measured["value"] == 0.42 * 10.0
+
+
+def test_the_exact_search_finds_two_shallow_cuts_where_the_greedy_finishes_with_a_deep_one(monkeypatch):
+    """Per-unit trial ratios; the greedy takes a's cheap first cut, then the one move that reaches
+    the target alone (b's deep cut, 5 points); the knapsack adds b's and c's shallow cuts (2.6)."""
+    from onnxcompress import sensitivity as S
+    own = {"a": (0.3, 0.45), "b": (0.1, 0.2), "c": (0.1,)}
+    sens = S.Sensitivity(100.0, 1000, (0.1, 0.2, 0.3, 0.45), list(own), {g: 8 for g in own},
+                         score={"a": [99.9, 90.0], "b": [99.5, 95.0], "c": [98.0]},
+                         macs={g: [1000 - round(r * 1000) for r in rs] for g, rs in own.items()}, unit_ratios=own)
+
+    def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
+        value = 1000 - sum(round(r * 1000) for r in ratios.values())
+        return {"macs": value, "value": value}
+
+    monkeypatch.setattr(S, "_measure", fake_measure)
+    data = Dataset({"x": np.zeros((2, 1))})
+    greedy, _ = S.allocate(None, lambda m, r: m, sens, data, 0.5)
+    exact, measured = S.allocate(None, lambda m, r: m, sens, data, 0.5, search="exact")
+    assert greedy == {"a": 0.3, "b": 0.2}
+    assert exact == {"a": 0.3, "b": 0.1, "c": 0.1} and measured["target_met"]
+
+
+def test_the_kl_score_is_zero_for_the_original_and_grows_with_the_change():
+    from onnxcompress.sensitivity import _divergence
+    logits = np.random.default_rng(0).normal(size=(50, 10))
+    assert _divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    assert 0 < _divergence(logits, logits + 0.1 * np.eye(10)[np.arange(50) % 10]) < _divergence(logits, 0.5 * logits)
