@@ -160,8 +160,9 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
 
 def _prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of the model that returns exactly `names`, keeping only the nodes they depend on.
-    Each kept weight is copied once: a whole copy first, then the kept part, then shape inference's
-    own copies held four of a 25M-parameter model's 100 MB at once."""
+    Each kept weight is copied once, and shape inference reads a copy without their bytes (copying
+    the whole model first, then the kept part, then shape inference's own copies had held four of
+    a 25M-parameter model's 100 MB at once)."""
     needed, keep = set(names), set()
     nodes = list(model.graph.node)
     for i in reversed(range(len(nodes))):
@@ -169,9 +170,7 @@ def _prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
             keep.add(i)
             needed.update(nodes[i].input)
             needed |= _subgraph_inputs(nodes[i])
-    m = onnx.ModelProto()
-    io.copy_fields(model, m, skip=frozenset({"graph"}))
-    io.copy_fields(model.graph, m.graph, skip=frozenset({"node", "initializer", "output"}))
+    m = _shell(model, {"node", "initializer", "output"})
     m.graph.node.extend(nodes[i] for i in sorted(keep))
     m.graph.initializer.extend(t for t in model.graph.initializer if t.name in needed)
     types = _inferred_types(m)
@@ -185,6 +184,14 @@ def _prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return m
 
 
+def _shell(model: onnx.ModelProto, left_out: set[str]) -> onnx.ModelProto:
+    """A copy of the model without the graph fields `left_out` (nothing of them is copied)."""
+    m = onnx.ModelProto()
+    io.copy_fields(model, m, skip=frozenset({"graph"}))
+    io.copy_fields(model.graph, m.graph, skip=frozenset(left_out))
+    return m
+
+
 SHAPE_DATA_LIMIT = 1024   # elements: initializers this small keep their values for shape inference
 
 
@@ -192,9 +199,7 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Every tensor's type as shape inference finds it, inferred on a copy whose large initializers
     keep their type and dims but not their bytes (only small ones, shapes and axes, are read as
     values)."""
-    light = onnx.ModelProto()
-    io.copy_fields(model, light, skip=frozenset({"graph"}))
-    io.copy_fields(model.graph, light.graph, skip=frozenset({"initializer"}))
+    light = _shell(model, {"initializer"})
     for t in model.graph.initializer:
         small = int(np.prod(t.dims)) <= SHAPE_DATA_LIMIT and t.data_location != onnx.TensorProto.EXTERNAL
         light.graph.initializer.append(t if small else onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))

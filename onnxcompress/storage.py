@@ -375,7 +375,7 @@ def as_codebook(value: np.ndarray, book: np.ndarray, axis: int | None = None,
         moved = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1, 1).astype(np.float64)
         index = np.abs(moved - book[:, None, :]).argmin(2).reshape(np.moveaxis(value, axis, 0).shape)
         index = np.moveaxis(index, 0, axis)
-    return Codebook(index.astype(np.int64), book, elem_type, axis)
+    return Codebook(index, book, elem_type, axis)        # (the index narrows to its own type there)
 
 
 def as_quantized(value: np.ndarray, elem_type: int = onnx.TensorProto.INT8, axis: int | None = None,
