@@ -244,3 +244,25 @@ def test_a_first_conv_with_few_inputs_is_still_fit_on_its_data():
         assert [W.layer_weight(n).value.shape for n in G.to_graph(result.model).nodes if n.op == "Conv"] == [(3, 1, 3, 3), (16, 3, 1, 1)]
         errs[aware] = float(np.sqrt(np.mean((run(result.model, {"x": x})[0] - y) ** 2)))
     assert errs[True] < 0.5 * errs[False]
+
+
+def test_factor_depthwise_aims_at_latency_by_default_and_takes_one_target():
+    """Depthwise factors are smaller but not always faster in onnxruntime, so with no target given
+    factor-depthwise allocates for half the measured latency (factor-lowrank: half the MACs)."""
+    import pytest
+    from onnxcompress.passes import FactorDepthwise
+    assert FactorDepthwise().target() == ("latency", 0.5)
+    assert FactorDepthwise(macs=0.6).target() == ("macs", 0.6)
+    assert FactorLowRank().target() == ("macs", 0.5) and FactorLowRank(latency=0.7).target() == ("latency", 0.7)
+    with pytest.raises(ValueError, match="give one target: macs or latency"):
+        FactorDepthwise(macs=0.5, latency=0.5)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1], name="c2")]
+    model = make_model(nodes, [tensor("x", ["N", 16, 12, 12])], [tensor("y", ["N", 32, 12, 12])],
+                       {"w1": rand(32, 16, 3, 3), "w2": rand(32, 32, 3, 3, seed=1)}, opset=13)
+    step = _run(model, FactorDepthwise(), rand(32, 16, 12, 12, seed=2)).report.steps[-1]
+    assert "latency_ratio" in step.stats          # the allocation timed its candidates (no timing asserted)
+    result = _run(model, FactorDepthwise(allocation="uniform", recover=False), rand(32, 16, 12, 12, seed=2))
+    assert ("allocation='uniform' takes each layer to 0.5 of its MACs: a latency target is measured only "
+            "by the sensitivity allocation") in result.report.steps[-1].notes
