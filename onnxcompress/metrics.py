@@ -414,6 +414,9 @@ def total_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
     return int(sum(d.macs or 0 for d in macs_breakdown(model, input_shapes, branch_probs)))
 
 
+MIN_RUNS = 3      # timed runs per batch size however slow a run is (the median of fewer is one sample)
+
+
 @dataclass(frozen=True)
 class LatencyConfig:
     """How latency is measured: median over `runs` after `warmup`, for each batch size."""
@@ -424,6 +427,9 @@ class LatencyConfig:
     enabled: bool = True
     clock: str = "wall"      # "thread": the calling thread's CPU time, for one-thread sessions (onnxruntime
                              # runs those in the caller): other processes on a shared machine barely move it
+    budget_s: float | None = None   # per batch size, stop once this much time is spent (at least
+                             # MIN_RUNS runs; warmup within a quarter of it): a page-sized model
+                             # takes a second a run, and an allocation times dozens of candidates
 
 
 def _latency_feed(session, data: Dataset | None, batch: int) -> dict[str, np.ndarray]:
@@ -448,14 +454,20 @@ def latency_ms(model: onnx.ModelProto, cfg: LatencyConfig = LatencyConfig(), dat
         if fixed and batch != fixed:
             continue
         feed = _latency_feed(session, data, batch)
+        budget = float("inf") if cfg.budget_s is None else cfg.budget_s
+        start = time.perf_counter()
         for _ in range(cfg.warmup):
             session.run(None, feed)
+            if time.perf_counter() - start > budget / 4:
+                break
         clock = time.thread_time if cfg.clock == "thread" and cfg.threads == 1 else time.perf_counter
-        times = []
+        times, start = [], time.perf_counter()
         for _ in range(cfg.runs):
             t0 = clock()
             session.run(None, feed)
             times.append(clock() - t0)
+            if len(times) >= MIN_RUNS and time.perf_counter() - start > budget:
+                break
         result[batch] = float(np.median(times) * 1e3)
     return result
 

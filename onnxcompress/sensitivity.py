@@ -39,6 +39,9 @@ RATIOS = (0.25, 0.5, 0.75)      # shares of a unit taken away in the sensitivity
 CONFIRM_ROUNDS = 7             # paired timing rounds that confirm a latency target is met
 LATENCY_BATCHES = (1, 32)       # a latency target: the time of one batch of each, summed (one thread:
                                 # steadier on a shared machine; the ratio is what counts)
+LATENCY_BATCH_VALUES = 2 ** 22  # ... the larger batch no bigger than this many input values (PP-OCR det's
+                                # 3x480x640 pages: a batch of 4, as its benchmark times; 32 took 8 s a run)
+LATENCY_BUDGET_S = 1.0          # seconds of timed runs per batch size and candidate (MNIST models: all 30)
 
 
 def pass_pruner(registry: Registry, ctx: Context, criterion: str | None = None, round_to: int | str = "auto",
@@ -305,18 +308,26 @@ def _measure(model, prune: Prune, ratios, shapes, by, latency, data, providers, 
     return out
 
 
+def timing_config(data: Dataset) -> LatencyConfig:
+    """How a latency target times its candidates: one thread, a batch of 1 and one of 32 samples
+    (fewer where 32 would exceed LATENCY_BATCH_VALUES input values), LATENCY_BUDGET_S per batch."""
+    values = sum(int(np.prod(np.shape(v)[1:])) for v in data.feeds.values()) if not data.per_feed else 0
+    larger = max(1, min(LATENCY_BATCHES[-1], LATENCY_BATCH_VALUES // max(values, 1)))
+    return LatencyConfig(batch_sizes=tuple(sorted({1, larger})), threads=1, budget_s=LATENCY_BUDGET_S)
+
+
 def plan(model: onnx.ModelProto, prune: Prune, data: Dataset, target: float, by: str = "macs",
          structure: Prune | None = None, units: dict[str, int] | None = None, recovered: bool = False,
          evaluation: Dataset | None = None, providers: Sequence[str] = DEFAULT_PROVIDERS, jobs: int | None = None,
          ratios: Sequence[float] | Mapping[str, Sequence[float]] = RATIOS, score: str = "accuracy",
          search: str = "greedy") -> tuple[dict[str, float], dict, list[str]]:
     """Sensitivity scored on `evaluation` (default `data`), then the allocation for `target` (by
-    "macs" or "latency", the mean over LATENCY_BATCHES): per-unit ratios, stats and notes for a
+    "macs" or "latency", the mean over `timing_config`'s batches): per-unit ratios, stats and notes for a
     pass's report. `structure` builds the same structure as `prune` faster (without recovery) for
     the allocation's trials. `ratios`: the shares of a unit taken away in the trials (the
     allocation chooses among them), shared or per unit; `score`: what the trials measure (`Scorer`);
     `search`: how the allocation combines them (`allocate`)."""
-    timing = LatencyConfig(batch_sizes=LATENCY_BATCHES, threads=1) if by == "latency" else None
+    timing = timing_config(data) if by == "latency" else None
     evaluation = data if evaluation is None else evaluation
     sens = sensitivity(model, prune, data, evaluation, ratios, latency=timing, providers=providers, units=units,
                        recovered=recovered, jobs=jobs, score=score)

@@ -275,3 +275,25 @@ def test_dense_maps_agree_by_iou_of_thresholded_maps():
     fid = fidelity({"map": ref}, {"map": out})["map"]
     assert fid["map_iou"] == pytest.approx(3 / 5 * 100)
     assert budget_metric(None, {"map": fid})[0] == "map_iou"
+
+
+def test_a_latency_target_times_page_sized_inputs_in_small_batches_within_a_budget(monkeypatch):
+    """A latency target times every candidate: a batch of 32 pages of 3x480x640 took 8 s a run, so
+    the larger batch shrinks to fit LATENCY_BATCH_VALUES and each batch size stops after its budget
+    (at least MIN_RUNS timed runs)."""
+    import onnxruntime as ort
+    from onnxcompress import Dataset, LatencyConfig
+    from onnxcompress.metrics import MIN_RUNS, latency_ms
+    from onnxcompress.sensitivity import timing_config
+    assert timing_config(Dataset({"x": np.zeros((2, 1, 28, 28), np.float32)})).batch_sizes == (1, 32)
+    assert timing_config(Dataset({"x": np.zeros((2, 3, 480, 640), np.float32)})).batch_sizes == (1, 4)
+    assert timing_config(Dataset({"x": np.zeros((2, 3, 2048, 2048), np.float32)})).batch_sizes == (1,)
+    calls = []
+    real = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    model = single(helper.make_node("Relu", ["x"], ["y"]), ["N", 4], ["N", 4], {})
+    assert set(latency_ms(model, LatencyConfig(batch_sizes=(1, 2), runs=50, warmup=5, budget_s=0.0))) == {1, 2}
+    assert len(calls) == 2 * (1 + MIN_RUNS)          # per batch: one warmup run, then the minimum
+    calls.clear()
+    latency_ms(model, LatencyConfig(batch_sizes=(1,), runs=7, warmup=2))
+    assert len(calls) == 2 + 7
