@@ -16,7 +16,7 @@ import onnx
 from benchmarks import ocr
 from benchmarks.run import ROOT, Row, measure, structured_table
 from onnxcompress import LatencyConfig, PassManager, io
-from onnxcompress.metrics import count_params
+from onnxcompress.metrics import count_params, total_macs
 from onnxcompress.passes import Distill, PruneChannels, PruneWeights
 from onnxcompress.report import markdown_table
 from onnxcompress.runtime import channel_multiple
@@ -111,14 +111,20 @@ def _profile_part(calib) -> str:
     for name in MODELS:
         model = io.load_model(ROOT / "models" / f"{name}.onnx")
         pruned, _, _ = _run([PruneChannels(macs=0.5)], model, calib)
-        for label, m in (("original", model), ("macs=0.5", pruned)):
-            kernels, total, nodes = _profile(m, calib)
+        fewer = total_macs(model) / total_macs(pruned)
+        (k0, t0, n0), (k1, t1, n1) = _profile(model, calib), _profile(pruned, calib)
+        bound = t0 / (k0 / fewer + (t1 - k1))      # kernels as much faster as MACs fell; the overhead as measured
+        for label, (kernels, total, nodes), cells in (("original", (k0, t0, n0), ["-", "-", "-"]),
+                                                      ("macs=0.5", (k1, t1, n1), [f"{fewer:.2f}x", f"{bound:.2f}x", f"{bound / fewer:.2f}"])):
             rows.append([name, label, str(nodes), f"{total:.0f}", f"{kernels:.0f}", f"{total - kernels:.0f}",
-                         f"{kernels / total:.0%}"])
+                         f"{kernels / total:.0%}", *cells])
     return ("Batch-1 profile (onnxruntime's profiler, 1 thread, median over 200 runs, microseconds): time in "
             "kernels against the whole `run` call; the rest is per-run and per-node overhead, which pruning "
-            "does not shrink.\n\n" + markdown_table(
-                ["model", "variant", "nodes run", "run total", "in kernels", "outside kernels", "kernel share"], rows))
+            "does not shrink. \"bound\": the batch-1 speedup if the kernels' time fell exactly with the MACs "
+            "and the time outside them stayed as measured; \"bound / MAC reduction\" is the most the speedup "
+            "/ MAC reduction column above can reach at batch 1.\n\n" + markdown_table(
+                ["model", "variant", "nodes run", "run total", "in kernels", "outside kernels", "kernel share",
+                 "MAC reduction", "bound", "bound / MAC reduction"], rows))
 
 
 def _profile(model: onnx.ModelProto, calib, runs: int = 200) -> tuple[float, float, int]:
