@@ -172,8 +172,9 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
                      one_group: bool = False) -> tuple[list[NormalEquations], list[NormalEquations]] | None:
     """Normal equations per group (one for Gemm/MatMul, or with `one_group`: all a conv's input
     patches against all the targets), streamed over (student input, target) batches: (fit,
-    held-out) pairs, HOLDOUT of the rows going to the held-out ones. Targets None: the inputs'
-    Gram matrices only.
+    held-out) pairs, HOLDOUT of the rows going to the held-out ones (kept as rows while fewer
+    than a Gram matrix would take: they only score candidates, then join the fit). Targets None:
+    the inputs' Gram matrices only.
 
     At most `max_rows` rows in all: conv layers sample output positions per image, Gemm/MatMul rows."""
     if node.op == "Gemm" and node.attrs.get("transA", 0):
@@ -208,7 +209,7 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
                 pick = rng.choice(len(xs), keep, replace=False)
                 xs, ys, aside = xs[pick], ys[pick], aside[pick]
             eqs = eqs or [NormalEquations(xs.shape[1], ys.shape[1])]
-            held = held or [NormalEquations(xs.shape[1], ys.shape[1])]
+            held = held or [NormalEquations(xs.shape[1], ys.shape[1], lazy=True)]
             add(eqs[0], held[0], xs, ys, aside)
             continue
         n, cin = x.shape[:2]
@@ -226,7 +227,7 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
         aside = aside_rows(aside_samples, per_image)
         cin_g, m_g, k = cin // g, m // g, rows.shape[1] // cin
         eqs = eqs or [NormalEquations(cin_g * k, m_g) for _ in range(g)]
-        held = held or [NormalEquations(cin_g * k, m_g) for _ in range(g)]
+        held = held or [NormalEquations(cin_g * k, m_g, lazy=True) for _ in range(g)]
         for gi, (ne, out) in enumerate(zip(eqs, held)):
             add(ne, out, rows[:, gi * cin_g * k:(gi + 1) * cin_g * k], ys[:, gi * m_g:(gi + 1) * m_g], aside)
     return None if eqs is None else (eqs, held, held_samples)

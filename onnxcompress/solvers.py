@@ -21,18 +21,34 @@ __all__ = [
 
 @dataclass
 class NormalEquations:
-    """Running sums for min ||[X 1] theta - Y||^2: G = [X 1]^T [X 1], C = [X 1]^T Y (float64)."""
+    """Running sums for min ||[X 1] theta - Y||^2: G = [X 1]^T [X 1], C = [X 1]^T Y (float64).
+
+    With `lazy`, the rows themselves ([X 1], float32) are kept instead of G while they take less
+    memory than it: held-out equations only score candidate weights (`residual`) and are then
+    absorbed, and on a 3x3 conv over 512 channels at 2x2 positions their 200 rows take 4 MB
+    where G takes 170 MB. They become a Gram matrix once they would cost more, or when G is read."""
     n_in: int
     n_out: int
-    G: np.ndarray = field(init=False)
+    lazy: bool = False
     C: np.ndarray = field(init=False)
     rows: int = 0
     y_sq: np.ndarray = field(init=False)
+    _G: np.ndarray | None = field(init=False, default=None, repr=False)
+    _pending: list[np.ndarray] = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        self.G = np.zeros((self.n_in + 1, self.n_in + 1))
         self.C = np.zeros((self.n_in + 1, self.n_out))
         self.y_sq = np.zeros(self.n_out)
+
+    @property
+    def G(self) -> np.ndarray:
+        """The Gram matrix [X 1]^T [X 1], with any rows still kept folded in."""
+        if self._G is None:
+            self._G = np.zeros((self.n_in + 1, self.n_in + 1))
+        for Xa in self._pending:
+            self._G += Xa.T @ Xa
+        self._pending.clear()
+        return self._G
 
     def add(self, X: np.ndarray, Y: np.ndarray) -> None:
         """Accumulate a batch. Products run in the inputs' precision (float32 activations stay fast);
@@ -40,15 +56,28 @@ class NormalEquations:
         dtype = np.result_type(X.dtype, Y.dtype, np.float32)
         Xa = np.hstack([X.astype(dtype, copy=False), np.ones((len(X), 1), dtype)])
         Y = Y.astype(dtype, copy=False)
-        self.G += Xa.T @ Xa
         self.C += Xa.T @ Y
         self.y_sq += np.einsum("ij,ij->j", Y, Y, dtype=np.float64)
         self.rows += len(X)
+        self._add_rows(Xa)
+
+    def _add_rows(self, Xa: np.ndarray) -> None:
+        """Rows [x 1] into G, or kept as they are while lazy and cheaper than G."""
+        if self.lazy and self._G is None and \
+                sum(p.nbytes for p in self._pending) + Xa.nbytes < 8 * (self.n_in + 1) ** 2:
+            self._pending.append(Xa)
+        else:
+            G = self.G
+            G += Xa.T @ Xa
 
     def absorb(self, other: "NormalEquations") -> "NormalEquations":
         """These equations with `other`'s rows added, in place (a 3x3 conv over 512 channels has a
         G of 170 MB: a merged copy beside both would be a third), returned."""
-        self.G += other.G
+        G = self.G
+        if other._G is not None:
+            G += other._G
+        for Xa in other._pending:
+            G += Xa.T @ Xa
         self.C += other.C
         self.y_sq += other.y_sq
         self.rows += other.rows
@@ -74,8 +103,19 @@ class NormalEquations:
         """Mean squared error per output of (W, b) on the accumulated data."""
         theta = np.vstack([W.T, b[None, :]])
         # products through BLAS (a three-operand einsum without optimize runs as a plain loop: 25x slower)
-        err = self.y_sq - 2 * np.sum(theta * self.C, axis=0) + np.sum(theta * (self.G @ theta), axis=0)
+        err = self.y_sq - 2 * np.sum(theta * self.C, axis=0) + self._quadratic(theta)
         return np.maximum(err, 0) / max(self.rows, 1)
+
+    def _quadratic(self, theta: np.ndarray) -> np.ndarray:
+        """theta^T G theta per output: from G, or from the rows kept (in float64, a few at a time)."""
+        if self._G is not None or not self._pending:
+            return np.sum(theta * (self.G @ theta), axis=0)
+        out = np.zeros(theta.shape[1])
+        for Xa in self._pending:
+            for i in range(0, len(Xa), 1024):
+                z = Xa[i:i + 1024].astype(np.float64) @ theta
+                out += np.einsum("ij,ij->j", z, z)
+        return out
 
 
 def _solve(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -101,18 +141,42 @@ def _one_thread_for_scipy_blas() -> None:
 _one_thread_for_scipy_blas()
 
 
-def _solve_owned(build: Callable[[], np.ndarray], B: np.ndarray) -> np.ndarray:
-    """`_solve(build(), B)` without numpy's copy of the matrix: its LU factors overwrite the fresh
-    C-ordered matrix `build` returns (factored as its transpose, which is Fortran-ordered as LAPACK wants,
-    then solved transposed back). Built again for the least-squares fallback where it is singular."""
-    A = build()
-    getrf, getrs = get_lapack_funcs(("getrf", "getrs"), (A, B))
-    lu, piv, info = getrf(A.T, overwrite_a=True)
+def _ridge_solve(G: np.ndarray, C: np.ndarray, lam: float, bias: bool) -> np.ndarray:
+    """theta [len(G), outputs] solving (G + lam I) theta = C, the last unknown (the bias) not
+    shrunk, or held at zero without `bias`, in G's own memory: its Cholesky factor overwrites one
+    triangle and the other, untouched, restores it after (a 3x3 conv over 512 channels: no third
+    170 MB matrix beside the fit's and the held-out's). A G that is not positive definite there
+    is solved on a copy (LU, or least squares where singular)."""
+    n = len(G)
+    diag, edge = G.diagonal().copy(), G[-1].copy()
+    C = C.copy()
+    if not bias:            # the bias's row and column become the identity's: its unknown solves to 0
+        G[-1], G[:, -1], C[-1] = 0.0, 0.0, 0.0
+    G.flat[::n + 1] += lam
+    G[-1, -1] = diag[-1] if bias else 1.0
+    potrf, potrs = get_lapack_funcs(("potrf", "potrs"), (G,))
+    try:
+        # G.T is G (symmetric) in Fortran order: the factor goes to G's lower triangle in memory
+        factor, info = potrf(G.T, lower=False, overwrite_a=True, clean=False)
+        theta, info = potrs(factor, C, lower=False) if info == 0 else (None, info)
+    finally:
+        _mirror_upper(G)
+        G.flat[::n + 1] = diag
+        G[-1], G[:, -1] = edge, edge
     if info == 0:
-        x, info = getrs(lu, piv, B, trans=1)
-        if info == 0:
-            return x
-    return _solve(build(), B)
+        return theta
+    k = n if bias else n - 1
+    return np.vstack([_solve(_regularized(G[:k, :k], lam, bias), C[:k]), np.zeros((n - k, C.shape[1]))])
+
+
+def _mirror_upper(G: np.ndarray, block: int = 256) -> None:
+    """Copy G's strictly upper triangle onto its strictly lower one, a block of rows at a time."""
+    for i in range(0, len(G), block):
+        j = min(i + block, len(G))
+        G[i:j, :i] = G[:i, i:j].T
+        square = G[i:j, i:j]
+        lower = np.tril_indices(j - i, -1)
+        square[lower] = square.T[lower]
 
 
 def _regularized(G: np.ndarray, lam: float, bias: bool) -> np.ndarray:
@@ -136,12 +200,9 @@ def solve_free(ne: NormalEquations, ridge: float = 1e-4, bias: bool = True,
                prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Unconstrained ridge fit: returns W [out, in] and b [out] (zeros when `bias` is False).
     With a `prior` [out, in], the ridge shrinks W towards it instead of towards zero."""
-    k = ne.n_in + (1 if bias else 0)
-    G, C = ne.G[:k, :k], ne.C[:k]
     lam = ne.ridge(ridge)
-    if prior is not None:
-        C = C + np.diag(_reg(k, lam, bias))[:, None] * np.vstack([prior.T, np.zeros((k - ne.n_in, ne.n_out))])
-    theta = _solve_owned(lambda: _regularized(G, lam, bias), C)
+    C = ne.C if prior is None else ne.C + lam * np.vstack([prior.T, np.zeros((1, ne.n_out))])
+    theta = _ridge_solve(ne.G, C, lam, bias)
     W = theta[:ne.n_in].T
     b = theta[ne.n_in] if bias else np.zeros(ne.n_out)
     return W, b

@@ -124,17 +124,7 @@ class Quantize(Pass):
         acts, ties, chains = self._activations(graph, layers)
         budget = self.max_drop if self.max_drop is not None else ctx.max_drop
         searching = budget is not None and self.mixed_precision
-        ranged = G.to_model(graph, like=ctx.original)
-        if searching and (self.sensitivity == "estimated" or self.measure_top):   # estimates read whole tensors
-            values = capture(ranged, data, list(acts), ctx.providers, ctx.batch_size, max_samples=self.calib_samples)
-            summaries = {name: Cal.summarize([values[name]]) for name in acts}
-        else:
-            summaries = Cal.summarize_activations(ranged, data.take(self.calib_samples), list(acts), ctx.providers,
-                                                  ctx.batch_size)
-        params = {name: Cal.uint8_params(*Cal.activation_range(summaries[name], self.calibration, self.percentile))
-                  for name in acts}
-        for name in _tie_order(ties):
-            params[name] = params[ties[name]]
+        params, values = self._ranges(graph, acts, ties, searching, ctx, data)
         x_name = {id(n): n.inputs[0].name for n in layers}
         ids = {G.layer_id(n) for n in layers}
         done_layers, graph, refit = self._fit(float_graph, ids, params, chains, set(), ctx, data, self.refit)
@@ -171,6 +161,26 @@ class Quantize(Pass):
         stats["layers_quantized"] -= sum(not k.startswith(ACT) for k in kept)
         stats["activations_quantized"] = sum(n.op == "QuantizeLinear" for n in graph.nodes)
         return PassResult(graph, stats["layers_quantized"] > 0 or bool(lstms or body_notes), stats, notes)
+
+    def _ranges(self, graph: gs.Graph, acts: dict[str, gs.Tensor], ties: dict[str, str], searching: bool,
+                ctx: Context, data: Dataset) -> tuple[dict[str, tuple[float, int]], dict[str, np.ndarray] | None]:
+        """Each activation's uint8 (scale, zero point) from calibration data, and its whole values where
+        the mixed-precision search estimates costs from them (else None). The model exported for
+        the ranges and the value samples go on return: the 25M CNN's are 100 and 56 MB that the
+        rest of the pass does not need."""
+        ranged = G.to_model(graph, like=ctx.original)
+        values = None
+        if searching and (self.sensitivity == "estimated" or self.measure_top):   # estimates read whole tensors
+            values = capture(ranged, data, list(acts), ctx.providers, ctx.batch_size, max_samples=self.calib_samples)
+            summaries = {name: Cal.summarize([values[name]]) for name in acts}
+        else:
+            summaries = Cal.summarize_activations(ranged, data.take(self.calib_samples), list(acts), ctx.providers,
+                                                  ctx.batch_size)
+        params = {name: Cal.uint8_params(*Cal.activation_range(summaries[name], self.calibration, self.percentile))
+                  for name in acts}
+        for name in _tie_order(ties):
+            params[name] = params[ties[name]]
+        return params, values
 
     def _fit(self, float_graph: gs.Graph, ids: set[str], params: dict[str, tuple[float, int]], chains: dict[str, str],
              kept: set[str], ctx: Context, data: Dataset, refit: bool) -> tuple[dict[str, "_Layer"], gs.Graph, int]:
