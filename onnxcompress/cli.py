@@ -6,6 +6,7 @@ options (one-line message, nothing written).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
@@ -421,8 +422,24 @@ COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "bench": cmd_bench
             "passes": cmd_passes, "pack": cmd_pack, "unpack": cmd_unpack}
 
 
+MMAP_THRESHOLD = 4 << 20        # 1 MiB measured 29% slower on the CNN prune-channels (every mid-size temporary mmapped)
+
+
+def _unmap_large_blocks() -> None:
+    """glibc serves blocks of MMAP_THRESHOLD bytes and more by mmap, so that each goes back to the
+    OS when freed. By default it raises its threshold (up to 32 MiB) as large blocks are freed,
+    and onnxruntime's and numpy's batch activations (8-34 MB each) then stay in its heap,
+    fragmented: a 25M Transformer's prune-channels peaked at 1077 MB instead of 915 (at 1 MiB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)       # -3: M_MMAP_THRESHOLD
+        except (OSError, AttributeError):                     # not glibc
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _unmap_large_blocks()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args, default_registry())

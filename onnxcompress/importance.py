@@ -204,7 +204,8 @@ def _normalized(chunks: Iterator[np.ndarray]) -> np.ndarray:
 def reconstruction_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ctx: Context, data: Dataset,
                           criterion: str, budget: int = 4_000_000, seed: int = 0) -> dict[str, np.ndarray]:
     """Per group, the units ranked by what the consumers' outputs lose without them. The
-    consumers' inputs come from one streamed forward pass (`runtime.Stepper`), in graph order."""
+    consumers' inputs come from one streamed forward pass (`runtime.Stepper`), in graph order; a
+    group is ranked at its last consumer, its parts (a Gram matrix each) dropped there."""
     nodes = _nodes(graph)
     rng = np.random.default_rng(seed)
     by_input: dict[str, list[tuple[Group, gs.Node]]] = {}
@@ -213,20 +214,27 @@ def reconstruction_scores(graph: gs.Graph, an: Analysis, groups: list[Group], ct
             by_input.setdefault(nodes[name].inputs[0].name, []).append((g, nodes[name]))
     stepper = Stepper(graph, ctx.original, data, ctx.providers, ctx.batch_size)
     position = {t.name: i for i, n in enumerate(stepper.order) for t in n.outputs}
+    order = sorted(by_input, key=lambda t: position.get(t, -1))
+    last = {g.id: x_name for x_name in order for g, _ in by_input[x_name]}     # each group's last consumer input
     parts: dict[str, list[np.ndarray]] = {g.id: [] for g in groups}   # thinet: U x U Gram; lasso: Z
-    for x_name in sorted(by_input, key=lambda t: position.get(t, -1)):
+    ranked: dict[str, np.ndarray] = {}
+    for x_name in order:
         batches = stepper.fetch(x_name)
         for g, node in by_input[x_name]:
             chunks = _contributions(node, an, g, iter(batches), budget, rng)
             if chunks is not None:
                 parts[g.id].append(_normalized_gram(chunks) if criterion == "thinet" else _normalized(chunks))
-    result = {}
-    for g in groups:
-        if not parts[g.id]:
-            result[g.id] = norm_scores(graph, an, g, 1)
-        else:
-            result[g.id] = _thinet_rank(sum(parts[g.id])) if criterion == "thinet" else _lasso_rank(parts[g.id])
-    return result
+        for g in {g.id: g for g, _ in by_input[x_name]}.values():
+            if last[g.id] == x_name:    # ranked at its last consumer: a Transformer FFN's Gram is 34 MB
+                ranked[g.id] = _rank(graph, an, g, parts.pop(g.id), criterion)
+    return {g.id: ranked[g.id] if g.id in ranked else _rank(graph, an, g, parts[g.id], criterion) for g in groups}
+
+
+def _rank(graph: gs.Graph, an: Analysis, group: Group, parts: list[np.ndarray], criterion: str) -> np.ndarray:
+    """A group's unit scores from its consumers' parts, by L1 norm where no consumer gave any."""
+    if not parts:
+        return norm_scores(graph, an, group, 1)
+    return _thinet_rank(sum(parts)) if criterion == "thinet" else _lasso_rank(parts)
 
 
 def _thinet_rank(M: np.ndarray) -> np.ndarray:

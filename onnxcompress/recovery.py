@@ -307,7 +307,7 @@ def prune_sequential(graph: gs.Graph, ctx: Context, data: Dataset, layers: list[
             pruned[id(node)] = np.where(keep, w, 0).astype(w.dtype)
         else:
             rows, drop = out_rows(node, w), ~out_rows(node, keep)
-            new = np.concatenate([sparsegpt(rows[part], gram[:-1, :-1], int(drop[part].sum()))
+            new = np.concatenate([sparsegpt(rows[part], gram, int(drop[part].sum()))
                                   for part, gram in zip(group_slices(len(rows), len(grams)), grams)])
             pruned[id(node)] = from_out_rows(node, new, w.shape).astype(w.dtype)
         W.write(graph, node, W.LAYERS[node.op].weight, s, pruned[id(node)], refit=False, suffix="_pruned", in_place=True)

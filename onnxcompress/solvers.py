@@ -7,7 +7,8 @@ and the targets Y, accumulated batch by batch so memory stays bounded however mu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 from scipy.linalg import get_lapack_funcs
@@ -517,12 +518,25 @@ def sparsegpt(rows: np.ndarray, gram: np.ndarray, n_zero: int, damp: float = 0.0
     error of each zeroed weight is spread over the later columns through the Cholesky factor of
     H^-1 (H damped by `damp` x its mean diagonal). With `project(column, j)` (the column's values
     mapped onto the values allowed there), the weights that stay are rounded as they go: GPTQ
-    (Frantar et al., 2023), see `gptq`."""
+    (Frantar et al., 2023), see `gptq`.
+
+    `gram` may also be [fan_in + 1, fan_in + 1], the inputs' Gram with a column of ones last (as
+    `recovery.sequential` gives it, C-ordered): the factor is then computed in its own memory and
+    the matrix restored on return (a 3x3 conv over 512 channels: no 170 MB copy)."""
     W = rows.astype(np.float64)
-    cols = W.shape[1]
-    dead = np.diag(gram) <= 0          # inputs that are always zero: their weights do nothing
+    dead = np.diag(gram)[:W.shape[1]] <= 0          # inputs that are always zero: their weights do nothing
     W[:, dead] = 0.0
-    U = _inverse_cholesky(gram, dead, damp)
+    if len(gram) == W.shape[1] + 1 and gram.dtype == np.float64 and gram.flags.c_contiguous:
+        with _factor_in_place(gram, dead, damp) as U:
+            return _obs_sweep(W, U, n_zero, block, project)
+    return _obs_sweep(W, _inverse_cholesky(gram[:W.shape[1], :W.shape[1]], dead, damp), n_zero, block, project)
+
+
+def _obs_sweep(W: np.ndarray, U: np.ndarray, n_zero: int, block: int,
+               project: Callable[[np.ndarray, int], np.ndarray] | None) -> np.ndarray:
+    """`sparsegpt`'s column sweep over W (float64, changed in place and returned) with U^T U = H^-1.
+    Only U's upper triangle and diagonal are read."""
+    cols = W.shape[1]
     done = 0
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -546,22 +560,60 @@ def sparsegpt(rows: np.ndarray, gram: np.ndarray, n_zero: int, damp: float = 0.0
 
 
 def _inverse_cholesky(gram: np.ndarray, dead: np.ndarray, damp: float) -> np.ndarray:
-    """U upper triangular with U^T U = H^-1, H the Gram matrix with its `dead` diagonal set to 1 and
-    damped by `damp` x its mean diagonal (ten times more at each try while H is not positive
-    definite). Factored, inverted and factored again in one matrix (LAPACK potrf, potri, potrf in
-    place): numpy's inv and cholesky would hold four of them (a 3x3 conv over 512 channels: 170 MB each)."""
-    potrf, potri = get_lapack_funcs(("potrf", "potri"), (gram,))
+    """U upper triangular with U^T U = H^-1 (see `_inverse_factor`), in a copy of `gram`. Its
+    strictly lower triangle keeps H: `_obs_sweep` reads U's upper triangle and diagonal only."""
+    H = np.array(gram, dtype=np.float64, order="F")
+    _inverse_factor(H, dead, damp)
+    return H.T
+
+
+@contextmanager
+def _factor_in_place(gram: np.ndarray, dead: np.ndarray, damp: float) -> Iterator[np.ndarray]:
+    """`_inverse_cholesky` of gram[:-1, :-1] (gram C-ordered, its last row and column the ones
+    column's) in gram's own memory: the block moves to the front of the buffer, contiguous, and is
+    factored there in one triangle; on exit the other triangle, the saved diagonal and edge
+    restore gram exactly (a 3x3 conv over 512 channels: no second 170 MB matrix)."""
+    n = len(gram) - 1
+    row, col = gram[-1].copy(), gram[:, -1].copy()
+    flat = gram.reshape(-1)
+    for i in range(n):                  # row i moves i elements down: rows after it are not reached
+        flat[i * n:(i + 1) * n] = flat[i * (n + 1):i * (n + 1) + n]
+    block = flat[:n * n].reshape(n, n)
+    diag = block.diagonal().copy()
+    try:
+        _inverse_factor(block.T, dead, damp)
+        yield block
+    finally:
+        _mirror_upper(block.T)
+        block.flat[::n + 1] = diag
+        for i in reversed(range(n)):
+            flat[i * (n + 1):i * (n + 1) + n] = flat[i * n:(i + 1) * n]
+        gram[-1], gram[:, -1] = row, col
+
+
+def _inverse_factor(H: np.ndarray, dead: np.ndarray, damp: float) -> None:
+    """H (float64, Fortran-ordered, symmetric) gets in its lower triangle L with L L^T = H^-1, H
+    with its `dead` diagonal set to 1 and damped by `damp` x its mean diagonal (ten times more at
+    each try while H is not positive definite), so that U = L^T is H.T's upper triangle.
+    Factored, inverted and factored again in H's memory (LAPACK potrf, potri, potrf in place):
+    numpy's inv and cholesky would hold four matrices. H's strictly upper triangle stays as it was."""
+    potrf, potri = get_lapack_funcs(("potrf", "potri"), (H,))
+    diag = H.diagonal().copy()
     for attempt in range(4):
-        H = np.array(gram, dtype=np.float64, order="F")
+        if attempt:                                                # the failed try's lower triangle goes
+            _mirror_upper(H)
+            H.flat[::len(H) + 1] = diag
         H[dead, dead] = 1.0
         H.flat[::len(H) + 1] += damp * 10 ** attempt * np.mean(np.diag(H))   # F order: the same diagonal
-        H, info = potrf(H, lower=True, overwrite_a=True, clean=False)
+        out, info = potrf(H, lower=True, overwrite_a=True, clean=False)
         if info == 0:
-            H, info = potri(H, lower=True, overwrite_c=True)       # H^-1, in its lower triangle
+            out, info = potri(out, lower=True, overwrite_c=True)   # H^-1, in its lower triangle
         if info == 0:
-            H, info = potrf(H, lower=True, overwrite_a=True, clean=True)   # reads the lower triangle only
+            out, info = potrf(out, lower=True, overwrite_a=True, clean=False)   # reads the lower triangle only
+        if not np.shares_memory(out, H):
+            H[...] = out
         if info == 0:
-            return H.T                                             # L L^T = H^-1: U = L^T
+            return
     raise np.linalg.LinAlgError("the inputs' Gram matrix cannot be factored")
 
 
@@ -570,7 +622,8 @@ def gptq(rows: np.ndarray, gram: np.ndarray, project: Callable[[np.ndarray, int]
     """Data-aware rounding (GPTQ, the OBS update of Frantar et al., 2023): every weight of `rows`
     [out, fan_in] becomes `project(column, j)` of its column (nearest centroid of a codebook, a
     grid step, zero kept zero), column by column, each rounding error spread over the columns not
-    yet rounded so that rows @ x changes least over inputs with Gram matrix `gram`."""
+    yet rounded so that rows @ x changes least over inputs with Gram matrix `gram` (either shape
+    `sparsegpt` takes)."""
     return sparsegpt(rows, gram, 0, damp, block, project)
 
 

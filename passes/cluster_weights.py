@@ -167,7 +167,7 @@ class ClusterWeights(Pass):
                 cost[bk == 0] = np.inf                                          # zero is only for zeros
                 pick = bk[np.arange(len(col)), cost.argmin(1)]
                 return np.where(z[:, j], 0.0, np.where(np.isfinite(cost.min(1)), pick, 0.0))
-            new.append(gptq(rows[part], gram[:-1, :-1], project))
+            new.append(gptq(rows[part], gram, project))
         new = np.concatenate(new)
         step = max(1, 2 ** 22 // (new.shape[1] * books.shape[1]))             # rows at a time: the costs stay small
         picked = np.concatenate([np.abs(new[i:i + step, :, None] - books[i:i + step, None, :]).argmin(2)

@@ -341,7 +341,7 @@ class Quantize(Pass):
         grid = lambda v, sc: np.clip(np.round(v / sc), -127, 127) * sc
         groups = [] if grams is None else list(zip(group_slices(len(rows), len(grams)), grams))
         if groups and self.rounding == "gptq":
-            new = np.concatenate([gptq(rows[part], gram[:-1, :-1], lambda col, j, sc=scale[part]: grid(col, sc))
+            new = np.concatenate([gptq(rows[part], gram, lambda col, j, sc=scale[part]: grid(col, sc))
                                   for part, gram in groups])
         else:
             new = grid(rows, scale[:, None])
