@@ -89,6 +89,10 @@ class PruneChannels(Pass):
             data = data.take(self.samples)
         criterion = self.criterion_for(data)
         round_to, why = (self.round_to, "") if self.round_to != "auto" else channel_multiple(ctx.providers)
+        if self.round_to == "auto" and self.latency is not None and round_to > 1:
+            # a latency target times every candidate width, so a finer multiple costs no blind
+            # guess, and ResNet's 16-channel groups, which a multiple of 16 leaves whole, get a cut
+            round_to, why = round_to // 2, f"{why}, halved for a latency target: each width is timed"
         stats: dict[str, float] = {"round_to": round_to}
         notes = [f"channel counts in multiples of {round_to} (round_to='auto': {why})"] if why else []
         ratios, default = self.ratios, self.ratio

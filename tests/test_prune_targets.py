@@ -154,3 +154,26 @@ def test_the_kl_score_is_zero_for_the_original_and_grows_with_the_change():
     logits = np.random.default_rng(0).normal(size=(50, 10))
     assert _divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
     assert 0 < _divergence(logits, logits + 0.1 * np.eye(10)[np.arange(50) % 10]) < _divergence(logits, 0.5 * logits)
+
+
+def test_a_latency_target_halves_the_auto_multiple_and_offers_the_small_groups(resnet, calib, monkeypatch):
+    """Every candidate of a latency target is timed, so round_to="auto" gives it half the kernels'
+    multiple: ResNet's 16-channel groups, whole at a multiple of 16, become candidates (the
+    allocation is scripted here; no timing)."""
+    import onnxcompress.passes.prune_channels as P
+    multiple = channel_multiple()[0]
+    seen = {}
+
+    def fake_plan(model, prune, data, target, by, units=None, **kw):
+        seen.update(units=dict(units), by=by)
+        return {"/stem/stem.0/Conv": 0.5}, {"macs_ratio": 0.9, "target_met": False}, []
+
+    monkeypatch.setattr(P, "plan", fake_plan)
+    ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
+    pruned, result = apply_pass(PruneChannels(latency=0.5, recover=False), resnet, ctx)
+    assert result.stats["round_to"] == (multiple // 2 if multiple > 1 else 1) and seen["by"] == "latency"
+    if multiple > 1:
+        assert "halved for a latency target: each width is timed" in result.notes[0]
+    if multiple == 16:
+        assert "/stem/stem.0/Conv" in seen["units"]
+        assert conv_widths(pruned)["/stem/stem.0/Conv"] == 8
