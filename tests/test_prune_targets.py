@@ -177,3 +177,19 @@ def test_a_latency_target_halves_the_auto_multiple_and_offers_the_small_groups(r
     if multiple == 16:
         assert "/stem/stem.0/Conv" in seen["units"]
         assert conv_widths(pruned)["/stem/stem.0/Conv"] == 8
+
+
+def test_latency_trials_are_scaled_by_the_original_timed_beside_them(monkeypatch):
+    """A unit's trials are timed right after the original is timed again, and scaled by how far
+    that timing drifted from the first: a machine that slowed down 2x does not make a cut look
+    slower than the original (timings scripted)."""
+    from onnxcompress import sensitivity as S
+    times = iter([10.0, 10.0, 8.0, 20.0, 12.0])     # base, unit a's base, its trial, unit b's base (2x slower), trial
+    monkeypatch.setattr(S, "mean_latency_ms", lambda *a, **k: next(times))
+    monkeypatch.setattr(S, "Scorer", lambda *a, **k: type("Score", (), {"metric": "accuracy",
+                                                                       "__call__": lambda self, m: 1.0})())
+    monkeypatch.setattr(S, "total_macs", lambda *a, **k: 1)
+    import onnx
+    sens = S.sensitivity(onnx.ModelProto(), lambda m, r: m, Dataset({"x": np.zeros((2, 1))}), None, ratios=(0.5,),
+                         latency=object(), units={"a": 8, "b": 8}, jobs=1)
+    assert sens.base_latency == 10.0 and sens.latency == {"a": [8.0], "b": [6.0]}
