@@ -122,7 +122,8 @@ def _ocr_part() -> str:
 
 
 INTRO = """`factor-lowrank` and `factor-depthwise` with their defaults (data-aware factors, per-layer
-sizes allocated by measured sensitivity for the MAC target, recovery of each factored pair as a whole
+sizes allocated by measured sensitivity for the target: half the MACs for factor-lowrank, half the
+onnxruntime latency for factor-depthwise, whose factors are smaller but not always faster), recovery of each factored pair as a whole
 and of the head on the original's outputs), beside `prune-channels` with per-group ratios allocated by the
 same sensitivity analysis for the same MACs, and both combined; `fold-bn` first for the factoring
 rows on the MNIST models (the pruning rows keep BatchNorm, whose refit helps pruning's recovery); 500 calibration digits (32 rendered lines or angle crops, 8 pages for PP-OCR). MACs at batch 1 from

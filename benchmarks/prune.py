@@ -160,7 +160,7 @@ allocate per-group ratios inside the pass: every channel group pruned alone at 2
 ranking, recovery fit on two thirds of the 1,000 calibration digits, accuracy on the other third;
 trials in parallel workers), then the greedy allocation of the `sensitivity` command (the same code),
 then the cut and the recovery. Kept channel counts are multiples of {multiple} (`round_to="auto"`:
-{why} on this machine). The latency target compares the time of a batch of 1 plus a batch of 32
+{why} on this machine; the latency target, which times every width, half of it). The latency target compares the time of a batch of 1 plus a batch of 32
 (one thread, so batch 32 dominates), each candidate measured in onnxruntime against the original in
 alternating rounds. "speedup / MAC reduction" is the latency speedup divided by the MAC
 reduction (1.0 = latency falls exactly as MACs do). The twins are the same architectures at about
