@@ -23,7 +23,7 @@ from .layers import out_rows
 from .pass_api import Context, Pass, PassResult
 from .recovery import RecoverySettings, recover, sequential
 from .runtime import channel_multiple
-from .sensitivity import plan
+from .sensitivity import check_target, plan
 from .storage import add_node, constant
 
 __all__ = ["Factoring", "WhitenedSVD", "whitened_svd", "split", "lowrank_layout", "layer_cost", "eligible"]
@@ -153,12 +153,7 @@ class Factoring(Pass):
     default_target: ClassVar[tuple[str, float]] = ("macs", 0.5)
 
     def __post_init__(self) -> None:
-        for key in ("macs", "latency"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 < value < 1.0:
-                raise ValueError(f"{key} must be in (0, 1), got {value}")
-        if self.macs is not None and self.latency is not None:
-            raise ValueError("give one target: macs or latency")
+        check_target(self.macs, self.latency)
         if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ValueError(f"round_to must be 'auto' or an integer of at least 1, got {self.round_to!r}")
 

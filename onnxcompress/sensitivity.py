@@ -32,7 +32,7 @@ from .runtime import DEFAULT_PROVIDERS, make_session, run_model, worker_threads
 log = logging.getLogger(__name__)
 
 __all__ = ["Sensitivity", "Scorer", "sensitivity", "allocate", "plan", "Prune", "pass_pruner", "default_jobs",
-           "RATIOS", "LATENCY_BATCHES"]
+           "check_target", "RATIOS", "LATENCY_BATCHES"]
 
 Prune = Callable[[onnx.ModelProto, dict[str, float]], onnx.ModelProto]
 RATIOS = (0.25, 0.5, 0.75)      # shares of a unit taken away in the sensitivity trials
@@ -310,6 +310,15 @@ def _measure(model, prune: Prune, ratios, shapes, by, latency, data, providers, 
     else:
         out["value"] = out["macs"]
     return out
+
+
+def check_target(macs: float | None, latency: float | None) -> None:
+    """A pass's target options: each a share in (0, 1), and at most one of them (ValueError)."""
+    for key, value in (("macs", macs), ("latency", latency)):
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError(f"{key} must be in (0, 1), got {value}")
+    if macs is not None and latency is not None:
+        raise ValueError("give one target: macs or latency")
 
 
 def timing_config(data: Dataset) -> LatencyConfig:

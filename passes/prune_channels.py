@@ -23,7 +23,7 @@ from onnxcompress.importance import CRITERIA, DATA_CRITERIA, RANK_ONLY, group_sc
 from onnxcompress.pass_api import ChannelMap, Context, Pass, PassResult
 from onnxcompress.recovery import RecoverySettings, recover
 from onnxcompress.runtime import channel_multiple
-from onnxcompress.sensitivity import RATIOS, Scorer, plan
+from onnxcompress.sensitivity import RATIOS, Scorer, check_target, plan
 
 __all__ = ["PruneChannels", "kept_count"]
 
@@ -71,12 +71,7 @@ class PruneChannels(Pass):
             raise ValueError(f"round_to must be 'auto' or an integer of at least 1, got {self.round_to!r}")
         if self.steps < 1 or self.min_channels < 1:
             raise ValueError("steps and min_channels must be at least 1")
-        for key in ("macs", "latency"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 < value < 1.0:
-                raise ValueError(f"{key} must be in (0, 1), got {value}")
-        if self.macs is not None and self.latency is not None:
-            raise ValueError("give one target: macs or latency")
+        check_target(self.macs, self.latency)
         if (self.macs is not None or self.latency is not None) and self.ratios:
             raise ValueError("a target (macs/latency) allocates the ratios: do not name ratios too")
         if self.scope == "global" and self.criterion in RANK_ONLY:
