@@ -422,7 +422,7 @@ COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "bench": cmd_bench
             "passes": cmd_passes, "pack": cmd_pack, "unpack": cmd_unpack}
 
 
-MMAP_THRESHOLD = 4 << 20        # 1 MiB measured 29% slower on the CNN prune-channels (every mid-size temporary mmapped)
+MMAP_THRESHOLD = 2 << 20        # 1 MiB ran the CNN prune-channels 29% slower (every mid-size temporary mmapped); 4 MiB left its quantize 835-867 MB
 
 
 def _unmap_large_blocks() -> None:
