@@ -29,6 +29,13 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 # Tensors of at least this many bytes go to the data file when a model is saved with external data.
 EXTERNAL_MIN_BYTES = 1024
+
+# A model whose weights weigh more than this is loaded with them moved to this process's scratch data
+# file (tensors refer to it, as those of a model over the protobuf limit refer to theirs): the
+# original model is kept through the whole run (teacher, reference, rollback) and would otherwise
+# hold a copy of every weight in memory beside the pass's own (25M Transformer quantize: 100 MB of
+# its peak). Saving puts them back inline.
+ON_DISK_BYTES = 64 << 20
 _ALIGN = 4096      # offsets in a data file we write (onnxruntime maps aligned ones into memory)
 
 __all__ = [
@@ -67,22 +74,37 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise InputError(f"{p} is not an ONNX model (no graph found)")
     base = p.resolve().parent
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL and "location" not in _external_info(t):
+            raise InputError(f"{p}: tensor '{t.name}' is marked as external data but names no file")
     for loc in _external_locations(model):
         target = (base / loc).resolve()
         if base not in target.parents:
             raise InputError(f"{p}: external data location '{loc}' points outside the model's folder")
         if not target.is_file():
             raise InputError(f"{p}: external data file '{loc}' is missing")
-    if not _external_locations(model):
-        return model
-    if payload_bytes(model) > EXTERNAL_DATA_THRESHOLD:   # too large for one message: read tensor by tensor
-        _pin_locations(model, base, p)
-        return model
+    if _external_locations(model):
+        if payload_bytes(model) > EXTERNAL_DATA_THRESHOLD:   # too large for one message: read tensor by tensor
+            _pin_locations(model, base, p)
+            return model
+        try:
+            onnx.load_external_data_for_model(model, str(base))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{p}: cannot read external data ({e})") from e
+    return _weights_to_scratch(model) if payload_bytes(model) > ON_DISK_BYTES else model
+
+
+def _weights_to_scratch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its tensors of EXTERNAL_MIN_BYTES or more in this process's scratch data
+    file (see ON_DISK_BYTES); the caller's copy goes as soon as it returns."""
+    data = _spill_file()
     try:
-        onnx.load_external_data_for_model(model, str(base))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{p}: cannot read external data ({e})") from e
-    return model
+        return map_tensors(model, lambda t: data.put(t) if tensor_nbytes(t) >= EXTERNAL_MIN_BYTES
+                           and t.data_type != onnx.TensorProto.STRING else t)
+    finally:
+        data.f and data.f.flush()
 
 
 def _external_info(t: onnx.TensorProto) -> dict[str, str]:
@@ -273,14 +295,42 @@ def spill(values: np.ndarray, name: str) -> onnx.TensorProto:
     """Write an array to this process's scratch data file; return a tensor that refers to it (an
     absolute location, like a model over the limit as loaded). Big models keep the weights a pass
     changed on disk between passes instead of in a second copy in memory."""
+    file = _spill_file()
+    header = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype), dims=values.shape)
+    out = file.put(header, np.ascontiguousarray(values))
+    file.f.flush()
+    return out
+
+
+def _spill_file() -> "_DataFile":
+    """This process's scratch data file (created on first use, removed at exit)."""
     if "file" not in _SPILL:
         folder = Path(tempfile.mkdtemp(prefix="onnxcompress-spill-"))
         atexit.register(shutil.rmtree, folder, True)
         _SPILL["file"] = _DataFile(folder / "weights.bin", str(folder / "weights.bin"))
-    header = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype), dims=values.shape)
-    out = _SPILL["file"].put(header, np.ascontiguousarray(values))
-    _SPILL["file"].f.flush()
-    return out
+    return _SPILL["file"]
+
+
+def _in_scratch(t: onnx.TensorProto) -> bool:
+    """A tensor whose data this process moved to its scratch data file."""
+    return "file" in _SPILL and t.data_location == onnx.TensorProto.EXTERNAL \
+        and _external_info(t).get("location") == _SPILL["file"].location
+
+
+def _inline_scratch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with the tensors in the scratch data file read back inline (others as they are)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    if not any(_in_scratch(t) for t in _get_all_tensors(model)):
+        return model
+
+    def inline(t: onnx.TensorProto) -> onnx.TensorProto:
+        if not _in_scratch(t):
+            return t
+        out = _header(t)
+        out.raw_data = tensor_bytes(t)
+        return out
+    return map_tensors(model, inline)
 
 
 def _is_repeated(f) -> bool:
@@ -334,7 +384,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     out = Path(path)
     if not out.parent.exists():
         raise InputError(f"output folder does not exist: {out.parent}")
-    external_data = bool(external_data) or needs_file(model)
+    from onnx.external_data_helper import _get_all_tensors
+
+    # weights moved to the scratch file at load go back inline; a model with data files of its own
+    # (or too large for one message) keeps them in a data file
+    external_data = bool(external_data) or payload_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
+        t.data_location == onnx.TensorProto.EXTERNAL and not _in_scratch(t) for t in _get_all_tensors(model))
     tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-", dir=out.parent))
     try:
         tmp_model = tmp / out.name
@@ -347,7 +402,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
                 os.replace(tmp / data_name, out.parent / data_name)
         else:
             with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString())
+                f.write(_inline_scratch(model).SerializeToString())
         os.replace(tmp_model, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -325,6 +325,7 @@ class Stepper:
         spent = {n: list(self.env.pop(n)) for n in self._spent(self.produced_at[wanted[0]], set(wanted)) if n in feeds}
         source = {n: spent[n] if n in spent else self.env[n] for n in feeds}
         out = []
+        resources.release_free_memory()
         try:
             session = make_session(model, self.providers)
             for b in range(self.n_batches):

@@ -78,12 +78,15 @@ def cases(tmp_path):
     outside.write_bytes(b"\0" * 64)
     os.symlink(outside, tmp_path / "link.bin")
     put("external data through a symlink", _external(tmp_path, "link.bin"), "outside the model's folder")
+    nameless = _external(tmp_path, "w.bin")     # hypothesis: one byte flip marks a weight external, no file named
+    del nameless.graph.initializer[0].external_data[:]
+    put("external data without a location", nameless, "tensor 'w' is marked as external data but names no file")
     return {k: v for k, v in made.items() if v is not None}
 
 
 NAMES = ["empty", "random bytes", "a tensor, not a model", "cycle", "duplicate output name", "unknown opset domain",
          "terabyte dims", "external data with ..", "external data absolute", "external data too short",
-         "external data through a symlink"]
+         "external data through a symlink", "external data without a location"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -121,6 +121,29 @@ def test_a_model_over_the_limit_keeps_its_weights_on_disk_through_a_pipeline(tmp
     np.testing.assert_allclose(run(io.load_model(out), feeds)[0], run(expected, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_large_single_file_model_is_worked_on_with_its_weights_in_a_scratch_file(tmp_path, resnet, mnist_test,
+                                                                                  monkeypatch):
+    """Above ON_DISK_BYTES a model's inline weights go to the process's scratch data file at load
+    (the original, kept all run long, holds no copy of them); saving puts them back inline: one
+    file, as the user gave, equal to the same pipeline run in memory."""
+    feeds = {"input": mnist_test["input"][:8]}
+    passes = lambda: [FoldBatchNorm(), PruneWeights(sparsity=0.3, criterion="magnitude")]
+    expected = PassManager(passes(), latency=LatencyConfig(enabled=False)).run(resnet).model
+    path = io.save_model(resnet, tmp_path / "m.onnx")
+    before = path.read_bytes()
+    monkeypatch.setattr(io, "ON_DISK_BYTES", 10_000)
+    model = io.load_model(path)
+    big = [t for t in model.graph.initializer if io.tensor_nbytes(t) >= io.EXTERNAL_MIN_BYTES]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in big)
+    result = PassManager(passes(), latency=LatencyConfig(enabled=False)).run(model)
+    (tmp_path / "out").mkdir()
+    out = io.save_model(result.model, tmp_path / "out" / "r.onnx")
+    assert os.listdir(tmp_path / "out") == ["r.onnx"] and path.read_bytes() == before
+    saved = onnx.load_model(str(out), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in saved.graph.initializer)
+    np.testing.assert_allclose(run(saved, feeds)[0], run(expected, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_saving_with_external_data_leaves_the_model_as_it_was(tmp_path, resnet):
     model = onnx.ModelProto()
     model.CopyFrom(resnet)
