@@ -165,7 +165,7 @@ def _load_checked(path: str, providers: Sequence[str]) -> onnx.ModelProto:
         validate_model(model, providers)
     except ValidationError as e:
         raise InputError(f"{path} is not a valid model: {e}") from e  # --debug shows the checker's own error
-    return model
+    return io.weights_to_scratch(model)
 
 
 def cmd_compress(args: argparse.Namespace, registry: Registry) -> int:

@@ -30,8 +30,8 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Tensors of at least this many bytes go to the data file when a model is saved with external data.
 EXTERNAL_MIN_BYTES = 1024
 
-# A model whose weights weigh more than this is loaded with them moved to this process's scratch data
-# file (tensors refer to it, as those of a model over the protobuf limit refer to theirs): the
+# The CLI works on a model whose weights weigh more than this with them moved to this process's scratch
+# data file (tensors refer to it, as those of a model over the protobuf limit refer to theirs): the
 # original model is kept through the whole run (teacher, reference, rollback) and would otherwise
 # hold a copy of every weight in memory beside the pass's own (25M Transformer quantize: 100 MB of
 # its peak). Saving puts them back inline.
@@ -41,7 +41,7 @@ _ALIGN = 4096      # offsets in a data file we write (onnxruntime maps aligned o
 __all__ = [
     "load_model", "save_model", "read_arrays", "read_text", "write_text", "write_bytes", "write_json",
     "scratch_dir", "EXTERNAL_DATA_THRESHOLD", "tensor_nbytes", "payload_bytes", "needs_file", "model_size",
-    "read_tensor", "tensor_bytes", "spill", "map_tensors", "copy_fields",
+    "read_tensor", "tensor_bytes", "spill", "map_tensors", "copy_fields", "weights_to_scratch", "ON_DISK_BYTES",
 ]
 
 
@@ -93,16 +93,22 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             onnx.load_external_data_for_model(model, str(base))
         except (OSError, ValueError) as e:
             raise InputError(f"{p}: cannot read external data ({e})") from e
-    return _weights_to_scratch(model) if payload_bytes(model) > ON_DISK_BYTES else model
+    return model
 
 
-def _weights_to_scratch(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its tensors of EXTERNAL_MIN_BYTES or more in this process's scratch data
-    file (see ON_DISK_BYTES); the caller's copy goes as soon as it returns."""
+def weights_to_scratch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its initializers of EXTERNAL_MIN_BYTES or more moved to this process's scratch
+    data file when its weights pass ON_DISK_BYTES (else the model itself): for the CLI, once the
+    model is checked. Such a model refers to its data by absolute location, which onnxruntime
+    refuses from bytes: `save_model` (which puts the data back inline) or the core's sessions read
+    it. Constant-node values stay inline (the corpus model with Constant-node weights failed every
+    pass with them in a file)."""
+    if payload_bytes(model) <= ON_DISK_BYTES:
+        return model
     data = _spill_file()
     try:
         return map_tensors(model, lambda t: data.put(t) if tensor_nbytes(t) >= EXTERNAL_MIN_BYTES
-                           and t.data_type != onnx.TensorProto.STRING else t)
+                           and t.data_type != onnx.TensorProto.STRING else t, attributes=False)
     finally:
         data.f and data.f.flush()
 
@@ -350,9 +356,10 @@ def copy_fields(src: Message, dst: Message, skip: frozenset[str] = frozenset()) 
             setattr(dst, f.name, value)
 
 
-def _map_graph(src: onnx.GraphProto, dst: onnx.GraphProto, fn) -> None:
+def _map_graph(src: onnx.GraphProto, dst: onnx.GraphProto, fn, attributes: bool) -> None:
     copy_fields(src, dst, frozenset({"initializer", "node"}))
     dst.initializer.extend(fn(t) for t in src.initializer)
+    keep = lambda t: fn(t) if attributes else t
     for node in src.node:
         out = dst.node.add()
         copy_fields(node, out, frozenset({"attribute"}))
@@ -360,21 +367,22 @@ def _map_graph(src: onnx.GraphProto, dst: onnx.GraphProto, fn) -> None:
             b = out.attribute.add()
             copy_fields(a, b, frozenset({"t", "g", "tensors", "graphs"}))
             if a.HasField("t"):
-                b.t.CopyFrom(fn(a.t))
+                b.t.CopyFrom(keep(a.t))
             if a.HasField("g"):
-                _map_graph(a.g, b.g, fn)
-            b.tensors.extend(fn(t) for t in a.tensors)
+                _map_graph(a.g, b.g, fn, attributes)
+            b.tensors.extend(keep(t) for t in a.tensors)
             for g in a.graphs:
-                _map_graph(g, b.graphs.add(), fn)
+                _map_graph(g, b.graphs.add(), fn, attributes)
 
 
-def map_tensors(model: onnx.ModelProto, fn) -> onnx.ModelProto:
+def map_tensors(model: onnx.ModelProto, fn, attributes: bool = True) -> onnx.ModelProto:
     """A copy of the model with every tensor (initializers, Constant and attribute values, in
-    bodies too) replaced by fn(tensor), built field by field so the replaced tensors' data is
-    never copied. Sparse initializers and model-local functions are copied whole."""
+    bodies too; without `attributes`, initializers only) replaced by fn(tensor), built field by
+    field so the replaced tensors' data is never copied. Sparse initializers and model-local
+    functions are copied whole."""
     m = onnx.ModelProto()
     copy_fields(model, m, frozenset({"graph"}))
-    _map_graph(model.graph, m.graph, fn)
+    _map_graph(model.graph, m.graph, fn, attributes)
     return m
 
 

@@ -123,16 +123,16 @@ def test_a_model_over_the_limit_keeps_its_weights_on_disk_through_a_pipeline(tmp
 
 def test_a_large_single_file_model_is_worked_on_with_its_weights_in_a_scratch_file(tmp_path, resnet, mnist_test,
                                                                                   monkeypatch):
-    """Above ON_DISK_BYTES a model's inline weights go to the process's scratch data file at load
-    (the original, kept all run long, holds no copy of them); saving puts them back inline: one
-    file, as the user gave, equal to the same pipeline run in memory."""
+    """Above ON_DISK_BYTES the CLI moves a model's initializers to the process's scratch data file
+    once it is checked (the original, kept all run long, holds no copy of them); saving puts them
+    back inline: one file, as the user gave, equal to the same pipeline run in memory."""
     feeds = {"input": mnist_test["input"][:8]}
     passes = lambda: [FoldBatchNorm(), PruneWeights(sparsity=0.3, criterion="magnitude")]
     expected = PassManager(passes(), latency=LatencyConfig(enabled=False)).run(resnet).model
     path = io.save_model(resnet, tmp_path / "m.onnx")
     before = path.read_bytes()
     monkeypatch.setattr(io, "ON_DISK_BYTES", 10_000)
-    model = io.load_model(path)
+    model = io.weights_to_scratch(io.load_model(path))
     big = [t for t in model.graph.initializer if io.tensor_nbytes(t) >= io.EXTERNAL_MIN_BYTES]
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in big)
     result = PassManager(passes(), latency=LatencyConfig(enabled=False)).run(model)
@@ -159,3 +159,30 @@ def test_shape_inference_copies_no_weights():
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", 1, [1, 256])],
         [helper.make_tensor_value_info("y", 1, [1, 256])], [onnx.numpy_helper.from_array(w, "w")]))
     assert _shape_only_copy(model).ByteSize() < 1000 < w.nbytes
+
+
+@pytest.mark.parametrize("name, moves", [("constant_weights", False), ("if_branches", True), ("conv_op17", True)])
+def test_the_cli_gives_the_same_file_with_weights_in_the_scratch_file(tmp_path, capsys, monkeypatch, name, moves):
+    """`compress` with every model over ON_DISK_BYTES (lowered to 0): initializers, in bodies too,
+    go to the scratch file and come back inline, Constant-node weights stay where they are; the
+    output file is byte for byte the one of an in-memory run, alone in its folder."""
+    from onnxcompress.cli import main
+
+    src, calib = MODELS / "corpus" / f"{name}.onnx", MODELS / "corpus" / f"{name}.npz"
+    outs, moved, to_scratch = [], [], io.weights_to_scratch
+
+    def spy(model):
+        out = to_scratch(model)
+        moved.append(sum(t.data_location == onnx.TensorProto.EXTERNAL for t in out.graph.initializer))
+        return out
+    monkeypatch.setattr(io, "weights_to_scratch", spy)
+    monkeypatch.setattr(io, "EXTERNAL_MIN_BYTES", 64)      # the corpus's weights are small
+    for limit in (io.ON_DISK_BYTES, 0):
+        monkeypatch.setattr(io, "ON_DISK_BYTES", limit)
+        folder = tmp_path / str(limit)
+        folder.mkdir()
+        assert main(["compress", str(src), "-o", str(folder / "o.onnx"), "--passes", "fold-bn,prune-weights,quantize",
+                     "--calib", str(calib), "--max-drop", "none", "--no-latency"]) == 0, capsys.readouterr().err
+        assert os.listdir(folder) == ["o.onnx"]
+        outs.append((folder / "o.onnx").read_bytes())
+    assert moved[0] == 0 and (moved[1] > 0) == moves and outs[0] == outs[1]
