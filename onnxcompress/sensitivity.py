@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -310,6 +310,32 @@ def _measure(model, prune: Prune, ratios, shapes, by, latency, data, providers, 
     else:
         out["value"] = out["macs"]
     return out
+
+
+UNIFORM_GRID = tuple(round(0.05 * i, 2) for i in range(1, 17))   # shared ratios the uniform candidate tries
+
+
+def uniform(model: onnx.ModelProto, structure: Prune, units: Iterable[str], data: Dataset, target: float,
+            by: str = "macs", providers: Sequence[str] = DEFAULT_PROVIDERS) -> tuple[dict[str, float], dict] | None:
+    """The other candidate to a sensitivity allocation: every unit at one shared ratio, the smallest
+    on UNIFORM_GRID whose model meets `target` as measured (MACs, or latency timed against the
+    original as `plan` times it; not monotone where rounding lands on widths the kernels run badly),
+    or None if none does. Returns the ratios and what the model measured."""
+    units = list(units)
+    if not units:
+        return None
+    shapes = data.feed_shapes()
+    timing = timing_config(data) if by == "latency" else None
+    base = 1.0 if by == "latency" else total_macs(model, shapes)
+    for r in UNIFORM_GRID:
+        ratios = {u: r for u in units}
+        measured = _measure(model, structure, ratios, shapes, by, timing, data, providers, base)
+        if by == "latency" and measured["value"] <= target * base:   # confirmed as `allocate` confirms
+            measured = max(measured, _measure(model, structure, ratios, shapes, by, timing, data, providers, base,
+                                              rounds=CONFIRM_ROUNDS), key=lambda m: m["value"])
+        if measured["value"] <= target * base:
+            return ratios, measured
+    return None
 
 
 def check_target(macs: float | None, latency: float | None) -> None:

@@ -169,6 +169,7 @@ def test_a_latency_target_halves_the_auto_multiple_and_offers_the_small_groups(r
         return {"/stem/stem.0/Conv": 0.5}, {"macs_ratio": 0.9, "target_met": False}, []
 
     monkeypatch.setattr(P, "plan", fake_plan)
+    monkeypatch.setattr(P, "uniform", lambda *a, **k: None)
     ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
     pruned, result = apply_pass(PruneChannels(latency=0.5, recover=False), resnet, ctx)
     assert result.stats["round_to"] == (multiple // 2 if multiple > 1 else 1) and seen["by"] == "latency"
@@ -193,3 +194,42 @@ def test_latency_trials_are_scaled_by_the_original_timed_beside_them(monkeypatch
     sens = S.sensitivity(onnx.ModelProto(), lambda m, r: m, Dataset({"x": np.zeros((2, 1))}), None, ratios=(0.5,),
                          latency=object(), units={"a": 8, "b": 8}, jobs=1)
     assert sens.base_latency == 10.0 and sens.latency == {"a": [8.0], "b": [6.0]}
+
+
+def test_the_uniform_candidate_is_the_smallest_shared_ratio_that_meets_the_target(monkeypatch):
+    """Scripted MACs, not monotone in the ratio (rounding): the first grid ratio under the target
+    is the candidate, every unit at it; a target no shared ratio meets gives None."""
+    from onnxcompress import sensitivity as S
+    macs = {0.05: 950, 0.1: 900, 0.15: 850, 0.2: 800, 0.25: 760, 0.3: 720, 0.35: 690, 0.4: 480, 0.45: 520}
+    seen = []
+
+    def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
+        seen.append(ratios)
+        value = macs.get(next(iter(ratios.values())), 400)
+        return {"macs": value, "value": value}
+
+    monkeypatch.setattr(S, "_measure", fake_measure)
+    monkeypatch.setattr(S, "total_macs", lambda *a, **k: 1000)
+    data = Dataset({"x": np.zeros((2, 1))})
+    ratios, measured = S.uniform(None, lambda m, r: m, ["a", "b"], data, 0.5)
+    assert ratios == {"a": 0.4, "b": 0.4} and measured["value"] == 480 and len(seen) == 8
+    assert S.uniform(None, lambda m, r: m, ["a", "b"], data, 0.3) is None
+
+
+def test_a_target_takes_the_uniform_cut_when_it_scores_better_and_ties_go_by_kl(resnet, calib, monkeypatch):
+    """The allocation (scripted: the stem at 75%) and every unit at 25% both meet the target;
+    held-out accuracy ties, KL favours the uniform cut, which the pass then makes and names."""
+    import onnxcompress.passes.prune_channels as P
+    monkeypatch.setattr(P, "plan", lambda *a, **k: ({"/stem/stem.0/Conv": 0.75}, {"macs_ratio": 0.9, "target_met": True}, []))
+    monkeypatch.setattr(P, "uniform", lambda model, structure, units, *a, **k: ({u: 0.25 for u in units}, {"macs": 1.0, "value": 1.0}))
+    metric = lambda name: type("Scorer", (), {"metric": name})()
+    monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, *a, **k: (
+        {"allocated": (97.9, -3.7), "uniform": (97.9, -2.2)}, (metric("accuracy"), metric("kl")), calib.take(10)))
+    ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
+    pruned, result = apply_pass(PruneChannels(macs=0.9, recover=False, criterion="l1"), resnet, ctx)
+    widths, before = conv_widths(pruned), conv_widths(resnet)
+    changed = [n for n in widths if widths[n] != before[n]]
+    assert len(changed) >= 2 and "/stem/stem.0/Conv" not in changed, (before, widths)   # the allocation cut the stem only
+    assert any("allocated 97.90, -3.70, uniform 97.90, -2.20; uniform used" in n for n in result.notes)
+    assert result.stats["planned_uniform_ratio"] == 0.25
+    assert sum(widths.values()) < sum(before.values())
