@@ -225,9 +225,14 @@ def read_tensor(t: onnx.TensorProto) -> np.ndarray:
         count = int(np.prod(t.dims, dtype=np.int64))
         a = np.fromfile(info["location"], dtype=dtype.newbyteorder("<"), count=count, offset=int(info.get("offset", 0) or 0))
         return a.astype(dtype, copy=False).reshape(tuple(t.dims))
-    inline = _header(t)
-    inline.raw_data = tensor_bytes(t)
-    return onnx.numpy_helper.to_array(inline)
+    return onnx.numpy_helper.to_array(_inlined(t))
+
+
+def _inlined(t: onnx.TensorProto) -> onnx.TensorProto:
+    """A copy of the tensor with its data inline, read from its file when external."""
+    out = _header(t)
+    out.raw_data = tensor_bytes(t)
+    return out
 
 
 def tensor_bytes(t: onnx.TensorProto) -> bytes:
@@ -330,13 +335,7 @@ def _inline_scratch(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(_in_scratch(t) for t in _get_all_tensors(model)):
         return model
 
-    def inline(t: onnx.TensorProto) -> onnx.TensorProto:
-        if not _in_scratch(t):
-            return t
-        out = _header(t)
-        out.raw_data = tensor_bytes(t)
-        return out
-    return map_tensors(model, inline)
+    return map_tensors(model, lambda t: _inlined(t) if _in_scratch(t) else t)
 
 
 def _is_repeated(f) -> bool:

@@ -237,8 +237,7 @@ def allocate(model: onnx.ModelProto, prune: Prune, sens: Sensitivity, calib: Dat
         if measured["value"] <= target * base and by == "latency" and ratios:
             # a timing just under the target may be luck (ResNet's allocation "met" 0.5 and ran at
             # 0.53x of the original in the benchmark): confirm with more rounds, keep the slower
-            measured = max(measured, _measure(model, prune, ratios, shapes, by, latency, calib, providers, base,
-                                              rounds=CONFIRM_ROUNDS), key=lambda m: m["value"])
+            measured = _confirmed(measured, model, prune, ratios, shapes, by, latency, calib, providers, base)
         if measured["value"] <= target * base:
             break
         moves = []          # (accuracy cost per unit saved, cost, saving, group, level)
@@ -330,12 +329,16 @@ def uniform(model: onnx.ModelProto, structure: Prune, units: Iterable[str], data
     for r in UNIFORM_GRID:
         ratios = {u: r for u in units}
         measured = _measure(model, structure, ratios, shapes, by, timing, data, providers, base)
-        if by == "latency" and measured["value"] <= target * base:   # confirmed as `allocate` confirms
-            measured = max(measured, _measure(model, structure, ratios, shapes, by, timing, data, providers, base,
-                                              rounds=CONFIRM_ROUNDS), key=lambda m: m["value"])
+        if by == "latency" and measured["value"] <= target * base:
+            measured = _confirmed(measured, model, structure, ratios, shapes, by, timing, data, providers, base)
         if measured["value"] <= target * base:
             return ratios, measured
     return None
+
+
+def _confirmed(measured: dict, *args) -> dict:
+    """A latency that met its target once, timed again over CONFIRM_ROUNDS; the slower of the two."""
+    return max(measured, _measure(*args, rounds=CONFIRM_ROUNDS), key=lambda m: m["value"])
 
 
 def check_target(macs: float | None, latency: float | None) -> None:
