@@ -49,10 +49,11 @@ def _ocr_part() -> str:
 
 
 def _allocated(notes: list[str]) -> str:
-    """The allocation from a target's notes, and what its uniform rival did (which the pass kept)."""
+    """The allocation from a target's notes, and what its rivals (uniform, progressive) did and which
+    cut the pass kept."""
     note = next((n for n in notes if "allocated:" in n), "")
-    rival = next((n for n in notes if "also meets it" in n), "")
-    return note.split("allocated: ")[-1] + (f" ({rival.split(': ', 1)[-1]})" if rival else "")
+    rival = next((n for n in notes if " also met by " in n), "")
+    return note.split("allocated: ")[-1] + (f" (rivals: {rival.split(' also met by ', 1)[-1]})" if rival else "")
 
 
 def prune_section(calib, test, cfg: LatencyConfig, rounds: int, models=MODELS, facts: dict | None = None) -> str:

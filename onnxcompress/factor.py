@@ -305,8 +305,8 @@ class Factoring(Pass):
         units = {lid: layer_cost(n)[0] for lid, n in layers.items()}
         trials = {lid: self._trial_ratios(n) for lid, n in layers.items()}
         by, target = self.target()
-        chosen, more_stats, more_notes = plan(model, factored, data, target, by, units=units, providers=ctx.providers,
-                                              ratios=trials, score=self.trial_score, search=self.trial_search)
+        chosen, more_stats, more_notes, _ = plan(model, factored, data, target, by, units=units, providers=ctx.providers,
+                                                 ratios=trials, score=self.trial_score, search=self.trial_search)
         stats.update(more_stats)
         notes += more_notes[1:]      # the first lists ratios by layer id; the report lists the sizes
         return {lid: self._size_at(layers[lid], r) for lid, r in chosen.items()}

@@ -32,7 +32,7 @@ from .runtime import DEFAULT_PROVIDERS, make_session, run_model, worker_threads
 log = logging.getLogger(__name__)
 
 __all__ = ["Sensitivity", "Scorer", "sensitivity", "allocate", "plan", "Prune", "pass_pruner", "default_jobs",
-           "check_target", "RATIOS", "LATENCY_BATCHES"]
+           "check_target", "RATIOS", "LATENCY_BATCHES", "uniform", "progressive"]
 
 Prune = Callable[[onnx.ModelProto, dict[str, float]], onnx.ModelProto]
 RATIOS = (0.25, 0.5, 0.75)      # shares of a unit taken away in the sensitivity trials
@@ -336,6 +336,74 @@ def uniform(model: onnx.ModelProto, structure: Prune, units: Iterable[str], data
     return None
 
 
+PROGRESSIVE_SHORTLIST = 8     # moves tried together per round of the progressive search (the cheapest alone)
+PROGRESSIVE_NEAR = 0.1        # ... timed in full once the predicted latency is this close to the target
+
+
+def progressive(model: onnx.ModelProto, sens: Sensitivity, structure: Prune, joint: Callable[[dict[str, float]], float],
+                levels: Mapping[str, Sequence[float]], data: Dataset, target: float, by: str = "latency",
+                providers: Sequence[str] = DEFAULT_PROVIDERS, jobs: int | None = None,
+                shortlist: int = PROGRESSIVE_SHORTLIST, max_rounds: int = 200) -> tuple[dict[str, float], dict] | None:
+    """The third candidate for a target, NetAdapt's search (Yang et al., 2018) with recovery in place
+    of fine-tuning: from nothing pruned, each round proposes one more step of each unit (its next
+    ratio in `levels`) on top of the cut so far, scores every proposal as a whole (`joint(ratios)`:
+    the cut recovered and scored, higher is better) and takes the one that loses least per MAC or
+    millisecond saved, until the model as measured meets `target`. Unlike the allocation, which
+    adds up each unit's loss measured alone, every step sees the cuts before it: deep cuts compound.
+
+    The savings come from the sensitivity trials (`sens`, each unit alone, interpolated between its
+    ratios); only the `shortlist` proposals that look cheapest alone are scored each round, so a
+    model with many units costs no more trials per round than one with few. Returns the ratios and
+    what the model measured, or None where no ratio was taken or the target was not met."""
+    shapes = data.feed_shapes()
+    timing = timing_config(data) if by == "latency" else None
+    if by == "latency" and sens.base_latency is None:
+        raise ValueError("a latency search needs the sensitivity's latency trials")
+    # as `uniform` measures: latency as a ratio to the original's, MACs as they are
+    ref, scale = (1.0, sens.base_latency) if by == "latency" else (sens.base_macs, 1.0)
+    base, measured_at = (sens.base_latency, sens.latency) if by == "latency" else (sens.base_macs, sens.macs)
+
+    def predicted(unit: str, r: float, what: dict[str, list[float]], origin: float) -> float:
+        """What `r` of the unit saves (of MACs or ms) or costs (of score) alone, between its trials."""
+        xs = (0.0, *sens.ratios_of(unit))
+        return float(np.interp(r, xs, (0.0, *(origin - v for v in what[unit]))))
+
+    saving = lambda u, r: predicted(u, r, measured_at, base)
+    alone = lambda u, r: predicted(u, r, sens.score, sens.base_score)
+    ratios: dict[str, float] = {}
+    score = joint({})
+    measured = {"value": ref}
+    for _ in range(max_rounds):
+        moves = []      # (unit, next ratio, saving predicted, cost per saving alone)
+        for u, steps in levels.items():
+            now = ratios.get(u, 0.0)    # its next step that saves anything (timings need not fall in order)
+            nxt = next((r for r in steps if r > now and saving(u, r) > saving(u, now)), None)
+            if nxt is not None:
+                gained = saving(u, nxt) - saving(u, now)
+                moves.append((u, nxt, gained, (alone(u, nxt) - alone(u, now) + 1e-3) / gained))
+        if not moves:
+            break
+        moves = sorted(moves, key=lambda m: m[3])[:shortlist]
+        scores = parallel_map(lambda m: joint({**ratios, m[0]: m[1]}), moves, jobs, desc="progressive")
+        need = (measured["value"] - target * ref) * scale
+        finishing = [(s, m) for s, m in zip(scores, moves) if m[2] >= need]
+        if finishing:     # one step reaches the target as predicted: the one that loses least
+            s, m = max(finishing, key=lambda sm: (sm[0], -sm[1][2]))
+        else:
+            s, m = min(zip(scores, moves), key=lambda sm: (score - sm[0] + 1e-3) / sm[1][2])
+        ratios[m[0]], score = m[1], s
+        # one paired timing round while the trials' savings, added up, leave the target far off
+        near = ref - sum(saving(u, r) for u, r in ratios.items()) / scale <= (target + PROGRESSIVE_NEAR) * ref
+        measured = _measure(model, structure, ratios, shapes, by, timing, data, providers, ref, 3 if near else 1)
+        log.debug("progressive: %s -> %g (score %.2f; tried %s): %s %.3f", m[0], m[1], s,
+                  ", ".join(f"{u} {r:g} {v:.2f}" for (u, r, *_), v in zip(moves, scores)), by, measured["value"] / ref)
+        if by == "latency" and measured["value"] <= target * ref:
+            measured = _confirmed(measured, model, structure, ratios, shapes, by, timing, data, providers, ref)
+        if measured["value"] <= target * ref:
+            return ratios, measured
+    return None
+
+
 def _confirmed(measured: dict, *args) -> dict:
     """A latency that met its target once, timed again over CONFIRM_ROUNDS; the slower of the two."""
     return max(measured, _measure(*args, rounds=CONFIRM_ROUNDS), key=lambda m: m["value"])
@@ -362,13 +430,14 @@ def plan(model: onnx.ModelProto, prune: Prune, data: Dataset, target: float, by:
          structure: Prune | None = None, units: dict[str, int] | None = None, recovered: bool = False,
          evaluation: Dataset | None = None, providers: Sequence[str] = DEFAULT_PROVIDERS, jobs: int | None = None,
          ratios: Sequence[float] | Mapping[str, Sequence[float]] = RATIOS, score: str = "accuracy",
-         search: str = "greedy") -> tuple[dict[str, float], dict, list[str]]:
+         search: str = "greedy") -> tuple[dict[str, float], dict, list[str], Sensitivity]:
     """Sensitivity scored on `evaluation` (default `data`), then the allocation for `target` (by
     "macs" or "latency", the mean over `timing_config`'s batches): per-unit ratios, stats and notes for a
     pass's report. `structure` builds the same structure as `prune` faster (without recovery) for
     the allocation's trials. `ratios`: the shares of a unit taken away in the trials (the
     allocation chooses among them), shared or per unit; `score`: what the trials measure (`Scorer`);
-    `search`: how the allocation combines them (`allocate`)."""
+    `search`: how the allocation combines them (`allocate`). The trials themselves come last (the
+    progressive search starts from them)."""
     timing = timing_config(data) if by == "latency" else None
     evaluation = data if evaluation is None else evaluation
     sens = sensitivity(model, prune, data, evaluation, ratios, latency=timing, providers=providers, units=units,
@@ -388,4 +457,4 @@ def plan(model: onnx.ModelProto, prune: Prune, data: Dataset, target: float, by:
         reached = stats.get("latency_ratio", stats["macs_ratio"])
         notes.append(f"{by}={target:g} not reached: as far as measured, {reached:.2f} of the model's "
                      f"{'latency' if timing else 'MACs'}")
-    return chosen, stats, notes
+    return chosen, stats, notes, sens

@@ -166,10 +166,11 @@ def test_a_latency_target_halves_the_auto_multiple_and_offers_the_small_groups(r
 
     def fake_plan(model, prune, data, target, by, units=None, **kw):
         seen.update(units=dict(units), by=by)
-        return {"/stem/stem.0/Conv": 0.5}, {"macs_ratio": 0.9, "target_met": False}, []
+        return {"/stem/stem.0/Conv": 0.5}, {"macs_ratio": 0.9, "target_met": False}, [], None
 
     monkeypatch.setattr(P, "plan", fake_plan)
     monkeypatch.setattr(P, "uniform", lambda *a, **k: None)
+    monkeypatch.setattr(P, "progressive", lambda *a, **k: None)
     ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
     pruned, result = apply_pass(PruneChannels(latency=0.5, recover=False), resnet, ctx)
     assert result.stats["round_to"] == (multiple // 2 if multiple > 1 else 1) and seen["by"] == "latency"
@@ -220,7 +221,7 @@ def test_a_target_takes_the_uniform_cut_when_it_scores_better_and_ties_go_by_kl(
     """The allocation (scripted: the stem at 75%) and every unit at 25% both meet the target;
     held-out accuracy ties, KL favours the uniform cut, which the pass then makes and names."""
     import onnxcompress.passes.prune_channels as P
-    monkeypatch.setattr(P, "plan", lambda *a, **k: ({"/stem/stem.0/Conv": 0.75}, {"macs_ratio": 0.9, "target_met": True}, []))
+    monkeypatch.setattr(P, "plan", lambda *a, **k: ({"/stem/stem.0/Conv": 0.75}, {"macs_ratio": 0.9, "target_met": True}, [], None))
     monkeypatch.setattr(P, "uniform", lambda model, structure, units, *a, **k: ({u: 0.25 for u in units}, {"macs": 1.0, "value": 1.0}))
     metric = lambda name: type("Scorer", (), {"metric": name})()
     monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, *a, **k: (
@@ -233,3 +234,63 @@ def test_a_target_takes_the_uniform_cut_when_it_scores_better_and_ties_go_by_kl(
     assert any("allocated 97.90, -3.70, uniform 97.90, -2.20; uniform used" in n for n in result.notes)
     assert result.stats["planned_uniform_ratio"] == 0.25
     assert sum(widths.values()) < sum(before.values())
+
+
+def test_the_progressive_search_scores_each_step_on_the_cut_so_far(monkeypatch):
+    """Alone, a deep cut of "a" looks free and "b" dear; scored on top of the cut so far (scripted
+    joint scores: a second step of "a" compounds), the search takes a's first step, then b's, and
+    stops once the model as measured meets the target. MACs scripted; a target out of reach: None."""
+    from onnxcompress import sensitivity as S
+    sens = S.Sensitivity(base_score=100.0, base_macs=1000, ratios=(0.5,), groups=["a", "b"], channels={"a": 8, "b": 8},
+                         score={"a": [99.0], "b": [95.0]}, macs={"a": [600], "b": [600]})
+    joint = {(): 100.0, (("a", 0.25),): 99.8, (("b", 0.25),): 98.0, (("a", 0.5),): 90.0,
+             (("a", 0.25), ("b", 0.25)): 99.0, (("a", 0.5), ("b", 0.25)): 89.0, (("a", 0.25), ("b", 0.5)): 97.0}
+    scored = []
+
+    def score(ratios):
+        scored.append(dict(ratios))
+        return joint[tuple(sorted(ratios.items()))]
+
+    def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
+        return {"macs": 1000 - 400 * sum(ratios.values()), "value": 1000 - 400 * sum(ratios.values())}
+
+    monkeypatch.setattr(S, "_measure", fake_measure)
+    data = Dataset({"x": np.zeros((2, 1))})
+    levels = {"a": [0.25, 0.5], "b": [0.25, 0.5]}
+    ratios, measured = S.progressive(None, sens, None, score, levels, data, 0.8, by="macs", jobs=1)
+    assert ratios == {"a": 0.25, "b": 0.25} and measured["value"] == 800
+    assert scored[1:3] == [{"a": 0.25}, {"b": 0.25}]       # alone, a's step looked cheaper: tried first
+    assert S.progressive(None, sens, None, score, {"a": [0.25], "b": [0.25]}, data, 0.5, by="macs", jobs=1) is None
+
+
+def test_a_unit_steps_through_each_channel_count_it_can_keep():
+    from onnxcompress.passes.prune_channels import _levels
+    assert _levels(16, 8, 1) == [0.375]           # 16 -> 8 channels at a multiple of 8
+    assert _levels(64, 8, 1) == [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
+    assert _levels(64, 16, 1) == [0.25, 0.375, 0.75]     # 48, 32, 16
+
+
+def test_a_latency_target_takes_the_progressive_cut_when_it_scores_best(resnet, calib, monkeypatch):
+    """Scripted allocation, uniform and progressive candidates (no timing): the progressive one
+    scores best on held-out samples, so the pass makes its cut and names the pick."""
+    import onnxcompress.passes.prune_channels as P
+    monkeypatch.setattr(P, "plan", lambda *a, **k: ({"/stem/stem.0/Conv": 0.5}, {"macs_ratio": 0.9, "target_met": True}, [],
+                                                    S_stub))
+    monkeypatch.setattr(P, "uniform", lambda model, structure, units, *a, **k: ({u: 0.25 for u in units},
+                                                                                {"macs": 1.0, "value": 0.5}))
+    chosen = {"/blocks/blocks.5/a/a.0/Conv": 0.5}
+    monkeypatch.setattr(P, "progressive", lambda *a, **k: (chosen, {"macs": 2.0, "value": 0.45}))
+    metric = lambda name: type("Scorer", (), {"metric": name})()
+    monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, *a, **k: (
+        {"allocated": (96.1, -3.9), "uniform": (96.7, -3.6), "progressive": (97.6, -2.2)},
+        (metric("accuracy"), metric("kl")), calib.take(10)))
+    ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
+    pruned, result = apply_pass(PruneChannels(latency=0.5, recover=False, criterion="l1"), resnet, ctx)
+    widths, before = conv_widths(pruned), conv_widths(resnet)
+    assert [n for n in widths if widths[n] != before[n]] == ["/blocks/blocks.5/a/a.0/Conv"]
+    assert any("allocated 96.10, -3.90, uniform 96.70, -3.60, progressive 97.60, -2.20; progressive used" in n
+               for n in result.notes)
+    assert result.stats["planned_pick"] == "progressive" and result.stats["planned_latency_ratio"] == 0.45
+
+
+S_stub = type("Sens", (), {"base_latency": 1.0})()
