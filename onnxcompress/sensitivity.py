@@ -8,6 +8,8 @@ starting from nothing pruned, it repeatedly moves the group whose next ratio cos
 accuracy per MAC (or millisecond) saved, until the pruned model, built and measured for real, meets
 the target. `plan` is both steps for a pass with a target (`prune-channels(macs=...)`,
 `factor-lowrank(macs=...)`); the `sensitivity` command runs them one by one and prints the table.
+Two rivals to the allocation: `uniform` (every unit at one shared ratio) and `progressive`
+(NetAdapt's search: one step at a time, each scored on the cut so far).
 """
 from __future__ import annotations
 
