@@ -307,7 +307,7 @@ def _measure(model, prune: Prune, ratios, shapes, by, latency, data, providers, 
     if by == "latency":  # against the original measured in the same moments: a shared machine drifts
         ratio = paired_latency_ratio(pruned, model, latency or LatencyConfig(), data, providers, rounds) if ratios else 1.0
         out["latency_ms"] = ratio * base
-        out["value"] = out["latency_ms"]
+        out["value"], out["rounds"] = out["latency_ms"], rounds
     else:
         out["value"] = out["macs"]
     return out
@@ -407,8 +407,14 @@ def progressive(model: onnx.ModelProto, sens: Sensitivity, structure: Prune, joi
 
 
 def _confirmed(measured: dict, *args) -> dict:
-    """A latency that met its target once, timed again over CONFIRM_ROUNDS; the slower of the two."""
-    return max(measured, _measure(*args, rounds=CONFIRM_ROUNDS), key=lambda m: m["value"])
+    """A latency that met its target once, timed again over CONFIRM_ROUNDS, the two pooled (weighted
+    by their rounds). Not the slower of the two: that overshot, rejecting cuts that were fast
+    enough (ResNet's uniform cut at 40%, 2.09x faster in the benchmark, lost to 45%: 2.52x, 0.3
+    points more lost)."""
+    again = _measure(*args, rounds=CONFIRM_ROUNDS)
+    w = measured.get("rounds", 3) / (measured.get("rounds", 3) + CONFIRM_ROUNDS)
+    return {**again, **{k: w * measured[k] + (1 - w) * again[k] for k in ("latency_ms", "value")},
+            "rounds": measured.get("rounds", 3) + CONFIRM_ROUNDS}
 
 
 def check_target(macs: float | None, latency: float | None) -> None:
