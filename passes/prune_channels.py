@@ -212,10 +212,10 @@ class PruneChannels(Pass):
         return chosen
 
     def _cut(self, model, ctx: Context, data, ratios: dict[str, float], criterion: str, round_to: int):
-        """The model cut at `ratios` with `criterion`, recovered on `data` (one step)."""
+        """The model cut at `ratios` with `criterion` and recovered on `data`, in this pass's steps."""
         g = G.to_graph(model)
         dataclasses.replace(self, macs=None, latency=None, ratio=0.0, ratios=dict(ratios), round_to=round_to,
-                            criterion=criterion, steps=1).run(g, dataclasses.replace(ctx, calib=data).fork())
+                            criterion=criterion).run(g, dataclasses.replace(ctx, calib=data).fork())
         return G.to_model(G.tidy(g), like=model)
 
     def _joint(self, model, ctx: Context, data, round_to: int, criterion: str):
