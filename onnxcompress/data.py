@@ -101,6 +101,18 @@ class Dataset:
         return (Dataset({k: v[0] for k, v in parts.items()}, labels[0], self.layout),
                 Dataset({k: v[1] for k, v in parts.items()}, labels[1], self.layout))
 
+    def folds(self, k: int) -> list[tuple["Dataset", "Dataset"]]:
+        """k (rest, part) pairs for cross-validation: the samples (or feeds) in k contiguous parts,
+        each held out in turn (the last pair is `split` at (k-1)/k of them)."""
+        bounds = [len(self) * i // k for i in range(k + 1)]
+        labeled = self.labels is not None and not self.per_feed
+
+        def pick(idx: np.ndarray) -> "Dataset":
+            return Dataset({n: v[idx] for n, v in self.feeds.items()}, self.labels[idx] if labeled else None, self.layout)
+
+        every = np.arange(len(self))
+        return [(pick(np.concatenate([every[:a], every[b:]])), pick(every[a:b])) for a, b in zip(bounds, bounds[1:])]
+
     def check_inputs(self, inputs: Mapping[str, Any]) -> None:
         """Raise InputError unless the dataset feeds exactly the model's graph inputs `inputs`."""
         missing = [n for n in inputs if n not in self.feeds]

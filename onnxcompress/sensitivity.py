@@ -198,11 +198,11 @@ def sensitivity(model: onnx.ModelProto, prune: Prune, calib: Dataset, evaluation
     if latency is not None:
         result.base_latency = mean_latency_ms(model, latency, evaluation, providers)
         for g in progress(groups, desc="latency"):
-            # the original timed again beside each unit's trials, which are scaled by its drift: a
-            # shared machine's speed moves over minutes, and PP-OCR det's per-layer gains of a few
-            # percent otherwise came out all negative in one run and positive in the next
-            drift = result.base_latency / mean_latency_ms(model, latency, evaluation, providers)
-            result.latency[g] = [drift * mean_latency_ms(prune(model, {g: r}), latency, evaluation, providers)
+            # each trial timed run by run against the original (a shared machine's speed moves: PP-OCR
+            # det's per-layer gains of a few percent, timed apart from the original's, came out all
+            # negative in one run and positive in the next)
+            result.latency[g] = [result.base_latency * paired_latency_ratio(prune(model, {g: r}), model, latency, evaluation,
+                                                                            providers, rounds=1)
                                  for r in result.ratios_of(g)]
     return result
 

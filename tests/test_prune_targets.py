@@ -35,11 +35,13 @@ def test_round_to_auto_resolves_to_the_kernels_multiple_and_kept_counts_are_mult
     assert changed and all(after[n] % multiple == 0 for n in changed)
 
 
-def test_a_mac_target_is_met_inside_the_pass(resnet, calib):
+def test_a_mac_target_is_met_inside_the_pass(resnet, calib, monkeypatch):
+    import onnxcompress.passes.prune_channels as P
+    monkeypatch.setattr(P, "uniform", lambda *a, **k: None)     # the allocation alone (the rival's grid is coarser)
     ctx = Context(calib=calib.take(100), original=resnet, teachers=[resnet])
     pruned, result = apply_pass(PruneChannels(macs=0.6, round_to=8, sensitivity_recover=False, jobs=1), resnet, ctx)
     ratio = total_macs(pruned, SHAPES) / total_macs(resnet, SHAPES)
-    assert result.stats["planned_target_met"] and ratio <= 0.6
+    assert result.stats["planned_target_met"] and ratio <= 0.6 and "planned_pick" not in result.stats
     # within one rounding step: undoing the allocation's last cut of 8 channels would miss the target,
     # so the result is not far below it (a 64-channel group at 8 channels less costs < 0.1 of the MACs)
     assert ratio > 0.45
@@ -93,6 +95,49 @@ def test_dataset_split():
     d = Dataset({"x": np.arange(10)[:, None]}, np.arange(10))
     a, b = d.split(7)
     assert len(a) == 7 and len(b) == 3 and b.labels.tolist() == [7, 8, 9]
+
+
+def test_dataset_folds_hold_out_each_sample_once():
+    d = Dataset({"x": np.arange(10)[:, None]}, np.arange(10))
+    folds = d.folds(3)
+    assert [f[1].labels.tolist() for f in folds] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert [f[0].labels.tolist() for f in folds] == [[3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 6, 7, 8, 9], [0, 1, 2, 3, 4, 5]]
+    assert all((f[0].feeds["x"][:, 0] == f[0].labels).all() for f in folds)    # inputs and labels stay paired
+    assert folds[-1][1].labels.tolist() == d.split(6)[1].labels.tolist()
+
+
+def test_held_out_scores_are_the_means_over_folds(resnet, calib, monkeypatch):
+    """Each cut is recovered on two thirds and scored on the other third, every third in turn: a
+    cut that changes nothing (scripted) scores the original's accuracy on all 120 samples, KL 0."""
+    import onnxcompress.passes.prune_channels as P
+    from onnxcompress.sensitivity import Scorer
+    fitted = []
+    monkeypatch.setattr(P.PruneChannels, "_cut", lambda self, model, ctx, data, *a: fitted.append(len(data)) or model)
+    data = calib.take(120)
+    scores, held = PruneChannels(macs=0.5)._held_out_scores(resnet, Context(original=resnet), data,
+                                                            {"a": ({}, "l1", 1), "b": ({}, "l1", 3)}, 8)
+    assert fitted == [80] * 6 and held == 120
+    assert scores["a"] == scores["b"] == pytest.approx((Scorer(resnet, data, ["CPUExecutionProvider"])(resnet), 0.0))
+
+
+def test_a_target_chooses_the_criterion_and_the_steps_on_held_out_samples(resnet, calib, monkeypatch):
+    """With no criterion named and steps="auto", the allocated cut is scored with each criterion,
+    then the better one in 1 and 3 steps (scripted scores: l1, then 3 steps); the pass cuts so."""
+    import onnxcompress.passes.prune_channels as P
+    monkeypatch.setattr(P, "plan", lambda *a, **k: ({"/stem/stem.0/Conv": 0.5}, {"macs_ratio": 0.9, "target_met": True}, [], None))
+    monkeypatch.setattr(P, "uniform", lambda *a, **k: None)
+    scripted = {("allocated", "thinet", 1): (97.0, -3.0), ("allocated", "l1", 1): (97.3, -3.5),
+                ("allocated", "l1", 3): (97.3, -2.0)}
+    asked = []
+    monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, model, ctx, data, cuts, round_to: (
+        asked.append(sorted(cuts)) or {k: scripted[k] for k in cuts}, 64))
+    ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
+    pruned, result = apply_pass(PruneChannels(macs=0.9, recover=False, round_to=8), resnet, ctx)
+    assert asked == [[("allocated", "l1", 1), ("allocated", "thinet", 1)], [("allocated", "l1", 3)]]
+    assert result.stats["steps"] == 3 and "planned_pick" not in result.stats
+    assert any(n.startswith("criterion l1 chosen by") and n.endswith("thinet 97.00, -3.00, l1 97.30, -3.50") for n in result.notes)
+    assert any(n.startswith("3 step(s) chosen by") and n.endswith("1 97.30, -3.50, 3 97.30, -2.00") for n in result.notes)
+    assert conv_widths(pruned)["/stem/stem.0/Conv"] == conv_widths(resnet)["/stem/stem.0/Conv"] // 2
 
 
 def test_sensitivity_command_refuses_bad_round_to_and_jobs(capsys):
@@ -182,13 +227,13 @@ def test_a_latency_target_halves_the_auto_multiple_and_offers_the_small_groups(r
         assert conv_widths(pruned)["/stem/stem.0/Conv"] == 8
 
 
-def test_latency_trials_are_scaled_by_the_original_timed_beside_them(monkeypatch):
-    """A unit's trials are timed right after the original is timed again, and scaled by how far
-    that timing drifted from the first: a machine that slowed down 2x does not make a cut look
-    slower than the original (timings scripted)."""
+def test_latency_trials_are_timed_against_the_original_run_by_run(monkeypatch):
+    """A unit's trial latency is the original's times the trial's paired ratio to the original
+    (`paired_latency_ratio`, scripted), so a machine that slows down between trials moves neither."""
     from onnxcompress import sensitivity as S
-    times = iter([10.0, 10.0, 8.0, 20.0, 12.0])     # base, unit a's base, its trial, unit b's base (2x slower), trial
-    monkeypatch.setattr(S, "mean_latency_ms", lambda *a, **k: next(times))
+    ratios = iter([0.8, 0.6])
+    monkeypatch.setattr(S, "mean_latency_ms", lambda *a, **k: 10.0)
+    monkeypatch.setattr(S, "paired_latency_ratio", lambda model, reference, *a, rounds=3: next(ratios))
     monkeypatch.setattr(S, "Scorer", lambda *a, **k: type("Score", (), {"metric": "accuracy",
                                                                        "__call__": lambda self, m: 1.0})())
     monkeypatch.setattr(S, "total_macs", lambda *a, **k: 1)
@@ -196,6 +241,29 @@ def test_latency_trials_are_scaled_by_the_original_timed_beside_them(monkeypatch
     sens = S.sensitivity(onnx.ModelProto(), lambda m, r: m, Dataset({"x": np.zeros((2, 1))}), None, ratios=(0.5,),
                          latency=object(), units={"a": 8, "b": 8}, jobs=1)
     assert sens.base_latency == 10.0 and sens.latency == {"a": [8.0], "b": [6.0]}
+
+
+def test_paired_timing_runs_the_two_models_in_turn(monkeypatch):
+    """One run of each in turn, which goes first alternating; the ratio of the medians (a scripted
+    clock: the reference takes 2 units a run, the model 1)."""
+    from onnxcompress import metrics as M
+    now, order = [0.0], []
+
+    class Session:
+        def __init__(self, name, cost):
+            self.name, self.cost = name, cost
+
+        def run(self, outputs, feed):
+            order.append(self.name)
+            now[0] += self.cost
+
+    made = iter([Session("ref", 2.0), Session("model", 1.0)])
+    monkeypatch.setattr(M, "make_session", lambda *a, **k: next(made))
+    monkeypatch.setattr(M, "fixed_batch", lambda session: None)
+    monkeypatch.setattr(M.time, "perf_counter", lambda: now[0])
+    cfg = M.LatencyConfig(batch_sizes=(1,), runs=4, warmup=1)
+    assert M.paired_latency_ratio(None, None, cfg, Dataset({"x": np.zeros((2, 1))}), rounds=2) == 0.5
+    assert order == ["ref", "model"] + ["ref", "model", "model", "ref"] * 4
 
 
 def test_the_uniform_candidate_is_the_smallest_shared_ratio_that_meets_the_target(monkeypatch):
@@ -224,11 +292,10 @@ def test_a_target_takes_the_uniform_cut_when_it_scores_better_and_ties_go_by_kl(
     import onnxcompress.passes.prune_channels as P
     monkeypatch.setattr(P, "plan", lambda *a, **k: ({"/stem/stem.0/Conv": 0.75}, {"macs_ratio": 0.9, "target_met": True}, [], None))
     monkeypatch.setattr(P, "uniform", lambda model, structure, units, *a, **k: ({u: 0.25 for u in units}, {"macs": 1.0, "value": 1.0}))
-    metric = lambda name: type("Scorer", (), {"metric": name})()
     monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, *a, **k: (
-        {"allocated": (97.9, -3.7), "uniform": (97.9, -2.2)}, (metric("accuracy"), metric("kl")), calib.take(10)))
+        {("allocated", "l1", 1): (97.9, -3.7), ("uniform", "l1", 1): (97.9, -2.2)}, 64))
     ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
-    pruned, result = apply_pass(PruneChannels(macs=0.9, recover=False, criterion="l1"), resnet, ctx)
+    pruned, result = apply_pass(PruneChannels(macs=0.9, recover=False, criterion="l1", steps=1), resnet, ctx)
     widths, before = conv_widths(pruned), conv_widths(resnet)
     changed = [n for n in widths if widths[n] != before[n]]
     assert len(changed) >= 2 and "/stem/stem.0/Conv" not in changed, (before, widths)   # the allocation cut the stem only
@@ -281,12 +348,11 @@ def test_a_latency_target_takes_the_progressive_cut_when_it_scores_best(resnet, 
                                                                                 {"macs": 1.0, "value": 0.5}))
     chosen = {"/blocks/blocks.5/a/a.0/Conv": 0.5}
     monkeypatch.setattr(P, "progressive", lambda *a, **k: (chosen, {"macs": 2.0, "value": 0.45}))
-    metric = lambda name: type("Scorer", (), {"metric": name})()
     monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, *a, **k: (
-        {"allocated": (96.1, -3.9), "uniform": (96.7, -3.6), "progressive": (97.6, -2.2)},
-        (metric("accuracy"), metric("kl")), calib.take(10)))
+        {("allocated", "l1", 1): (96.1, -3.9), ("uniform", "l1", 1): (96.7, -3.6), ("progressive", "l1", 1): (97.6, -2.2)},
+        64))
     ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
-    pruned, result = apply_pass(PruneChannels(latency=0.5, recover=False, criterion="l1"), resnet, ctx)
+    pruned, result = apply_pass(PruneChannels(latency=0.5, recover=False, criterion="l1", steps=1), resnet, ctx)
     widths, before = conv_widths(pruned), conv_widths(resnet)
     assert [n for n in widths if widths[n] != before[n]] == ["/blocks/blocks.5/a/a.0/Conv"]
     assert any("allocated 96.10, -3.90, uniform 96.70, -3.60, progressive 97.60, -2.20; progressive used" in n
