@@ -161,11 +161,13 @@ def _profile(model: onnx.ModelProto, calib, runs: int = 200) -> tuple[float, flo
 TEXT = """Structured pruning from one line. `prune-channels(macs=0.5)` and `prune-channels(latency=0.5)`
 allocate per-group ratios inside the pass: every channel group pruned alone at 25/50/75% (ThiNet
 ranking, recovery fit on two thirds of the 1,000 calibration digits, accuracy on the other third;
-trials in parallel workers), then the greedy allocation of the `sensitivity` command (the same code),
-then the cut and the recovery. Kept channel counts are multiples of {multiple} (`round_to="auto"`:
+trials in parallel workers), then the greedy allocation of the `sensitivity` command (the same code)
+and its rivals (every group at one ratio; for latency, the progressive search), then the cut and the
+recovery. The candidate, the criterion (ThiNet or l1) and the steps (1 or 3) are chosen one after
+the other on the calibration digits in three folds, each third scored after recovery on the rest. Kept channel counts are multiples of {multiple} (`round_to="auto"`:
 {why} on this machine; the latency target, which times every width, half of it). The latency target compares the time of a batch of 1 plus a batch of 32
-(one thread, so batch 32 dominates), each candidate measured in onnxruntime against the original in
-alternating rounds. "speedup / MAC reduction" is the latency speedup divided by the MAC
+(one thread, so batch 32 dominates), each candidate measured in onnxruntime against the original,
+the two sessions run by run in turn. "speedup / MAC reduction" is the latency speedup divided by the MAC
 reduction (1.0 = latency falls exactly as MACs do). The twins are the same architectures at about
 0.7x the width, trained from scratch with the same recipe on the same 3,000 digits; "time" is the
 pass's own time (the twins': not counted, about a minute each with torch)."""
