@@ -206,10 +206,12 @@ class PruneChannels(Pass):
         scored: dict[tuple[str, str, int], tuple[float, ...]] = {}
 
         def best(options: list[tuple[str, str, int]]) -> tuple[str, str, int]:
-            if len(options) > 1:
-                todo = {o: (candidates[o[0]], o[1], o[2]) for o in options if o not in scored}
-                scored.update(self._held_out_scores(model, ctx, data, todo, round_to)[0] if todo else {})
-            return max(options, key=lambda o: scored[o] if len(options) > 1 else 0)
+            if len(options) == 1:
+                return options[0]
+            todo = {o: (candidates[o[0]], o[1], o[2]) for o in options if o not in scored}
+            if todo:
+                scored.update(self._held_out_scores(model, ctx, data, todo, round_to)[0])
+            return max(options, key=lambda o: scored[o])
 
         said = lambda o: ", ".join(f"{v:.2f}" for v in scored[o])
         on = "accuracy and -100 x KL from the original " + (
@@ -257,7 +259,7 @@ class PruneChannels(Pass):
         every third held out in turn (HELD_OUT_FOLDS), the means. A single third of MNIST's 1,000
         digits is 334: one digit is 0.3 points, and the thirds of one cut differed by 1.8 points.
         Returns ({key: (accuracy, -100 x KL)}, samples held out)."""
-        folds = data.folds(HELD_OUT_FOLDS) if len(data) >= HELD_OUT_MIN else [(data, data)]
+        folds = _folds(data)
         per_fold = {key: [] for key in cuts}
         for fit, held in folds:
             scorers = [Scorer(model, held, ctx.providers, score=k) for k in ("accuracy", "kl")]
@@ -331,6 +333,11 @@ def _levels(channels: int, round_to: int, min_channels: int, step: float = 0.125
 def _fit_and_held(data):
     """Two thirds to fit recovery on, a third to score on (all of it for both when small)."""
     return data.split(len(data) * 2 // 3) if len(data) >= HELD_OUT_MIN else (data, data)
+
+
+def _folds(data):
+    """`_fit_and_held` for every third in turn (HELD_OUT_FOLDS pairs; the last is its split)."""
+    return data.folds(HELD_OUT_FOLDS) if len(data) >= HELD_OUT_MIN else [(data, data)]
 
 
 def _ratio(group: Group, an: Analysis, ratios: dict[str, float], default: float) -> float:
