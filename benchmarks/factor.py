@@ -1,7 +1,7 @@
 """Architecture rewriting (`python benchmarks/run.py --only factor`): factor-lowrank and
 factor-depthwise at half the MACs on the reference models, beside structured pruning at the same
 MACs and the two combined (accuracy, MACs, parameters, latency ratios at batch 1 and 32 from
-interleaved rounds); the three PP-OCR models with default options and at 0.7x MACs on rendered text; and the arithmetic, layer
+turns, run by run); the three PP-OCR models with default options and at 0.7x MACs on rendered text; and the arithmetic, layer
 by layer, for one model."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from onnxcompress.passes import FactorDepthwise, FactorLowRank, FoldBatchNorm, P
 from onnxcompress.report import markdown_table
 
 SECTION_TITLE = "## Architecture rewriting: low-rank and depthwise factoring"
+OCR_START = "### {} ({})".format(*ocr.OCR_PASS_MODELS[0])    # where its PP-OCR part begins
 MNIST_MODELS = ("resnet", "vgg", "mobilenet", "mlp")
 
 
@@ -44,7 +45,8 @@ def _variants(fold: bool) -> list[tuple[str, list]]:
     ]
 
 
-def factor_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[str, onnx.ModelProto]) -> str:
+def factor_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[str, onnx.ModelProto],
+                   ocr_part: bool = True) -> str:
     parts = [SECTION_TITLE + "\n\n" + INTRO]
     rows, shapes = [], {"input": [1, 1, 28, 28]}
     layer_table = ""
@@ -73,7 +75,8 @@ def factor_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[st
         + [f"MAC cut / speedup b{b}" for b in cfg.batch_sizes] + ["compress time"], rows))
     if layer_table:
         parts.append("### The arithmetic, layer by layer: resnet, factor-lowrank(macs=0.5)\n\n" + layer_table)
-    parts.append(_ocr_part())
+    if ocr_part:
+        parts.append(_ocr_part())
     return "\n\n".join(parts) + "\n"
 
 
@@ -128,6 +131,7 @@ and of the head on the original's outputs), beside `prune-channels` with per-gro
 same sensitivity analysis for the same MACs, and both combined; `fold-bn` first for the factoring
 rows on the MNIST models (the pruning rows keep BatchNorm, whose refit helps pruning's recovery); 500 calibration digits (32 rendered lines or angle crops, 8 pages for PP-OCR). MACs at batch 1 from
 shape inference; params: weights of Conv/Gemm/MatMul layers. Latency: onnxruntime CPU, one
-thread, ratio to the original in the same interleaved rounds. "MAC cut / speedup" is the MAC
+thread, the models timed in turn, one run each, the order rotating, as a ratio to the original's
+median in the same turns. "MAC cut / speedup" is the MAC
 reduction divided by the measured speedup: 1.0 means the model got as much faster as it got
 smaller; above 1, the kernels run the factored layers slower per MAC."""

@@ -2,7 +2,7 @@
 default options and a MAC or latency target on resnet, vgg and mobilenet, beside the old default
 (a uniform ratio, no rounding), a small network of the same MACs trained from scratch
 (`models/<name>_small.onnx`, `python models/train.py --twins`) and unstructured pruning at the same
-parameter count; accuracy, MACs, latency ratios at batch 1 and 32 from interleaved rounds, the
+parameter count; accuracy, MACs, latency ratios at batch 1 and 32 (the models in turn, run by run), the
 pass's own time; the sensitivity sweep serial against parallel; a batch-1 profile."""
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from onnxcompress.report import markdown_table
 from onnxcompress.runtime import channel_multiple
 
 SECTION_TITLE = "## Structured pruning (prune-channels)"
+OCR_START = "PP-OCR (rendered text as in the PP-OCR section; one thread):"   # where its PP-OCR part begins
 MODELS = ("resnet", "vgg", "mobilenet")
 NO_LATENCY = LatencyConfig(enabled=False)
 
@@ -49,14 +50,17 @@ def _ocr_part() -> str:
 
 
 def _allocated(notes: list[str]) -> str:
-    """The allocation from a target's notes, and what its rivals (uniform, progressive) did and which
-    cut the pass kept."""
+    """The allocation from a target's notes, what its rivals (uniform, progressive) did, which cut
+    the pass kept, and the criterion and steps it chose."""
     note = next((n for n in notes if "allocated:" in n), "")
     rival = next((n for n in notes if " also met by " in n), "")
-    return note.split("allocated: ")[-1] + (f" (rivals: {rival.split(' also met by ', 1)[-1]})" if rival else "")
+    chosen = [n.split(" chosen by ")[0] for n in notes if n.startswith("criterion ") or " step(s) chosen by " in n]
+    return (note.split("allocated: ")[-1] + (f" (rivals: {rival.split(' also met by ', 1)[-1]})" if rival else "")
+            + (f"; {', '.join(chosen)}" if chosen else ""))
 
 
-def prune_section(calib, test, cfg: LatencyConfig, rounds: int, models=MODELS, facts: dict | None = None) -> str:
+def prune_section(calib, test, cfg: LatencyConfig, rounds: int, models=MODELS, facts: dict | None = None,
+                  ocr_part: bool = True) -> str:
     multiple, why = channel_multiple()
     parts = [SECTION_TITLE + "\n\n" + TEXT.format(multiple=multiple, why=why)]
     for name in models:
@@ -90,7 +94,8 @@ def prune_section(calib, test, cfg: LatencyConfig, rounds: int, models=MODELS, f
     if "resnet" in models:
         parts.append(_jobs_part(calib))
         parts.append(_profile_part(calib))
-    parts.append("PP-OCR (rendered text as in the PP-OCR section; one thread):\n\n" + _ocr_part())
+    if ocr_part:
+        parts.append(OCR_START + "\n\n" + _ocr_part())
     return "\n\n".join(parts)
 
 
@@ -162,12 +167,15 @@ TEXT = """Structured pruning from one line. `prune-channels(macs=0.5)` and `prun
 allocate per-group ratios inside the pass: every channel group pruned alone at 25/50/75% (ThiNet
 ranking, recovery fit on two thirds of the 1,000 calibration digits, accuracy on the other third;
 trials in parallel workers), then the greedy allocation of the `sensitivity` command (the same code)
-and its rivals (every group at one ratio; for latency, the progressive search), then the cut and the
+and its rivals (every group at one ratio; for latency, the progressive search from nothing pruned
+and from the uniform cut one step short of the target), then the cut and the
 recovery. The candidate, the criterion (ThiNet or l1) and the steps (1 or 3) are chosen one after
 the other on the calibration digits in three folds, each third scored after recovery on the rest. Kept channel counts are multiples of {multiple} (`round_to="auto"`:
 {why} on this machine; the latency target, which times every width, half of it). The latency target compares the time of a batch of 1 plus a batch of 32
 (one thread, so batch 32 dominates), each candidate measured in onnxruntime against the original,
-the two sessions run by run in turn. "speedup / MAC reduction" is the latency speedup divided by the MAC
+the two sessions run by run in turn. Speedups in the tables: every model of a table timed the same
+way (one run each in turn, the order rotating, 3 x 100 turns), the original's median over each's.
+"speedup / MAC reduction" is the latency speedup divided by the MAC
 reduction (1.0 = latency falls exactly as MACs do). The twins are the same architectures at about
 0.7x the width, trained from scratch with the same recipe on the same 3,000 digits; "time" is the
 pass's own time (the twins': not counted, about a minute each with torch)."""

@@ -1,7 +1,7 @@
 """Quantization against onnxruntime's own quantizers (`python benchmarks/run.py --only quantize`):
 every variant of ours (the default, each accuracy tool off, dynamic, int4, binary) beside
 onnxruntime's `quantize_static` and `quantize_dynamic`, on the reference models (accuracy, size,
-latency ratios from interleaved rounds at 1 and 2 threads) and on the PP-OCR models with rendered
+latency ratios at 1 and 2 threads, the models in turn run by run) and on the PP-OCR models with rendered
 text (their decoded strings), all calibrated on the same data."""
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from onnxcompress.passes import Distill, FoldBatchNorm, Quantize, QuantizeWeight
 from onnxcompress.report import human_bytes, markdown_table
 
 SECTION_TITLE = "## Quantization: `quantize` against onnxruntime's `quantize_static`"
+OCR_START = "### {} ({})".format(*ocr.OCR_PASS_MODELS[0])    # where its PP-OCR part begins
 MNIST_MODELS = ("resnet", "vgg", "mobilenet", "mlp")
 OCR_EVAL = 512          # rendered lines / crops scored (128 left a few lines' luck in every figure)
 OCR_LATENCY = {"rec": (1, 32), "cls": (1, 32), "det": (1, 4)}   # batch sizes (det pages are 480x640)
@@ -93,7 +94,8 @@ def _latency_header(batches: tuple[int, ...]) -> list[str]:
     return [f"latency b{b} {t}T" for t in (1, 2) for b in batches]
 
 
-def quant_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[str, onnx.ModelProto]) -> str:
+def quant_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[str, onnx.ModelProto],
+                  ocr_part: bool = True) -> str:
     parts = [SECTION_TITLE + "\n\n" + INTRO]
     rows = []
     for name in [m for m in MNIST_MODELS if m in models]:
@@ -112,7 +114,8 @@ def quant_section(calib, test, cfg: LatencyConfig, rounds: int, models: dict[str
     parts.append("### Reference models (MNIST)\n\n" + markdown_table(
         ["model", "variant", "accuracy", "size"] + _latency_header(cfg.batch_sizes) + ["compress time", "kept in float"],
         rows))
-    parts.append(_ocr_part())
+    if ocr_part:
+        parts.append(_ocr_part())
     return "\n\n".join(parts) + "\n"
 
 
@@ -174,4 +177,4 @@ slower kept in float by timing the model both ways at batch 1, the CLI's latency
 budget of 1 point, the CLI's default, for the mixed-precision search (the "kept in float"
 column); then the same with each tool switched off, dynamic activations,
 `quantize-weights` at 4 bits and binary. Latency is onnxruntime CPU as a ratio to the fp32 model
-in the same interleaved rounds, with 1 and 2 intra-op threads ("1T", "2T")."""
+in the same turns (the models run in turn, one run each), with 1 and 2 intra-op threads ("1T", "2T")."""

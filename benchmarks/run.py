@@ -27,7 +27,7 @@ import onnxruntime as ort
 import onnxcompress
 from onnxcompress import LatencyConfig, PassManager, default_registry, io, load_dataset, parse_pipeline
 from onnxcompress.manager import Evaluator
-from onnxcompress.metrics import latency_ms
+from onnxcompress.metrics import interleaved_latency_ms
 from onnxcompress.passes import Distill
 from onnxcompress.report import Step, human_bytes, human_count, markdown_table
 
@@ -76,7 +76,7 @@ def compress_variants(model: onnx.ModelProto, calib, test) -> list[Row]:
 
 
 def measure(rows: list[Row], test, cfg: LatencyConfig, rounds: int) -> None:
-    """Quality once per model; latency in interleaved rounds (`median_latency`)."""
+    """Quality once per model; latency of the models in turn, run by run (`median_latency`)."""
     evaluator = Evaluator(rows[0].model, test, latency=LatencyConfig(enabled=False))
     for row in rows:
         row.step = evaluator.measure(row.model, Step(row.label, "measured"))
@@ -84,15 +84,22 @@ def measure(rows: list[Row], test, cfg: LatencyConfig, rounds: int) -> None:
         row.step.latency_ms = latency
 
 
+def keep_ocr_part(section: str, text: str, title: str, start: str) -> str:
+    """`section`, run without its PP-OCR part (--only with --skip-ocr), with that part as `text`
+    has it: from the line `start` to the section's end (nothing where `text` has none)."""
+    at = text.find("\n" + title + "\n")
+    old = "" if at < 0 else text[at + 1:]
+    end = old.find("\n## ", len(title))
+    old = old if end < 0 else old[:end + 1]
+    begin = old.find(start)
+    return section.rstrip("\n") + "\n" + ("" if begin < 0 else "\n" + old[begin:].rstrip("\n") + "\n")
+
+
 def median_latency(models: list[onnx.ModelProto], test, cfg: LatencyConfig, rounds: int) -> list[dict[int, float]]:
-    """Median latency per batch size of each model, measured in interleaved rounds so that drift
-    on a shared machine hits all alike."""
-    samples: list[dict[int, list[float]]] = [{} for _ in models]
-    for _ in range(rounds):
-        for model, per_batch in zip(models, samples):
-            for batch, ms in latency_ms(model, cfg, test).items():
-                per_batch.setdefault(batch, []).append(ms)
-    return [{b: float(np.median(v)) for b, v in per_batch.items()} for per_batch in samples]
+    """Median latency per batch size of each model, the models run in turn one run each
+    (`interleaved_latency_ms`: rounds x cfg.runs turns), so that drift on a shared machine hits all
+    alike."""
+    return interleaved_latency_ms(models, cfg, test, rounds=rounds)
 
 
 def _vs(text: str, value: float, base: float) -> str:
@@ -393,7 +400,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--runs", type=int, default=100, help="latency runs per round (median taken)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="latency: rounds x runs turns of the models in turn")
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for latency")
     ap.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
@@ -403,7 +410,8 @@ def main() -> None:
     ap.add_argument("--skip-cluster", action="store_true", help="skip the clustering and container experiments")
     ap.add_argument("--skip-quantize", action="store_true", help="skip the quantization comparison")
     ap.add_argument("--skip-factor", action="store_true", help="skip the factoring experiments")
-    ap.add_argument("--skip-ocr", action="store_true", help="skip the PP-OCR models")
+    ap.add_argument("--skip-ocr", action="store_true",
+                    help="skip the PP-OCR models (with --only prune/factor/quantize: keep the section's PP-OCR part as it is)")
     ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize", "factor", "prune",
                                        "early-exit", "width", "width-ocr", "speed"],
                     help="run only that section and replace it in --output (the rest untouched)")
@@ -422,7 +430,8 @@ def main() -> None:
             section, title = cluster.cluster_section(calib, test, cfg, args.rounds, models), cluster.SECTION_TITLE
         elif args.only == "quantize":
             from benchmarks import quant
-            section, title = quant.quant_section(calib, test, cfg, args.rounds, models), quant.SECTION_TITLE
+            section, title, start = (quant.quant_section(calib, test, cfg, args.rounds, models, not args.skip_ocr),
+                                     quant.SECTION_TITLE, quant.OCR_START)
         elif args.only == "early-exit":
             from benchmarks import exits
             section, title = exits.exits_section(calib, test), exits.SECTION_TITLE
@@ -435,17 +444,22 @@ def main() -> None:
                 width.SECTION_TITLE
         elif args.only == "prune":
             from benchmarks import prune
-            section, title = prune.prune_section(calib, test, cfg, args.rounds), prune.SECTION_TITLE
+            section, title, start = (prune.prune_section(calib, test, cfg, args.rounds, ocr_part=not args.skip_ocr),
+                                     prune.SECTION_TITLE, prune.OCR_START)
         elif args.only == "factor":
             from benchmarks import factor
-            section, title = factor.factor_section(calib, test, cfg, args.rounds, models), factor.SECTION_TITLE
+            section, title, start = (factor.factor_section(calib, test, cfg, args.rounds, models, not args.skip_ocr),
+                                     factor.SECTION_TITLE, factor.OCR_START)
         elif args.only == "speed":
             from benchmarks import speed
             section, title = speed.speed_section(), speed.SECTION_TITLE
         else:
             section, title = cluster.deep_compression_section(calib, test, models), cluster.DEEP_TITLE
         path = Path(args.output)
-        io.write_text(str(path), ocr.replace_section(path.read_text() if path.exists() else "", section, title))
+        old = path.read_text() if path.exists() else ""
+        if args.skip_ocr and args.only in ("quantize", "prune", "factor"):
+            section = keep_ocr_part(section, old, title, start)
+        io.write_text(str(path), ocr.replace_section(old, section, title))
         print(f"wrote {args.output}")
         return
     sections = []
@@ -518,8 +532,9 @@ Written by `python benchmarks/run.py` on {date} (onnxcompress {version}, onnxrun
 Every number comes from one run of the suite on one machine: the reference models in `models/`,
 accuracy on the 1,000 held-out digits of `models/mnist_test.npz`, calibration on
 `models/mnist_calib.npz`. Sizes and MACs are exact; latency is onnxruntime CPU, {threads} intra-op
-thread(s), median of {runs} runs in each of {rounds} interleaved rounds, shown as a ratio to the
-original measured in the same run (the machines are shared and noisy: read ratios, not absolute times).
+thread(s), the models of a table run in turn, one run each, the order rotating ({rounds} x {runs}
+turns), the median of each, shown as a ratio to the original's in the same turns (the machines
+are shared and noisy: read ratios, not absolute times).
 "agreement" is top-1 agreement with the original model; "gzip size" is the model after zlib
 compression (what sparse or clustered weights save in storage); MACs are at batch 1.
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "count_params", "size_bytes", "gzip_bytes", "static_shapes", "NodeMacs", "macs_breakdown", "node_macs",
-    "total_macs", "latency_ms", "fidelity", "accuracy", "LatencyConfig", "sparsity", "ctc_greedy", "map_iou",
+    "total_macs", "latency_ms", "interleaved_latency_ms", "fidelity", "accuracy", "LatencyConfig", "sparsity", "ctc_greedy", "map_iou",
     "budget_metric",
 ]
 
@@ -478,20 +478,21 @@ def mean_latency_ms(model: onnx.ModelProto, cfg: LatencyConfig, data: Dataset | 
     return float(np.mean(list(latency_ms(model, cfg, data, providers).values())))
 
 
-def paired_latency_ratio(model: onnx.ModelProto, reference: onnx.ModelProto, cfg: LatencyConfig,
-                         data: Dataset | None = None, providers: Sequence[str] = DEFAULT_PROVIDERS,
-                         rounds: int = 3) -> float:
-    """Latency of `model` over `reference`'s, the two sessions run in turn, one run each (which goes
-    first alternates): per batch size, up to `rounds` x `cfg.runs` pairs within `rounds` x
-    `cfg.budget_s`; the ratio of the medians, summed over the batch sizes (as `mean_latency_ms`
-    averages them). A shared machine's speed moves by a third within seconds: timed in turn by
-    whole measurements (a session each, three rounds), one MobileNet cut read 0.31-0.59 of the
-    original over eight tries; run by run, 0.44-0.49 in a third of the time."""
-    sessions = [make_session(m, providers, cfg.threads) for m in (reference, model)]
+def interleaved_latency_ms(models: Sequence[onnx.ModelProto], cfg: LatencyConfig, data: Dataset | None = None,
+                           providers: Sequence[str] = DEFAULT_PROVIDERS, rounds: int = 1) -> list[dict[int, float]]:
+    """`latency_ms` of each model, the sessions run in turn, one run each, the order rotating by one
+    each turn (so every model runs first, and after every other, as often): per batch size, up to
+    `rounds` x `cfg.runs` turns within `rounds` x `cfg.budget_s`; the medians. A shared machine's
+    speed moves by a third within seconds, so models timed one after the other by whole
+    measurements differ by the moment each got: one MobileNet cut read 0.31-0.59 of the original
+    over eight tries that way, 0.44-0.49 run by run; in one benchmark run, two identical models
+    read 0.97x and 1.37x of the original."""
+    sessions = [make_session(m, providers, cfg.threads) for m in models]
     fixed = fixed_batch(sessions[0])
     clock = time.thread_time if cfg.clock == "thread" and cfg.threads == 1 else time.perf_counter
     budget = float("inf") if cfg.budget_s is None else cfg.budget_s * rounds
-    totals = [0.0, 0.0]
+    out: list[dict[int, float]] = [{} for _ in sessions]
+    n = len(sessions)
     for batch in [b for b in cfg.batch_sizes if not fixed or b == fixed] or [fixed]:
         feed = _latency_feed(sessions[0], data, batch)
         start = time.perf_counter()
@@ -500,17 +501,28 @@ def paired_latency_ratio(model: onnx.ModelProto, reference: onnx.ModelProto, cfg
                 session.run(None, feed)
             if time.perf_counter() - start > budget / 4:
                 break
-        times: tuple[list[float], list[float]] = ([], [])
+        times: list[list[float]] = [[] for _ in sessions]
         start = time.perf_counter()
         for i in range(cfg.runs * rounds):
-            for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            for k in (*range(i % n, n), *range(i % n)):
                 t0 = clock()
                 sessions[k].run(None, feed)
                 times[k].append(clock() - t0)
             if len(times[0]) >= MIN_RUNS and time.perf_counter() - start > budget:
                 break
-        totals = [t + float(np.median(ts)) for t, ts in zip(totals, times)]
-    return totals[1] / totals[0]
+        for per_batch, ts in zip(out, times):
+            per_batch[batch] = float(np.median(ts) * 1e3)
+    return out
+
+
+def paired_latency_ratio(model: onnx.ModelProto, reference: onnx.ModelProto, cfg: LatencyConfig,
+                         data: Dataset | None = None, providers: Sequence[str] = DEFAULT_PROVIDERS,
+                         rounds: int = 3) -> float:
+    """Latency of `model` over `reference`'s, timed together by `interleaved_latency_ms` (the two
+    in turn, which goes first alternating): the ratio of the medians, summed over the batch sizes
+    (as `mean_latency_ms` averages them)."""
+    ref, own = interleaved_latency_ms([reference, model], cfg, data, providers, rounds)
+    return sum(own.values()) / sum(ref.values())
 
 
 def ctc_greedy(steps: np.ndarray, blank: int = 0) -> tuple[int, ...]:

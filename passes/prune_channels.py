@@ -176,8 +176,9 @@ class PruneChannels(Pass):
             # on MobileNet latency=0.5 the progressive search lost 0.4-1.3 points (runs differ with
             # the timings that steer it) where every group at 50% lost 2.0
             levels = {u: _levels(n, round_to, self.min_channels) for u, n in units.items()}
-            found = progressive(model, sens, pruner(False), self._joint(model, ctx, data, round_to, criterion),
-                                levels, fit, target, by, ctx.providers, self.jobs)
+            # steps that score within one held-out sample of the best are alike: the smallest is taken
+            found = progressive(model, sens, pruner(False), self._joint(model, ctx, data, round_to, criterion), levels,
+                                fit, target, by, ctx.providers, self.jobs, tie=100.0 / len(_fit_and_held(data)[1]))
             if found is not None:
                 rivals["progressive"] = found
         candidates = ({"allocated": chosen} if more_stats["target_met"] or not rivals else {}) \

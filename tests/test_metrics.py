@@ -297,3 +297,30 @@ def test_a_latency_target_times_page_sized_inputs_in_small_batches_within_a_budg
     calls.clear()
     latency_ms(model, LatencyConfig(batch_sizes=(1,), runs=7, warmup=2))
     assert len(calls) == 2 + 7
+
+
+def test_several_models_are_timed_in_turn_the_order_rotating(monkeypatch):
+    """`interleaved_latency_ms` (the benchmark's latency): one run of each model per turn, each turn
+    starting one model later, so each runs first (and after each other) equally often; the medians
+    per batch size, with a scripted clock (the three models take 3, 1 and 2 units a run)."""
+    from onnxcompress import Dataset, LatencyConfig
+    from onnxcompress import metrics as M
+    now, order = [0.0], []
+
+    class Session:
+        def __init__(self, name, cost):
+            self.name, self.cost = name, cost
+
+        def run(self, outputs, feed):
+            order.append(self.name)
+            now[0] += self.cost
+
+    made = iter([Session("a", 3.0), Session("b", 1.0), Session("c", 2.0)])
+    monkeypatch.setattr(M, "make_session", lambda *a, **k: next(made))
+    monkeypatch.setattr(M, "fixed_batch", lambda session: None)
+    monkeypatch.setattr(M.time, "perf_counter", lambda: now[0])
+    out = M.interleaved_latency_ms([None] * 3, LatencyConfig(batch_sizes=(1, 4), runs=3, warmup=1),
+                                   Dataset({"x": np.zeros((4, 1))}), rounds=2)
+    assert out == [{1: 3000.0, 4: 3000.0}, {1: 1000.0, 4: 1000.0}, {1: 2000.0, 4: 2000.0}]
+    turns = ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"] * 2
+    assert order == turns * 2           # per batch size: one warm-up turn, then rounds x runs turns

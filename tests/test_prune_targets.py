@@ -331,6 +331,29 @@ def test_the_progressive_search_scores_each_step_on_the_cut_so_far(monkeypatch):
     assert S.progressive(None, sens, None, score, {"a": [0.25], "b": [0.25]}, data, 0.5, by="macs", jobs=1) is None
 
 
+def test_the_progressive_search_finishes_with_the_smallest_of_near_ties(monkeypatch):
+    """Each proposal is measured on top of the cut so far: "c" goes first (alone it looks cheapest);
+    then two steps reach the target as measured, "a" scoring 0.2 better than "b" but saving twice
+    as much (MACs scripted, target 930 of 1000). Within `tie` of each other the smaller one is
+    taken; with no tie, the better-scored."""
+    from onnxcompress import sensitivity as S
+    sens = S.Sensitivity(base_score=100.0, base_macs=1000, ratios=(0.5,), groups=["a", "b", "c"],
+                         channels={"a": 8, "b": 8, "c": 8}, score={"a": [98.0], "b": [98.0], "c": [99.0]},
+                         macs={"a": [800], "b": [800], "c": [800]})
+    joint = {(): 100.0, (("a", 0.25),): 98.0, (("b", 0.25),): 98.0, (("c", 0.25),): 99.0,
+             (("a", 0.25), ("c", 0.25)): 98.6, (("b", 0.25), ("c", 0.25)): 98.4, (("c", 0.5),): 90.0}
+    saves = {"a": 240, "b": 160, "c": 160}
+    measured = lambda ratios: 1000 - sum(saves[u] * r for u, r in ratios.items())
+    monkeypatch.setattr(S, "_measure", lambda model, prune, ratios, *a, **k: {"macs": measured(ratios),
+                                                                             "value": measured(ratios)})
+    data = Dataset({"x": np.zeros((2, 1))})
+    levels = {"a": [0.25], "b": [0.25], "c": [0.25, 0.5]}
+    run = lambda tie: S.progressive(None, sens, None, lambda r: joint[tuple(sorted(r.items()))], levels, data, 0.93,
+                                    by="macs", jobs=1, tie=tie)
+    assert run(tie=0.3) == ({"c": 0.25, "b": 0.25}, {"macs": 920, "value": 920})
+    assert run(tie=0.0) == ({"c": 0.25, "a": 0.25}, {"macs": 900, "value": 900})
+
+
 def test_a_unit_steps_through_each_channel_count_it_can_keep():
     from onnxcompress.passes.prune_channels import _levels
     assert _levels(16, 8, 1) == [0.375]           # 16 -> 8 channels at a multiple of 8
@@ -340,24 +363,26 @@ def test_a_unit_steps_through_each_channel_count_it_can_keep():
 
 def test_a_latency_target_takes_the_progressive_cut_when_it_scores_best(resnet, calib, monkeypatch):
     """Scripted allocation, uniform and progressive candidates (no timing): the progressive one
-    scores best on held-out samples, so the pass makes its cut and names the pick."""
+    scores best on held-out samples, so the pass makes its cut and names the pick; the search is
+    told that one held-out sample's worth of score is a tie."""
     import onnxcompress.passes.prune_channels as P
     monkeypatch.setattr(P, "plan", lambda *a, **k: ({"/stem/stem.0/Conv": 0.5}, {"macs_ratio": 0.9, "target_met": True}, [],
                                                     S_stub))
     monkeypatch.setattr(P, "uniform", lambda model, structure, units, *a, **k: ({u: 0.25 for u in units},
                                                                                 {"macs": 1.0, "value": 0.5}))
-    chosen = {"/blocks/blocks.5/a/a.0/Conv": 0.5}
-    monkeypatch.setattr(P, "progressive", lambda *a, **k: (chosen, {"macs": 2.0, "value": 0.45}))
+    chosen, ties = {"/blocks/blocks.5/a/a.0/Conv": 0.5}, []
+    monkeypatch.setattr(P, "progressive", lambda *a, tie, **k: ties.append(tie) or (chosen, {"macs": 2.0, "value": 0.45}))
     monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, *a, **k: (
         {("allocated", "l1", 1): (96.1, -3.9), ("uniform", "l1", 1): (96.7, -3.6), ("progressive", "l1", 1): (97.6, -2.2)},
         64))
-    ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
+    ctx = Context(calib=calib.take(120), original=resnet, teachers=[resnet])
     pruned, result = apply_pass(PruneChannels(latency=0.5, recover=False, criterion="l1", steps=1), resnet, ctx)
     widths, before = conv_widths(pruned), conv_widths(resnet)
     assert [n for n in widths if widths[n] != before[n]] == ["/blocks/blocks.5/a/a.0/Conv"]
     assert any("allocated 96.10, -3.90, uniform 96.70, -3.60, progressive 97.60, -2.20; progressive used" in n
                for n in result.notes)
     assert result.stats["planned_pick"] == "progressive" and result.stats["planned_latency_ratio"] == 0.45
+    assert ties == [pytest.approx(100 / 40)]       # 120 samples: 80 to recover on, 40 held out
 
 
 S_stub = type("Sens", (), {"base_latency": 1.0})()
