@@ -2,7 +2,7 @@
 `python benchmarks/run.py`, or alone: `python benchmarks/run.py --only cluster`): every bit width,
 per tensor and per channel, with and without recovery, with the .onnx and container sizes beside the
 original's and the coded size beside its entropy bound; latency of the clustered models against the
-dense original, measured in the same turns (run by run); the Deep Compression recipe stage by stage;
+dense original, each timed against it run by run; the Deep Compression recipe stage by stage;
 packing and unpacking a 25M-weight model against the k-means pass that precedes them."""
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ and of the head on the original's outputs), beside `prune-channels` with per-gro
 same sensitivity analysis for the same MACs, and both combined; `fold-bn` first for the factoring
 rows on the MNIST models (the pruning rows keep BatchNorm, whose refit helps pruning's recovery); 500 calibration digits (32 rendered lines or angle crops, 8 pages for PP-OCR). MACs at batch 1 from
 shape inference; params: weights of Conv/Gemm/MatMul layers. Latency: onnxruntime CPU, one
-thread, the models timed in turn, one run each, the order rotating, as a ratio to the original's
-median in the same turns. "MAC cut / speedup" is the MAC
+thread, each model timed against the original run by run, the two in turn, the ratio of the
+medians. "MAC cut / speedup" is the MAC
 reduction divided by the measured speedup: 1.0 means the model got as much faster as it got
 smaller; above 1, the kernels run the factored layers slower per MAC."""

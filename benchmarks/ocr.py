@@ -348,7 +348,7 @@ def pass_rows(variants, stat_header: str, stat, run, kinds=("rec", "cls", "det")
     """One table per PP-OCR model: fp32 and each (label, pass factory) compressed by `run(model,
     calib, [pass])` -> (model, seconds, notes, stats) on 32 rendered samples (det: 8 pages), scored on
     128 others (det: 16 pages) by the user metric, MACs, `stat(stats)`, one-thread latency ratios in
-    turns (the models run in turn, one run each) and the compress time. A variant that raises is listed with its error."""
+    turns (each model and the original run by run in turn) and the compress time. A variant that raises is listed with its error."""
     from benchmarks.run import median_latency
     from onnxcompress import Dataset, LatencyConfig
     from onnxcompress.metrics import total_macs

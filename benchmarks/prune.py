@@ -2,7 +2,7 @@
 default options and a MAC or latency target on resnet, vgg and mobilenet, beside the old default
 (a uniform ratio, no rounding), a small network of the same MACs trained from scratch
 (`models/<name>_small.onnx`, `python models/train.py --twins`) and unstructured pruning at the same
-parameter count; accuracy, MACs, latency ratios at batch 1 and 32 (the models in turn, run by run), the
+parameter count; accuracy, MACs, latency ratios at batch 1 and 32 (each model and the original run by run in turn), the
 pass's own time; the sensitivity sweep serial against parallel; a batch-1 profile."""
 from __future__ import annotations
 
@@ -167,14 +167,13 @@ TEXT = """Structured pruning from one line. `prune-channels(macs=0.5)` and `prun
 allocate per-group ratios inside the pass: every channel group pruned alone at 25/50/75% (ThiNet
 ranking, recovery fit on two thirds of the 1,000 calibration digits, accuracy on the other third;
 trials in parallel workers), then the greedy allocation of the `sensitivity` command (the same code)
-and its rivals (every group at one ratio; for latency, the progressive search from nothing pruned
-and from the uniform cut one step short of the target), then the cut and the
+and its rivals (every group at one ratio; for latency, the progressive search), then the cut and the
 recovery. The candidate, the criterion (ThiNet or l1) and the steps (1 or 3) are chosen one after
 the other on the calibration digits in three folds, each third scored after recovery on the rest. Kept channel counts are multiples of {multiple} (`round_to="auto"`:
 {why} on this machine; the latency target, which times every width, half of it). The latency target compares the time of a batch of 1 plus a batch of 32
 (one thread, so batch 32 dominates), each candidate measured in onnxruntime against the original,
-the two sessions run by run in turn. Speedups in the tables: every model of a table timed the same
-way (one run each in turn, the order rotating, 3 x 100 turns), the original's median over each's.
+the two sessions run by run in turn. Speedups in the tables: every model timed against the original the
+same way (the two run by run in turn, 3 x 100 turns), the ratio of the medians.
 "speedup / MAC reduction" is the latency speedup divided by the MAC
 reduction (1.0 = latency falls exactly as MACs do). The twins are the same architectures at about
 0.7x the width, trained from scratch with the same recipe on the same 3,000 digits; "time" is the

@@ -1,7 +1,7 @@
 """Quantization against onnxruntime's own quantizers (`python benchmarks/run.py --only quantize`):
 every variant of ours (the default, each accuracy tool off, dynamic, int4, binary) beside
 onnxruntime's `quantize_static` and `quantize_dynamic`, on the reference models (accuracy, size,
-latency ratios at 1 and 2 threads, the models in turn run by run) and on the PP-OCR models with rendered
+latency ratios at 1 and 2 threads, each model and the original run by run in turn) and on the PP-OCR models with rendered
 text (their decoded strings), all calibrated on the same data."""
 from __future__ import annotations
 
@@ -177,4 +177,4 @@ slower kept in float by timing the model both ways at batch 1, the CLI's latency
 budget of 1 point, the CLI's default, for the mixed-precision search (the "kept in float"
 column); then the same with each tool switched off, dynamic activations,
 `quantize-weights` at 4 bits and binary. Latency is onnxruntime CPU as a ratio to the fp32 model
-in the same turns (the models run in turn, one run each), with 1 and 2 intra-op threads ("1T", "2T")."""
+in the same turns (the two run by run in turn), with 1 and 2 intra-op threads ("1T", "2T")."""
