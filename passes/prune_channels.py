@@ -178,7 +178,7 @@ class PruneChannels(Pass):
             levels = {u: _levels(n, round_to, self.min_channels) for u, n in units.items()}
             # steps that score within one held-out sample of the best are alike: the smallest is taken
             found = progressive(model, sens, pruner(False), self._joint(model, ctx, data, round_to, criterion), levels,
-                                fit, target, by, ctx.providers, self.jobs, tie=100.0 / len(_fit_and_held(data)[1]))
+                                fit, target, by, ctx.providers, self.jobs, tie=100.0 / len(held))
             if found is not None:
                 rivals["progressive"] = found
         candidates = ({"allocated": chosen} if more_stats["target_met"] or not rivals else {}) \

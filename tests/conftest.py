@@ -96,3 +96,24 @@ def apply_pass(p, model: onnx.ModelProto, ctx=None):
     new = G.to_model(G.tidy(result.graph), like=model)
     onnx.checker.check_model(new, full_check=True)
     return new, result
+
+
+def scripted_sessions(monkeypatch, costs: dict[str, float]) -> list[str]:
+    """onnxruntime sessions for the latency timings, in `costs` order (name -> clock units a run),
+    under a scripted clock that only their runs advance; returns the order the runs happen in."""
+    from onnxcompress import metrics as M
+    now, order = [0.0], []
+
+    class Session:
+        def __init__(self, name, cost):
+            self.name, self.cost = name, cost
+
+        def run(self, outputs, feed):
+            order.append(self.name)
+            now[0] += self.cost
+
+    made = iter([Session(n, c) for n, c in costs.items()])
+    monkeypatch.setattr(M, "make_session", lambda *a, **k: next(made))
+    monkeypatch.setattr(M, "fixed_batch", lambda session: None)
+    monkeypatch.setattr(M.time, "perf_counter", lambda: now[0])
+    return order

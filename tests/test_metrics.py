@@ -3,7 +3,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import make_model, rand, run, tensor
+from conftest import make_model, rand, run, scripted_sessions, tensor
 from onnxcompress.errors import InputError
 from onnxcompress.metrics import (accuracy, count_params, fidelity, macs_breakdown, node_macs, sparsity, static_shapes,
                                   total_macs)
@@ -305,20 +305,7 @@ def test_several_models_are_timed_in_turn_the_order_rotating(monkeypatch):
     per batch size, with a scripted clock (the three models take 3, 1 and 2 units a run)."""
     from onnxcompress import Dataset, LatencyConfig
     from onnxcompress import metrics as M
-    now, order = [0.0], []
-
-    class Session:
-        def __init__(self, name, cost):
-            self.name, self.cost = name, cost
-
-        def run(self, outputs, feed):
-            order.append(self.name)
-            now[0] += self.cost
-
-    made = iter([Session("a", 3.0), Session("b", 1.0), Session("c", 2.0)])
-    monkeypatch.setattr(M, "make_session", lambda *a, **k: next(made))
-    monkeypatch.setattr(M, "fixed_batch", lambda session: None)
-    monkeypatch.setattr(M.time, "perf_counter", lambda: now[0])
+    order = scripted_sessions(monkeypatch, {"a": 3.0, "b": 1.0, "c": 2.0})
     out = M.interleaved_latency_ms([None] * 3, LatencyConfig(batch_sizes=(1, 4), runs=3, warmup=1),
                                    Dataset({"x": np.zeros((4, 1))}), rounds=2)
     assert out == [{1: 3000.0, 4: 3000.0}, {1: 1000.0, 4: 1000.0}, {1: 2000.0, 4: 2000.0}]

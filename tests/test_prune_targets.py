@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import MODELS, apply_pass
+from conftest import MODELS, apply_pass, scripted_sessions
 from onnxcompress import Context, Dataset, OptionError, default_registry
 from onnxcompress.cli import main
 from onnxcompress.metrics import total_macs
@@ -247,20 +247,7 @@ def test_paired_timing_runs_the_two_models_in_turn(monkeypatch):
     """One run of each in turn, which goes first alternating; the ratio of the medians (a scripted
     clock: the reference takes 2 units a run, the model 1)."""
     from onnxcompress import metrics as M
-    now, order = [0.0], []
-
-    class Session:
-        def __init__(self, name, cost):
-            self.name, self.cost = name, cost
-
-        def run(self, outputs, feed):
-            order.append(self.name)
-            now[0] += self.cost
-
-    made = iter([Session("ref", 2.0), Session("model", 1.0)])
-    monkeypatch.setattr(M, "make_session", lambda *a, **k: next(made))
-    monkeypatch.setattr(M, "fixed_batch", lambda session: None)
-    monkeypatch.setattr(M.time, "perf_counter", lambda: now[0])
+    order = scripted_sessions(monkeypatch, {"ref": 2.0, "model": 1.0})
     cfg = M.LatencyConfig(batch_sizes=(1,), runs=4, warmup=1)
     assert M.paired_latency_ratio(None, None, cfg, Dataset({"x": np.zeros((2, 1))}), rounds=2) == 0.5
     assert order == ["ref", "model"] + ["ref", "model", "model", "ref"] * 4
