@@ -97,16 +97,25 @@ def keep_ocr_part(section: str, text: str, title: str, start: str) -> str:
 
 def median_latency(models: list[onnx.ModelProto], test, cfg: LatencyConfig, rounds: int) -> list[dict[int, float]]:
     """Median latency per batch size of each model, each timed against the first (the original)
-    run by run, the two in turn (`interleaved_latency_ms`, rounds x cfg.runs turns): the first's
-    is the median over its pairs, each other's its pair's ratio times that, so that a table's
-    ratios are the pairs'. Drift on a shared machine hits both of a pair alike. Not all models in
-    one rotation: with six sessions' buffers in turn every run starts from cold caches, and
-    ResNet's latency=0.5 cut read 1.62x faster at batch 32 where its pair alone read 2.21x."""
+    run by run, the two in turn (`interleaved_latency_ms`, cfg.runs turns), in `rounds` separate
+    pairs: round r of every model's pair before round r + 1 of any, so one model's rounds lie
+    across the whole measurement. A model's ratio to the original is the median of its rounds'
+    ratios; the original's latency is the median over all its pairs, each other model's its
+    ratio times that. Drift on a shared machine hits both of a pair alike; a burst (ResNet's
+    latency=0.5 cut read 1.66x faster at batch 32 in one three-round pair, 2.03-2.09x in nine
+    since) moves one round of one model, which the median drops. Not all models in one rotation:
+    with six sessions' buffers in turn every run starts from cold caches, and that cut read 1.62x
+    where its pair alone read 2.21x."""
     if len(models) == 1:
         return interleaved_latency_ms(models, cfg, test, rounds=rounds)
-    pairs = [interleaved_latency_ms([models[0], m], cfg, test, rounds=rounds) for m in models[1:]]
-    first = {b: float(np.median([ref[b] for ref, _ in pairs])) for b in pairs[0][0]}
-    return [first] + [{b: own[b] / ref[b] * first[b] for b in own} for ref, own in pairs]
+    refs, ratios = [], [[] for _ in models[1:]]
+    for _ in range(rounds):
+        for own_ratios, model in zip(ratios, models[1:]):
+            ref, own = interleaved_latency_ms([models[0], model], cfg, test, rounds=1)
+            refs.append(ref)
+            own_ratios.append({b: own[b] / ref[b] for b in own})
+    first = {b: float(np.median([ref[b] for ref in refs])) for b in refs[0]}
+    return [first] + [{b: float(np.median([r[b] for r in rs])) * first[b] for b in first} for rs in ratios]
 
 
 def _vs(text: str, value: float, base: float) -> str:
