@@ -39,6 +39,7 @@ __all__ = ["Sensitivity", "Scorer", "sensitivity", "allocate", "plan", "Prune", 
 Prune = Callable[[onnx.ModelProto, dict[str, float]], onnx.ModelProto]
 RATIOS = (0.25, 0.5, 0.75)      # shares of a unit taken away in the sensitivity trials
 CONFIRM_ROUNDS = 7             # paired timing rounds that confirm a latency target is met
+CONFIRM_NEAR = 0.05            # ... and that decide a first timing this close above the target (a share of it)
 LATENCY_BATCHES = (1, 32)       # a latency target: the time of one batch of each, summed (one thread:
                                 # steadier on a shared machine; the ratio is what counts)
 LATENCY_BATCH_VALUES = 2 ** 22  # ... the larger batch no bigger than this many input values (PP-OCR det's
@@ -412,9 +413,11 @@ def _timed(target: float, model, prune: Prune, ratios, shapes, by, latency, data
            rounds: int = 3) -> dict:
     """`_measure`; a latency that meets `target` (a share of `base`) is confirmed (`_confirmed`): a
     timing just under it may be luck (ResNet's allocation "met" 0.5 and ran at 0.53x of the
-    original in the benchmark)."""
+    original in the benchmark). So may one just over it (within CONFIRM_NEAR of the target): ResNet's
+    uniform cut at 45%, 2.05x faster in nine benchmark pairs, failed 0.5 once and the pass went on
+    to 60% (0.4 points more lost)."""
     measured = _measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds)
-    if by == "latency" and ratios and measured["value"] <= target * base:
+    if by == "latency" and ratios and measured["value"] <= target * base * (1 + CONFIRM_NEAR):
         measured = _confirmed(measured, model, prune, ratios, shapes, by, latency, data, providers, base)
     return measured
 

@@ -174,6 +174,28 @@ def test_a_latency_target_met_by_one_timing_is_confirmed_before_the_allocation_s
     assert measured["target_met"] and measured["value"] == pytest.approx(0.414 * 10.0)
 
 
+def test_a_first_timing_just_over_a_latency_target_is_timed_again_before_it_is_rejected(monkeypatch):
+    """A timing within CONFIRM_NEAR above the target is confirmed too (pooled: under the target, so
+    the cut is taken); one further above is rejected at once (timings scripted)."""
+    from onnxcompress import sensitivity as S
+    calls = []
+
+    def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
+        calls.append(rounds)
+        value = {3: first, S.CONFIRM_ROUNDS: 0.48}[rounds] * base
+        return {"macs": 0, "latency_ms": value, "value": value, "rounds": rounds}
+
+    monkeypatch.setattr(S, "_measure", fake_measure)
+    first = 0.5 * (1 + S.CONFIRM_NEAR) - 0.001
+    measured = S._timed(0.5, None, None, {"a": 0.5}, None, "latency", None, None, None, 1.0)
+    assert calls == [3, S.CONFIRM_ROUNDS]
+    assert measured["value"] == pytest.approx((3 * first + 7 * 0.48) / 10) and measured["value"] <= 0.5
+    calls.clear()
+    first = 0.5 * (1 + S.CONFIRM_NEAR) + 0.001
+    assert S._timed(0.5, None, None, {"a": 0.5}, None, "latency", None, None, None, 1.0)["value"] == first
+    assert calls == [3]
+
+
 def test_the_exact_search_finds_two_shallow_cuts_where_the_greedy_finishes_with_a_deep_one(monkeypatch):
     """Per-unit trial ratios; the greedy takes a's cheap first cut, then the one move that reaches
     the target alone (b's deep cut, 5 points); the knapsack adds b's and c's shallow cuts (2.6)."""
