@@ -209,7 +209,8 @@ the other on the calibration digits in three folds, each third scored after reco
 {why} on this machine; the latency target, which times every width, half of it). The latency target compares the time of a batch of 1 plus a batch of 32
 (one thread, so batch 32 dominates), each candidate measured in onnxruntime against the original,
 the two sessions run by run in turn. Speedups in the tables: every model timed against the original the
-same way (the two run by run in turn, 3 x 100 turns), the ratio of the medians.
+same way (the two run by run in turn, 100 turns, in three rounds spread over the table's timing),
+the median of the three rounds' ratios of the medians.
 "speedup / MAC reduction" is the latency speedup divided by the MAC
 reduction (1.0 = latency falls exactly as MACs do). The twins are the same architectures at about
 0.7x the width, trained from scratch with the same recipe on the same 3,000 digits; "time" is the
