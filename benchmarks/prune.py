@@ -123,11 +123,7 @@ def _profile_part(calib) -> str:
         for batch in (1, 32):
             (k0, t0, nodes0), (k1, t1, nodes1) = _profiles([model, pruned], calib, batch)
             bound = t0 / (k0 / fewer + (t1 - k1))      # kernels as much faster as MACs fell; the overhead as measured
-            # each layer as much faster as its own MACs fell (layers without MACs, and the overhead, as measured)
-            layers = sum(us0 * nodes1[n][1] / macs0 if macs0 and n in nodes1 else nodes1.get(n, (us0, 0))[0]
-                         for n, (us0, macs0) in nodes0.items()) \
-                + sum(us1 for n, (us1, _) in nodes1.items() if n not in nodes0)      # nodes only the cut has
-            per_layer = t0 / (layers + t1 - k1)
+            per_layer = t0 / (_scaled_kernels(nodes0, nodes1) + t1 - k1)
             for label, (kernels, total, nodes), cells in (
                     ("original", (k0, t0, nodes0), ["-"] * 6),
                     ("macs=0.5", (k1, t1, nodes1), [f"{fewer:.2f}x", f"{t0 / t1:.2f}x", f"{bound:.2f}x",
@@ -146,6 +142,19 @@ def _profile_part(calib) -> str:
                 ["model", "variant", "batch", "nodes run", "run total", "in kernels", "outside kernels",
                  "kernel share", "MAC reduction", "profiled speedup", "bound, all kernels", "bound, per layer",
                  "all kernels / MAC reduction", "per layer / MAC reduction"], rows))
+
+
+def _scaled_kernels(original: dict[str, tuple[float, int]], cut: dict[str, tuple[float, int]]) -> float:
+    """The cut's kernel time if each layer's kernel were as much faster as its own MACs fell: the
+    original's time per node scaled by the node's MAC ratio; nodes without MACs, and nodes only
+    one model has, as the cut measured them."""
+    total = 0.0
+    for name, (us, macs) in original.items():
+        if name not in cut:
+            continue
+        cut_us, cut_macs = cut[name]
+        total += us * cut_macs / macs if macs else cut_us
+    return total + sum(us for name, (us, _) in cut.items() if name not in original)
 
 
 def _layer_macs(op: str, args: dict) -> int:

@@ -39,7 +39,7 @@ __all__ = ["Sensitivity", "Scorer", "sensitivity", "allocate", "plan", "Prune", 
 Prune = Callable[[onnx.ModelProto, dict[str, float]], onnx.ModelProto]
 RATIOS = (0.25, 0.5, 0.75)      # shares of a unit taken away in the sensitivity trials
 CONFIRM_ROUNDS = 7             # paired timing rounds that confirm a latency target is met
-CONFIRM_NEAR = 0.05            # ... and that decide a first timing this close above the target (a share of it)
+CONFIRM_NEAR = 0.05            # a first timing up to this share above the target is confirmed too, not rejected at once
 LATENCY_BATCHES = (1, 32)       # a latency target: the time of one batch of each, summed (one thread:
                                 # steadier on a shared machine; the ratio is what counts)
 LATENCY_BATCH_VALUES = 2 ** 22  # ... the larger batch no bigger than this many input values (PP-OCR det's

@@ -55,3 +55,12 @@ def test_the_profile_counts_every_layers_macs_from_the_shapes_onnxruntime_ran(ca
         (_, _, nodes), (_, _, again) = _profiles([model, model], calib, batch=2)
         assert sum(macs for _, macs in nodes.values()) == 2 * total_macs(model), name
         assert {n: macs for n, (_, macs) in nodes.items()} == {n: macs for n, (_, macs) in again.items()}
+
+
+def test_the_per_layer_bound_scales_each_layer_by_its_own_macs():
+    """A layer with half its MACs left counts half its original time; layers without MACs, and
+    nodes only the cut runs, count as the cut measured them; a node the cut no longer runs, nothing."""
+    from benchmarks.prune import _scaled_kernels
+    original = {"conv": (100.0, 10), "pool": (50.0, 0), "gone": (7.0, 0)}
+    cut = {"conv": (60.0, 5), "pool": (40.0, 0), "reorder": (3.0, 0)}
+    assert _scaled_kernels(original, cut) == 100.0 * 5 / 10 + 40.0 + 3.0
