@@ -193,6 +193,10 @@ class PruneChannels(Pass):
                 stats["planned_latency_ratio"] = measured["value"]
         if rivals:
             stats["planned_pick"] = pick
+        if by == "latency" and "planned_latency_ratio" in stats:
+            notes.append(f"latency={target:g}: the cut taken timed at {stats['planned_latency_ratio']:.2f} of the "
+                         "original's time on this machine (one thread, the two run by run in turn); a ratio measured "
+                         "here, which moves with the hardware and its load: time the output where it will run")
         return chosen, criterion, steps
 
     def _select(self, model, ctx: Context, data, candidates: dict[str, dict[str, float]], criterion: str, round_to: int,

@@ -391,6 +391,7 @@ def test_a_latency_target_takes_the_progressive_cut_when_it_scores_best(resnet, 
     assert any("allocated 96.10, -3.90, uniform 96.70, -3.60, progressive 97.60, -2.20; progressive used" in n
                for n in result.notes)
     assert result.stats["planned_pick"] == "progressive" and result.stats["planned_latency_ratio"] == 0.45
+    assert "latency=0.5: the cut taken timed at 0.45 of the original's time on this machine" in " ".join(result.notes)
     assert ties == [pytest.approx(100 / 40)]       # 120 samples: 80 to recover on, 40 held out
 
 
