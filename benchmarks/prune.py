@@ -183,7 +183,7 @@ def _profiles(models: list[onnx.ModelProto], calib, batch: int = 1) -> list[tupl
     sessions = [ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]) for m in models]
     feed = {"input": calib.feeds["input"][:batch]}
     for i in range(runs + warm):      # the first `warm` are warm-up, dropped below
-        for session in sessions[i % 2:] + sessions[:i % 2]:
+        for session in sessions[i % len(sessions):] + sessions[:i % len(sessions)]:
             session.run(None, feed)
     return [_read_profile(session.end_profiling(), warm) for session in sessions]
 
