@@ -14,6 +14,7 @@ iterable of feed dicts, or an onnxruntime `CalibrationDataReader`.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -22,7 +23,7 @@ import numpy as np
 from . import io
 from .errors import InputError
 
-__all__ = ["Dataset", "load_dataset", "as_dataset", "conform", "check_batch_first", "LAYOUTS"]
+__all__ = ["Dataset", "load_dataset", "as_dataset", "conform", "check_batch_first", "shifted_copies", "LAYOUTS"]
 
 LABELS = "labels"
 LAYOUT = "__layout__"           # key of the layout declaration in a .npz
@@ -113,12 +114,73 @@ class Dataset:
         every = np.arange(len(self))
         return [(pick(np.concatenate([every[:a], every[b:]])), pick(every[a:b])) for a, b in zip(bounds, bounds[1:])]
 
+    def fingerprint(self) -> str:
+        """A digest of the inputs' values and shapes: equal for the same samples, whatever object
+        holds them (what run caches key on; two folds of one length are different data)."""
+        if "_fingerprint" not in self.__dict__:
+            h = hashlib.blake2b(self.layout.encode(), digest_size=16)
+            for k in sorted(self.feeds):
+                v = self.feeds[k]
+                for a in (list(v) if v.dtype == object else [v]):    # the feeds layout may pack unequal feeds
+                    a = np.ascontiguousarray(a)
+                    h.update(f"{k}{a.dtype}{a.shape}".encode())
+                    h.update(a.tobytes())
+            self.__dict__["_fingerprint"] = h.hexdigest()
+        return self.__dict__["_fingerprint"]
+
     def check_inputs(self, inputs: Mapping[str, Any]) -> None:
         """Raise InputError unless the dataset feeds exactly the model's graph inputs `inputs`."""
         missing = [n for n in inputs if n not in self.feeds]
         extra = [n for n in self.feeds if n not in inputs]
         if missing or extra:
             raise InputError(f"data does not match the model's inputs: missing {missing}, unexpected {extra}")
+
+
+SHIFT = 2   # pixels: the largest translation of a shifted copy
+
+
+def shifted_copies(data: Dataset, copies: int, seed: int = 0) -> Dataset | None:
+    """`data` with `copies` translated copies of every sample, each sample followed by its copies
+    (so whole groups can be held out together). Images only: float inputs of rank 4 (N, C, H, W,
+    or N, H, W, C where the last axis is 4 or fewer and the second is not) move by up to SHIFT
+    pixels along H and W, edges repeated; every such input of a sample by the same offset, other
+    inputs and labels repeated. None where nothing can be shifted (tokens, vectors, images smaller
+    than 2 x SHIFT + 1, the feeds layout)."""
+    if copies < 1 or data.per_feed:
+        return None
+    images = {k: _spatial_axes(v) for k, v in data.feeds.items()}
+    images = {k: ax for k, ax in images.items() if ax is not None}
+    if not images:
+        return None
+    group, rng = copies + 1, np.random.default_rng(seed)
+    offsets = rng.integers(-SHIFT, SHIFT + 1, (len(data), copies, 2))
+    feeds = {}
+    for k, v in data.feeds.items():
+        out = np.repeat(v, group, axis=0)
+        if k in images:
+            ax = images[k]
+            pad = [(0, 0)] * v.ndim
+            pad[ax[0]] = pad[ax[1]] = (SHIFT, SHIFT)
+            padded = np.pad(v, pad, mode="edge")
+            size = (v.shape[ax[0]], v.shape[ax[1]])
+            for j in range(copies):
+                for dy, dx in {tuple(o) for o in offsets[:, j]}:
+                    idx = np.flatnonzero((offsets[:, j, 0] == dy) & (offsets[:, j, 1] == dx))
+                    window = [slice(None)] * v.ndim
+                    window[ax[0]] = slice(SHIFT + dy, SHIFT + dy + size[0])
+                    window[ax[1]] = slice(SHIFT + dx, SHIFT + dx + size[1])
+                    out[idx * group + j + 1] = padded[idx][tuple(window)]
+        feeds[k] = out
+    labels = None if data.labels is None else np.repeat(data.labels, group, axis=0)
+    return Dataset(feeds, labels, data.layout)
+
+
+def _spatial_axes(v: np.ndarray) -> tuple[int, int] | None:
+    """The H and W axes of a float image batch (rank 4), or None."""
+    if v.ndim != 4 or not np.issubdtype(v.dtype, np.floating):
+        return None
+    ax = (1, 2) if v.shape[3] <= 4 < v.shape[1] else (2, 3)
+    return ax if min(v.shape[ax[0]], v.shape[ax[1]]) > 2 * SHIFT else None
 
 
 def _from_arrays(arrays: Mapping[str | None, np.ndarray], input_names: list[str], layout: str | None = None) -> Dataset:

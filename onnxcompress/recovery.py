@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from . import constraints as C, graph as G, weights as W
 from .constraints import Constraint
 from .correspondence import match_tensors
-from .data import Dataset
+from .data import SHIFT, Dataset, shifted_copies
 from .errors import OptionError
 from .layers import conv_geometry, conv_output_hw, tiling_geometry, from_out_rows, gemm_rows, group_slices, out_rows
 from .metrics import static_shapes
@@ -72,7 +72,7 @@ def _logits_of(outputs: np.ndarray) -> np.ndarray:
 
 def teacher_logits(ctx: Context, data: Dataset) -> list[np.ndarray]:
     """The first output of every teacher on `data`, computed once per run."""
-    key = ("teacher-logits", len(data))
+    key = ("teacher-logits", data.fingerprint())
     if key not in ctx.cache:
         logits = []
         for teacher in ctx.teachers:
@@ -167,16 +167,32 @@ def holdout_by_rows(n_samples: int) -> bool:
     return n_samples * HOLDOUT < MIN_HELD_OUT_SAMPLES
 
 
+def _held_out_draws(rng: np.random.Generator, group: int = 1):
+    """take(n): which of the next n samples are held out, batch after batch. HOLDOUT of them, in
+    whole groups of `group` adjacent samples (a calibration sample and its shifted copies, which
+    would flatter a fit they were split across); group=1 draws one number a sample."""
+    left = np.zeros(0, bool)
+
+    def take(n: int) -> np.ndarray:
+        nonlocal left
+        if len(left) < n:
+            left = np.concatenate([left, np.repeat(rng.random(-(-(n - len(left)) // group)) < HOLDOUT, group)])
+        out, left = left[:n], left[n:]
+        return out
+    return take
+
+
 def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray | None]], n_total: int,
                      max_rows: int, rng: np.random.Generator,
-                     one_group: bool = False) -> tuple[list[NormalEquations], list[NormalEquations]] | None:
+                     one_group: bool = False, group: int = 1) -> tuple[list[NormalEquations], list[NormalEquations]] | None:
     """Normal equations per group (one for Gemm/MatMul, or with `one_group`: all a conv's input
     patches against all the targets), streamed over (student input, target) batches: (fit,
     held-out) pairs, HOLDOUT of the rows going to the held-out ones (kept as rows while fewer
     than a Gram matrix would take: they only score candidates, then join the fit). Targets None:
     the inputs' Gram matrices only.
 
-    At most `max_rows` rows in all: conv layers sample output positions per image, Gemm/MatMul rows."""
+    At most `max_rows` rows in all: conv layers sample output positions per image, Gemm/MatMul rows.
+    Samples are held out in groups of `group` (`_held_out_draws`), counted as groups."""
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return None
     geo = conv_geometry(node, w) if node.op == "Conv" else tiling_geometry(node, w) if node.op == "ConvTranspose" else None
@@ -185,7 +201,8 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
     eqs: list[NormalEquations] | None = None
     held: list[NormalEquations] | None = None
     held_samples = 0
-    by_rows = holdout_by_rows(n_total)
+    by_rows = holdout_by_rows(n_total // group)
+    draw = _held_out_draws(rng, group)
 
     def add(ne: NormalEquations, out: NormalEquations, xs: np.ndarray, ys: np.ndarray, aside: np.ndarray) -> None:
         ne.add(xs[~aside], ys[~aside])
@@ -198,7 +215,7 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
     for x, y in batches:
         # Whole samples are held out (rows of one image are alike: holding out rows would flatter the
         # fit); with too few samples for that, rows (positions) are.
-        aside_samples = rng.random(len(x)) < HOLDOUT
+        aside_samples = draw(len(x))
         held_samples += len(x) if by_rows else int(aside_samples.sum())
         if geo is None:
             xs = x.reshape(-1, x.shape[-1])
@@ -230,7 +247,7 @@ def _layer_equations(node: gs.Node, w: np.ndarray, batches: Iterable[tuple[np.nd
         held = held or [NormalEquations(cin_g * k, m_g, lazy=True) for _ in range(g)]
         for gi, (ne, out) in enumerate(zip(eqs, held)):
             add(ne, out, rows[:, gi * cin_g * k:(gi + 1) * cin_g * k], ys[:, gi * m_g:(gi + 1) * m_g], aside)
-    return None if eqs is None else (eqs, held, held_samples)
+    return None if eqs is None else (eqs, held, held_samples // group)
 
 
 MIN_OBS_COLUMNS = 16   # rows with fewer weights than this keep their magnitude mask in prune_sequential
@@ -332,7 +349,7 @@ def _current(node: gs.Node) -> tuple[np.ndarray, np.ndarray]:
 
 def refit_layer(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]], n_total: int,
                 constraint: Constraint | None = None, ridge: float = 1e-3, max_rows: int = 20000,
-                seed: int = 0) -> Fit | Skipped:
+                seed: int = 0, group: int = 1) -> Fit | Skipped:
     """Refit one layer so that layer(x) ~ y over the (x, y) batches, under `constraint` (default:
     what its storage implies), written back in its own storage. The fit is checked on held-out
     rows (HOLDOUT of them), with the storage's rounding included, and kept (refit on all rows)
@@ -342,7 +359,7 @@ def refit_layer(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarr
     if s is None:
         return Skipped("weights are not constants")
     bias = node.op != "MatMul"
-    split = _layer_equations(node, s.value, batches, n_total, max_rows, np.random.default_rng(seed))
+    split = _layer_equations(node, s.value, batches, n_total, max_rows, np.random.default_rng(seed), group=group)
     if split is None:
         return Skipped("layout not supported by the refit")
     eqs, held, held_samples = split
@@ -386,7 +403,7 @@ def joint_pair(second: gs.Node, first: gs.Node) -> str | None:
 
 
 def refit_pair(graph: gs.Graph, second: gs.Node, first: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]],
-               n_total: int, ridge: float = 1e-3, max_rows: int = 20000, seed: int = 0) -> Fit | Skipped:
+               n_total: int, ridge: float = 1e-3, max_rows: int = 20000, seed: int = 0, group: int = 1) -> Fit | Skipped:
     """Refit a factored pair (see `joint_pair`) together, from the student's input of `first` onto
     the target of `second`'s output: a low-rank pair by the best map of its rank (reduced-rank
     regression, `solvers.solve_reduced_rank`), a depthwise pair by alternating least squares
@@ -395,7 +412,7 @@ def refit_pair(graph: gs.Graph, second: gs.Node, first: gs.Node, batches: Iterab
     original's inputs; the joint fit moves it to where the student's inputs need it."""
     kind = joint_pair(second, first)
     split = _layer_equations(first, W.layer_weight(first).value, batches, n_total, max_rows,
-                             np.random.default_rng(seed), one_group=True)
+                             np.random.default_rng(seed), one_group=True, group=group)
     if split is None:
         return Skipped("layout not supported by the refit")
     (eqs, held, held_samples), n_out = split, W.layer_weight(second).value.shape[0]
@@ -454,7 +471,7 @@ def _write(graph: gs.Graph, node: gs.Node, constraint: Constraint, rows: np.ndar
 
 
 def refit_batchnorm(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.ndarray, np.ndarray]],
-                    seed: int = 0, n_total: int | None = None) -> Fit | Skipped:
+                    seed: int = 0, n_total: int | None = None, group: int = 1) -> Fit | Skipped:
     """Re-estimate an inference BatchNormalization from the student's inputs: per channel, the
     affine map a * x + d that best matches the reference's output (1-D least squares), written back
     as new scale and bias over the node's own mean and variance. Checked on held-out samples like
@@ -467,13 +484,14 @@ def refit_batchnorm(graph: gs.Graph, node: gs.Node, batches: Iterable[tuple[np.n
     a0, d0 = scale / std, beta - scale * mean / std       # the current map: y = a0 * x + d0
     rng = np.random.default_rng(seed)
     fit, held = np.zeros((6, len(scale))), np.zeros((6, len(scale)))   # n, Sx, Sy, Sxx, Sxy, Syy per channel
-    held_samples, by_rows = 0, n_total is not None and holdout_by_rows(n_total)
-    for x, y in batches:
-        shape = (len(x),) + x.shape[2:] if by_rows else (len(x),)
-        aside = rng.random(shape) < HOLDOUT   # whole samples, or positions when samples are few
+    held_samples, by_rows = 0, n_total is not None and holdout_by_rows(n_total // group)
+    draw = _held_out_draws(rng, group)
+    for x, y in batches:    # whole samples (in groups) held out, or positions when samples are few
+        aside = rng.random((len(x),) + x.shape[2:]) < HOLDOUT if by_rows else draw(len(x))
         held_samples += len(x) if by_rows else int(aside.sum())
         fit += _affine_sums(x, y, len(scale), ~aside)
         held += _affine_sums(x, y, len(scale), aside)
+    held_samples //= group
     if held_samples < MIN_HELD_OUT_SAMPLES:
         return Skipped(f"{held_samples} held-out calibration samples are too few to check a refit "
                        f"(at least {MIN_HELD_OUT_SAMPLES} needed)")
@@ -569,11 +587,12 @@ class HeadFit:
 
 def refit_head(graph: gs.Graph, head: Head, features: np.ndarray, targets: np.ndarray, temperature: float,
                alpha: float = 0.0, labels: np.ndarray | None = None, constraint: Constraint | None = None,
-               seed: int = 0) -> HeadFit | Skipped:
+               seed: int = 0, group: int = 1) -> HeadFit | Skipped:
     """Refit the classifier head on soft targets (warm start from its weights), one row per sample,
-    or per time step of a sequence. The fit is checked on held-out rows (HOLDOUT of them), with the
-    storage's rounding included: kept, refit on all rows, only if it lowers their soft
-    cross-entropy without lowering their top-1 agreement."""
+    or per time step of a sequence. The fit is checked on held-out rows (HOLDOUT of them, in whole
+    groups of `group` adjacent rows: a sample and its shifted copies), with the storage's rounding
+    included: kept, refit on all rows, only if it lowers their soft cross-entropy without lowering
+    their top-1 agreement."""
     rows, b = _current(head.node)
     if head.add is not None:
         b = b + W.value_of(head.add.inputs[head.add_index]).astype(np.float64).reshape(-1)
@@ -585,10 +604,10 @@ def refit_head(graph: gs.Graph, head: Head, features: np.ndarray, targets: np.nd
         return Skipped(f"{len(H)} feature rows for {len(targets)} target rows")
     labels = labels if labels is not None and len(labels) == len(H) else None
     alpha = alpha if labels is not None else 0.0   # no per-row labels (a sequence): soft targets only
-    aside = np.random.default_rng(seed).random(len(H)) < HOLDOUT
+    aside = _held_out_draws(np.random.default_rng(seed), group)(len(H))
     need = max(MIN_HELD_OUT, int(np.ceil(2 * (H.shape[1] + 1) / (1 - HOLDOUT) * HOLDOUT)))
-    if len(H) < 2 * (H.shape[1] + 1) or aside.sum() < MIN_HELD_OUT:  # it would memorize, or luck would decide
-        return Skipped(f"{len(H)} calibration samples are too few to refit a head of {H.shape[1]} "
+    if len(H) // group < 2 * (H.shape[1] + 1) or aside.sum() // group < MIN_HELD_OUT:  # it would memorize, or luck would decide
+        return Skipped(f"{len(H) // group} calibration samples are too few to refit a head of {H.shape[1]} "
                        f"features (at least {max(2 * (H.shape[1] + 1), int(need / HOLDOUT))} needed)")
     mask = constraint.head_mask(rows.shape)
     has_bias = head.node.op == "Gemm" or head.add is not None
@@ -633,6 +652,7 @@ class RecoverySettings:
     ridge: float = 1e-3
     max_rows: int = 20000
     seed: int = 0
+    shifts: int = 0                # shifted copies of each calibration image fit on too (`data.shifted_copies`)
 
 
 @dataclass
@@ -645,16 +665,28 @@ class RecoveryResult:
 def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySettings) -> RecoveryResult:
     """Front to back: refit changed weighted layers and the BatchNormalizations after them on the
     teacher's features, then the head on soft targets. Channels an earlier pass removed are mapped
-    through `ctx.state.channel_maps`, so a pruned layer is fit to the teacher's kept channels."""
+    through `ctx.state.channel_maps`, so a pruned layer is fit to the teacher's kept channels.
+
+    With `settings.shifts`, every fit sees each calibration image and that many copies moved by up
+    to SHIFT pixels, the teachers' outputs on them as targets (no labels needed): more of what the
+    teacher does for the same calibration set. A sample and its copies are held out together."""
     if settings.alpha > 0 and data.labels is None:
         raise OptionError("distillation with alpha > 0 needs labels in the calibration data")
+    group, notes = 1, []
+    if settings.shifts:
+        more = shifted_copies(data, settings.shifts, settings.seed)
+        if more is None:
+            notes.append("no image input to shift (a float input of rank 4, larger than "
+                         f"{2 * SHIFT + 1} pixels a side): recovered on the calibration data as is")
+        else:
+            data, group = more, settings.shifts + 1
     head = find_head(graph) if settings.head else None
     # the teachers' outputs first: a whole-model session costs least before the walk holds activations
     # (25M Transformer prune-channels: 822 MB of RSS while they ran after it)
     probs = ensemble_targets(ctx, data, settings.temperature) if head is not None else None
     reference = reference_model(ctx, graph)
     mapping = match_tensors(G.to_model(G.tidy(graph.copy()), like=ctx.original), reference)
-    walk = _Walk(graph, ctx, data, reference, static_shapes(reference), settings, mapping)
+    walk = _Walk(graph, ctx, data, reference, static_shapes(reference), settings, mapping, group=group, notes=notes)
     targets = {id(n) for n in changed_layers(graph, ctx, reference, mapping)} if settings.layers == "changed" else None
     walk.start(targets)
     dirty = False  # once a layer changed, everything after it sees different inputs
@@ -670,8 +702,9 @@ def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySett
                           "(optionally followed by Softmax): head refit skipped")
     if head is not None:
         feats = walk.student_tensor(head.features)
+        rows_per_group = group * (len(_rows(feats)) // len(data)) if group > 1 else 1
         result = refit_head(graph, head, feats, probs, settings.temperature, settings.alpha, data.labels,
-                            _constraint(ctx, head.node), settings.seed)
+                            _constraint(ctx, head.node), settings.seed, rows_per_group)
         if isinstance(result, Skipped):
             walk.notes.append(f"head '{G.display_name(head.node)}' left as is: {result.reason}")
         else:
@@ -688,6 +721,7 @@ class _Walk:
     shapes: dict[str, list[int]]
     settings: RecoverySettings
     mapping: dict[str, str] = field(default_factory=dict)   # student tensor -> the teacher's (by structure)
+    group: int = 1         # adjacent samples held out together (a calibration image and its shifted copies)
     fits: list[Fit] = field(default_factory=list)
     bn_fits: list[Fit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -769,10 +803,11 @@ class _Walk:
             return
         s = self.settings
         if first is not None:
-            result = refit_pair(self.graph, node, first, batches, len(self.data), s.ridge, s.max_rows, s.seed)
+            result = refit_pair(self.graph, node, first, batches, len(self.data), s.ridge, s.max_rows, s.seed,
+                                self.group)
         else:
             result = refit_layer(self.graph, node, batches, len(self.data), _constraint(self.ctx, node), s.ridge,
-                                 s.max_rows, s.seed)
+                                 s.max_rows, s.seed, self.group)
         self._record(node, result, self.fits)
 
     def _first_of_pair(self, node: gs.Node) -> gs.Node | None:
@@ -787,7 +822,7 @@ class _Walk:
         batches = None if scale is None else self._targets(node, 1, len(scale))
         if batches is None:
             return
-        result = refit_batchnorm(self.graph, node, batches, self.settings.seed, len(self.data))
+        result = refit_batchnorm(self.graph, node, batches, self.settings.seed, len(self.data), self.group)
         self._record(node, result, self.bn_fits)
 
     def _record(self, node: gs.Node, result: Fit | Skipped, fits: list[Fit]) -> None:

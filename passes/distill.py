@@ -33,6 +33,7 @@ class Distill(Pass):
     max_rows: int = 20000                   # sampled rows (conv positions) per layer
     samples: int | None = None              # calibration samples to use (default: all)
     seed: int = 0
+    shifts: int = 0                         # shifted copies of each calibration image to fit on too
 
     def __post_init__(self) -> None:
         if self.temperature is not None and self.temperature <= 0:
@@ -41,6 +42,8 @@ class Distill(Pass):
             raise ValueError("alpha must be in [0, 1]")
         if self.max_rows < 1 or (self.samples is not None and self.samples < 1):
             raise ValueError("max_rows and samples must be positive")
+        if not isinstance(self.shifts, int) or self.shifts < 0:
+            raise ValueError(f"shifts must be a whole number of at least 0, got {self.shifts!r}")
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         data = ctx.require_calib(self.name)
@@ -48,6 +51,6 @@ class Distill(Pass):
         settings = RecoverySettings(temperature=self.temperature or ctx.temperature,
                                     alpha=ctx.alpha if self.alpha is None else self.alpha, layers=self.layers,
                                     head=self.head, bn=self.bn, ridge=self.ridge, max_rows=self.max_rows,
-                                    seed=self.seed)
+                                    seed=self.seed, shifts=self.shifts)
         result = recover(graph, ctx, data, settings)
         return PassResult(graph, result.modified, result.stats, result.notes)

@@ -58,6 +58,7 @@ class PruneChannels(Pass):
     steps: int | Literal["auto"] = "auto"    # reach the ratios in this many cuts ("auto": 1; with a target, the
                                              # better of TARGET_STEPS on held-out samples)
     recover: bool = True                     # least-squares refit + head refit after each cut
+    shifts: int = 2                          # ... fit on each calibration image and this many shifted copies
     round_to: int | Literal["auto"] = "auto"  # kept channel counts are multiples of this ("auto": the kernels')
     min_channels: int = 1
     exclude: tuple[str, ...] = ()            # node or group names whose groups stay whole
@@ -77,6 +78,8 @@ class PruneChannels(Pass):
             raise ValueError(f"steps must be 'auto' or an integer of at least 1, got {self.steps!r}")
         if self.min_channels < 1:
             raise ValueError("min_channels must be at least 1")
+        if not isinstance(self.shifts, int) or self.shifts < 0:
+            raise ValueError(f"shifts must be a whole number of at least 0, got {self.shifts!r}")
         check_target(self.macs, self.latency)
         if (self.macs is not None or self.latency is not None) and self.ratios:
             raise ValueError("a target (macs/latency) allocates the ratios: do not name ratios too")
@@ -125,7 +128,8 @@ class PruneChannels(Pass):
             G.tidy(graph)
             gc.collect()    # the cut constants sit in graphsurgeon's reference cycles, whole weights read from disk included
             if self.recover and removed:
-                result = recover(graph, ctx, data, RecoverySettings(temperature=ctx.temperature, alpha=ctx.alpha))
+                result = recover(graph, ctx, data, RecoverySettings(temperature=ctx.temperature, alpha=ctx.alpha,
+                                                                    shifts=self.shifts))
                 stats.update({f"step{step}_{k}": v for k, v in result.stats.items() if k.startswith("head_agreement")})
                 notes += [n for n in result.notes if n not in notes]
         stats["channels_after"] = stats["channels_before"] - removed_total
@@ -144,8 +148,9 @@ class PruneChannels(Pass):
         model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
         fit, held = _fit_and_held(data) if self.sensitivity_recover else (data, data)
         trial_ctx = dataclasses.replace(ctx, calib=fit)
+        # the per-group trials only rank the groups: recovered without shifted copies, at a third of the cost
         one_shot = dataclasses.replace(self, macs=None, latency=None, ratio=0.0, steps=1, round_to=round_to,
-                                       criterion=criterion)
+                                       criterion=criterion, shifts=0)
 
         def pruner(recover: bool):
             def prune(m, ratios: dict[str, float]):
