@@ -105,3 +105,51 @@ def test_an_unknown_layout_is_refused(tmp_path):
         load_dataset(str(tmp_path / "d.npz"), ["x"])
     with pytest.raises(InputError, match="unknown data layout 'rows'"):
         Dataset({"x": np.zeros((2, 1))}, layout="rows")
+
+
+def _shifted(image: np.ndarray, dy: int, dx: int, axes=(1, 2)) -> np.ndarray:
+    """`image` (one sample, no batch axis) moved by (dy, dx) along `axes`, edges repeated."""
+    from onnxcompress.data import SHIFT
+    pad = [(0, 0)] * image.ndim
+    pad[axes[0]] = pad[axes[1]] = (SHIFT, SHIFT)
+    window = [slice(None)] * image.ndim
+    window[axes[0]] = slice(SHIFT + dy, SHIFT + dy + image.shape[axes[0]])
+    window[axes[1]] = slice(SHIFT + dx, SHIFT + dx + image.shape[axes[1]])
+    return np.pad(image, pad, mode="edge")[tuple(window)]
+
+
+@pytest.mark.parametrize("shape, axes", [((5, 3, 9, 7), (1, 2)), ((5, 9, 7, 3), (0, 1))])
+def test_shifted_copies_follow_each_sample_moved_by_at_most_shift_pixels(shape, axes):
+    from onnxcompress.data import SHIFT, shifted_copies
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
+    other = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    out = shifted_copies(Dataset({"img": x, "vec": other}, np.arange(5)), copies=2, seed=1)
+    assert out.feeds["img"].shape == (15, *shape[1:]) and out.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert np.array_equal(out.feeds["vec"], np.repeat(other, 3, axis=0))
+    offsets = [(dy, dx) for dy in range(-SHIFT, SHIFT + 1) for dx in range(-SHIFT, SHIFT + 1)]
+    moved = 0
+    for i in range(5):
+        assert np.array_equal(out.feeds["img"][3 * i], x[i])        # the sample itself first
+        for j in (1, 2):
+            copy = out.feeds["img"][3 * i + j]
+            match = [o for o in offsets if np.array_equal(copy, _shifted(x[i], *o, axes=axes))]
+            assert match
+            moved += match[0] != (0, 0)
+    assert moved >= 5
+
+
+@pytest.mark.parametrize("feeds", [{"tokens": np.zeros((4, 3, 8, 8), np.int64)},      # not a float
+                                   {"vec": np.zeros((4, 16), np.float32)},             # not an image
+                                   {"img": np.zeros((4, 1, 4, 28), np.float32)}])     # too small to move
+def test_nothing_to_shift_gives_none(feeds):
+    from onnxcompress.data import shifted_copies
+    assert shifted_copies(Dataset(feeds), copies=2) is None
+    assert shifted_copies(Dataset({"img": np.zeros((4, 1, 8, 8), np.float32)}), copies=0) is None
+
+
+def test_fingerprint_follows_the_values_not_the_object():
+    a = np.random.default_rng(0).random((6, 3)).astype(np.float32)
+    assert Dataset({"x": a}).fingerprint() == Dataset({"x": a.copy()}).fingerprint()
+    first, second = Dataset({"x": a}).folds(3)[:2]     # two folds of one length
+    assert len(first[0]) == len(second[0]) and first[0].fingerprint() != second[0].fingerprint()
+    assert Dataset({"x": a}).fingerprint() != Dataset({"y": a}).fingerprint()

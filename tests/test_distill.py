@@ -98,7 +98,8 @@ def test_distill_without_calibration_data_is_an_input_error(resnet):
 
 
 @pytest.mark.parametrize("options, message", [({"temperature": 0}, "temperature must be positive"),
-                                               ({"alpha": 2}, r"alpha must be in \[0, 1\]")])
+                                               ({"alpha": 2}, r"alpha must be in \[0, 1\]"),
+                                               ({"shifts": -2}, "shifts must be a whole number of at least 0")])
 def test_bad_options(options, message):
     from onnxcompress import default_registry
     with pytest.raises(OptionError, match=message):
@@ -216,3 +217,52 @@ def test_a_renamed_teacher_still_gives_layer_wise_targets(resnet, calib, test_se
     acc = lambda m: PassManager([], eval_data=test_set, latency=LatencyConfig(enabled=False)).run(m).report.steps[0].accuracy
     before, after = acc(student), acc(G.to_model(G.tidy(graph), like=student))
     assert after >= 98.0 and after > before + 1.5          # about 96.6% -> 98.6%
+
+
+def test_shifted_copies_refit_the_student_too_and_differ_from_none():
+    teacher = small_cnn()
+    student, _ = apply_pass(PruneWeights(sparsity=0.6, scope="layer"), teacher)
+    data = Dataset({"x": rand(200, 2, 8, 8, seed=9)})
+    feeds = {"x": rand(50, 2, 8, 8, seed=10)}
+    err = lambda m: float(np.abs(run(m, feeds)[0] - run(teacher, feeds)[0]).mean())
+    out = {}
+    for shifts in (0, 2):
+        ctx = Context(calib=data, original=teacher, teachers=[teacher])
+        out[shifts], result = apply_pass(Distill(head=False, shifts=shifts), student, ctx)
+        assert result.stats["layers_refit"] == 3 and zero_counts(out[shifts]) == zero_counts(student)
+        assert err(out[shifts]) < 0.5 * err(student)
+    assert not np.allclose(run(out[0], feeds)[0], run(out[2], feeds)[0])
+
+
+def test_shifts_without_an_image_input_say_so():
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", transB=1)]
+    teacher = make_model(nodes, [tensor("x", ["N", 12])], [tensor("y", ["N", 4])],
+                         {"w1": rand(16, 12, seed=1), "b1": rand(16, seed=2), "w2": rand(4, 16, seed=3), "b2": rand(4, seed=4)})
+    student, _ = apply_pass(PruneWeights(sparsity=0.5, scope="layer"), teacher)
+    ctx = Context(calib=Dataset({"x": rand(300, 12, seed=5)}), original=teacher, teachers=[teacher])
+    _, result = apply_pass(Distill(shifts=2), student, ctx)
+    assert "no image input to shift (a float input of rank 4, larger than 5 pixels a side): recovered on the " \
+           "calibration data as is" in result.notes
+
+
+def test_held_out_draws_keep_groups_whole_across_batches():
+    from onnxcompress.recovery import HOLDOUT, _held_out_draws
+    one = _held_out_draws(np.random.default_rng(3))
+    assert np.array_equal(np.concatenate([one(5), one(7)]), np.random.default_rng(3).random(12) < HOLDOUT)
+    three = _held_out_draws(np.random.default_rng(3), group=3)
+    mask = np.concatenate([three(n) for n in (4, 64, 5, 27, 899)])    # batches that split groups
+    groups = mask.reshape(-1, 3)
+    assert (groups.all(1) | ~groups.any(1)).all()                     # a group is held out whole or not at all
+    assert 0.15 < groups[:, 0].mean() < 0.25
+
+
+def test_teacher_outputs_are_cached_per_data_not_per_length():
+    from onnxcompress.recovery import teacher_logits
+    teacher = small_cnn()
+    x = rand(90, 2, 8, 8, seed=4)
+    ctx = Context(original=teacher, teachers=[teacher])
+    (a, _), (b, _) = Dataset({"x": x}).folds(3)[:2]          # 60 samples each, not the same ones
+    for fold in (a, b, a):
+        assert np.allclose(teacher_logits(ctx, fold)[0], run(teacher, {"x": fold.feeds["x"]})[0], atol=1e-5)

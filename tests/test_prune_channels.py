@@ -75,6 +75,7 @@ def test_per_group_ratios(resnet):
     ({"criterion": "random"}, "option 'criterion' must be"),
     ({"ratios": {"a": "x"}}, "option 'ratios' must be dict of str to float"),
     ({"steps": 0}, "at least 1"),
+    ({"shifts": -1}, "shifts must be a whole number of at least 0, got -1"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(OptionError, match=message):
