@@ -429,7 +429,7 @@ def main() -> None:
     ap.add_argument("--skip-ocr", action="store_true",
                     help="skip the PP-OCR models (with --only prune/factor/quantize: keep the section's PP-OCR part as it is)")
     ap.add_argument("--only", choices=["ocr-passes", "cluster", "deep-compression", "quantize", "factor", "prune",
-                                       "early-exit", "width", "width-ocr", "speed"],
+                                       "early-exit", "width", "width-ocr", "speed", "shifts"],
                     help="run only that section and replace it in --output (the rest untouched)")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns through the root logger
@@ -469,6 +469,9 @@ def main() -> None:
         elif args.only == "speed":
             from benchmarks import speed
             section, title = speed.speed_section(), speed.SECTION_TITLE
+        elif args.only == "shifts":
+            from benchmarks import shifts
+            section, title = shifts.shifts_section(calib, test), shifts.SECTION_TITLE
         else:
             section, title = cluster.deep_compression_section(calib, test, models), cluster.DEEP_TITLE
         path = Path(args.output)
@@ -495,6 +498,8 @@ def main() -> None:
     if not args.skip_distill:
         print("distillation experiments ...", flush=True)
         sections.append(distill_section(calib, test))
+        from benchmarks.shifts import shifts_section
+        sections.append(shifts_section(calib, test))
     if not args.skip_structured:
         print("structured pruning ...", flush=True)
         sections.append(structured_section(calib, test, cfg, args.rounds,

@@ -59,6 +59,7 @@ class PruneChannels(Pass):
                                              # better of TARGET_STEPS on held-out samples)
     recover: bool = True                     # least-squares refit + head refit after each cut
     shifts: int = 2                          # ... fit on each calibration image and this many shifted copies
+    seed: int = 0                            # the recovery's sampled positions, held-out samples and shifts
     round_to: int | Literal["auto"] = "auto"  # kept channel counts are multiples of this ("auto": the kernels')
     min_channels: int = 1
     exclude: tuple[str, ...] = ()            # node or group names whose groups stay whole
@@ -129,7 +130,7 @@ class PruneChannels(Pass):
             gc.collect()    # the cut constants sit in graphsurgeon's reference cycles, whole weights read from disk included
             if self.recover and removed:
                 result = recover(graph, ctx, data, RecoverySettings(temperature=ctx.temperature, alpha=ctx.alpha,
-                                                                    shifts=self.shifts))
+                                                                    shifts=self.shifts, seed=self.seed))
                 stats.update({f"step{step}_{k}": v for k, v in result.stats.items() if k.startswith("head_agreement")})
                 notes += [n for n in result.notes if n not in notes]
         stats["channels_after"] = stats["channels_before"] - removed_total

@@ -151,48 +151,52 @@ def test_sensitivity_command_refuses_bad_round_to_and_jobs(capsys):
 
 
 def test_a_latency_target_met_by_one_timing_is_confirmed_before_the_allocation_stops(monkeypatch):
-    """The first timing under the target is re-measured with more rounds and the two are pooled;
-    when that is slower than the target, the allocation goes on cutting (timings scripted)."""
+    """The first timing under the target is timed again in CONFIRM_ROUNDS one-round timings, the
+    median of those and the first taken; when that is slower than the target, the allocation goes
+    on cutting (timings scripted)."""
     from onnxcompress import sensitivity as S
     sens = S.Sensitivity(100.0, 1000, (0.25, 0.5, 0.75), ["a", "b"], {"a": 8, "b": 8},
                          score={"a": [99.0, 98.0, 97.0], "b": [99.5, 99.0, 98.0]},
                          macs={"a": [800, 600, 400], "b": [900, 800, 700]},
                          latency={"a": [8.0, 6.0, 4.0], "b": [9.0, 8.0, 7.0]}, base_latency=10.0)
-    timings = iter([1.0, 0.45, 0.55, 0.40, 0.42, 0.4, 0.4])   # original, 1st cut, its confirmation, 2nd cut, ...
+    n = S.CONFIRM_ROUNDS
+    # the original; the 1st cut and its confirmation (one fast reading, the rest slow); the 2nd cut, ...
+    timings = iter([1.0, 0.45, 0.40] + [0.55] * (n - 1) + [0.40, 0.62] + [0.42] * (n - 1))
     calls = []
 
     def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
         calls.append((dict(ratios), rounds))
         value = next(timings) * base
-        return {"macs": 0, "latency_ms": value, "value": value}
+        return {"macs": 0, "latency_ms": value, "value": value, "rounds": rounds}
 
     monkeypatch.setattr(S, "_measure", fake_measure)
     ratios, measured = S.allocate(None, lambda m, r: m, sens, Dataset({"x": np.zeros((2, 1))}), 0.5, by="latency")
-    assert [r for _, r in calls] == [3, 3, S.CONFIRM_ROUNDS, 3, S.CONFIRM_ROUNDS]
-    assert calls[3][0] != calls[1][0]                        # not confirmed: one more cut
-    # pooled with the first timing, weighted by rounds: (3 x 0.40 + 7 x 0.42) / 10
-    assert measured["target_met"] and measured["value"] == pytest.approx(0.414 * 10.0)
+    assert [r for _, r in calls] == [3, 3] + [1] * n + [3] + [1] * n
+    assert calls[2 + n][0] != calls[1][0]                    # not confirmed: one more cut
+    # the median of 0.40, a burst's 0.62 and six times 0.42
+    assert measured["target_met"] and measured["value"] == pytest.approx(0.42 * 10.0)
 
 
-def test_a_first_timing_just_over_a_latency_target_is_timed_again_before_it_is_rejected(monkeypatch):
-    """A timing within CONFIRM_NEAR above the target is confirmed too (pooled: under the target, so
-    the cut is taken); one further above is rejected at once (timings scripted)."""
+def test_a_first_timing_over_a_latency_target_by_less_than_confirm_near_is_timed_again(monkeypatch):
+    """A timing within CONFIRM_NEAR above the target is confirmed too (the median of the readings:
+    under the target, so the cut is taken, its burst outvoted); one further above is rejected at
+    once (timings scripted)."""
     from onnxcompress import sensitivity as S
     calls = []
 
     def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
         calls.append(rounds)
-        value = {3: first, S.CONFIRM_ROUNDS: 0.48}[rounds] * base
+        value = {3: first, 1: 0.48}[rounds] * base
         return {"macs": 0, "latency_ms": value, "value": value, "rounds": rounds}
 
     monkeypatch.setattr(S, "_measure", fake_measure)
     first = 0.5 * (1 + S.CONFIRM_NEAR) - 0.001
-    measured = S._timed(0.5, None, None, {"a": 0.5}, None, "latency", None, None, None, 1.0)
-    assert calls == [3, S.CONFIRM_ROUNDS]
-    assert measured["value"] == pytest.approx((3 * first + 7 * 0.48) / 10) and measured["value"] <= 0.5
+    measured = S._timed(0.5, None, lambda m, r: m, {"a": 0.5}, None, "latency", None, None, None, 1.0)
+    assert calls == [3] + [1] * S.CONFIRM_ROUNDS
+    assert measured["value"] == pytest.approx(0.48) and measured["rounds"] == 3 + S.CONFIRM_ROUNDS
     calls.clear()
     first = 0.5 * (1 + S.CONFIRM_NEAR) + 0.001
-    assert S._timed(0.5, None, None, {"a": 0.5}, None, "latency", None, None, None, 1.0)["value"] == first
+    assert S._timed(0.5, None, lambda m, r: m, {"a": 0.5}, None, "latency", None, None, None, 1.0)["value"] == first
     assert calls == [3]
 
 
@@ -361,6 +365,29 @@ def test_the_progressive_search_finishes_with_the_smallest_of_near_ties(monkeypa
                                     by="macs", jobs=1, tie=tie)
     assert run(tie=0.3) == ({"c": 0.25, "b": 0.25}, {"macs": 920, "value": 920})
     assert run(tie=0.0) == ({"c": 0.25, "a": 0.25}, {"macs": 900, "value": 900})
+
+
+def test_a_progressive_step_read_just_over_a_latency_target_is_timed_again(monkeypatch):
+    """One timing of a's step reads 0.55 of the original (a burst: within CONFIRM_NEAR of 0.5), the
+    seven after it 0.48: confirmed, it meets the target and the search stops there, where it would
+    have taken b's step on top (timings scripted)."""
+    from onnxcompress import sensitivity as S
+    sens = S.Sensitivity(base_score=100.0, base_macs=1000, ratios=(0.5,), groups=["a", "b"], channels={"a": 8, "b": 8},
+                         score={"a": [99.0], "b": [95.0]}, macs={"a": [600], "b": [600]},
+                         latency={"a": [5.0], "b": [7.0]}, base_latency=10.0)
+    joint = {(): 100.0, (("a", 0.5),): 99.0, (("b", 0.5),): 95.0, (("a", 0.5), ("b", 0.5)): 94.0}
+    readings = {(("a", 0.5),): iter([0.55] + [0.48] * S.CONFIRM_ROUNDS), (("b", 0.5),): iter([0.7] * 9),
+                (("a", 0.5), ("b", 0.5)): iter([0.3] * 9)}
+
+    def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
+        value = next(readings[tuple(sorted(ratios.items()))]) * base
+        return {"macs": 0, "latency_ms": value, "value": value, "rounds": rounds}
+
+    monkeypatch.setattr(S, "_measure", fake_measure)
+    ratios, measured = S.progressive(None, sens, lambda m, r: m, lambda r: joint[tuple(sorted(r.items()))],
+                                     {"a": [0.5], "b": [0.5]}, Dataset({"x": np.zeros((2, 1))}), 0.5, jobs=1)
+    assert ratios == {"a": 0.5} and measured["value"] == pytest.approx(0.48)
+    assert measured["rounds"] == 1 + S.CONFIRM_ROUNDS
 
 
 def test_a_unit_steps_through_each_channel_count_it_can_keep():
