@@ -213,8 +213,9 @@ allocate per-group ratios inside the pass: every channel group pruned alone at 2
 ranking, recovery fit on two thirds of the 1,000 calibration digits, accuracy on the other third;
 trials in parallel workers), then the greedy allocation of the `sensitivity` command (the same code)
 and its rivals (every group at one ratio; for latency, the progressive search), then the cut and the
-recovery. The candidate, the criterion (ThiNet or l1) and the steps (1 or 3) are chosen one after
-the other on the calibration digits in three folds, each third scored after recovery on the rest. Kept channel counts are multiples of {multiple} (`round_to="auto"`:
+recovery (ThiNet ranking; recovery fit on each image and two shifted copies). The candidate, then the
+steps (1 or 3), are chosen on the calibration digits in three folds, each third scored after recovery
+on the rest, by KL from the original first and accuracy second. Kept channel counts are multiples of {multiple} (`round_to="auto"`:
 {why} on this machine; the latency target, which times every width, half of it). The latency target compares the time of a batch of 1 plus a batch of 32
 (one thread, so batch 32 dominates), each candidate measured in onnxruntime against the original,
 the two sessions run by run in turn. Speedups in the tables: every model timed against the original the
