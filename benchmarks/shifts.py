@@ -10,7 +10,7 @@ from benchmarks.run import ROOT
 from onnxcompress import LatencyConfig, PassManager, io
 from onnxcompress.passes import PruneChannels
 from onnxcompress.report import markdown_table
-from onnxcompress.runtime import make_session, run_model
+from onnxcompress.sensitivity import Scorer
 
 SECTION_TITLE = "## Recovery on shifted copies"
 SEEDS = (0, 1, 2)
@@ -26,21 +26,11 @@ CUTS = {
 }
 
 
-def _logits(model, data) -> np.ndarray:
-    out = run_model(make_session(model, ("CPUExecutionProvider",)), data, 256)
-    return next(iter(out.values())).astype(np.float64)
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
 def shifts_section(calib, test) -> str:
     rows = []
     for name, cut in CUTS.items():
         model = io.load_model(ROOT / "models" / f"{name}.onnx")
-        teacher = _log_softmax(_logits(model, test))
+        accuracy, kl = (Scorer(model, test, ("CPUExecutionProvider",), score) for score in ("accuracy", "kl"))
         for shifts in (0, 2):
             accs, kls, secs = [], [], []
             for seed in SEEDS:
@@ -48,9 +38,8 @@ def shifts_section(calib, test) -> str:
                 p = PruneChannels(round_to=8, steps=1, shifts=shifts, seed=seed, **cut)
                 pruned = PassManager([p], calib=calib, max_drop=None, latency=LatencyConfig(enabled=False)).run(model).model
                 secs.append(time.perf_counter() - t0)
-                z = _logits(pruned, test)
-                accs.append(float(np.mean(z.argmax(1) == test.labels) * 100))
-                kls.append(float((np.exp(teacher) * (teacher - _log_softmax(z))).sum(1).mean()))
+                accs.append(accuracy(pruned))
+                kls.append(-kl(pruned) / 100)         # the scorer gives -100 x KL
             rows.append([name, str(shifts), " / ".join(f"{a:.1f}%" for a in accs), f"{np.mean(accs):.2f}%",
                          f"{np.mean(kls):.4f}", f"{np.median(secs):.1f}s"])
     cuts = "; ".join(f"{n}: " + (f"every group at {c['ratio']:g}" if c["ratio"] else "the progressive search's "

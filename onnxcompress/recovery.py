@@ -673,8 +673,11 @@ def recover(graph: gs.Graph, ctx: Context, data: Dataset, settings: RecoverySett
     if settings.alpha > 0 and data.labels is None:
         raise OptionError("distillation with alpha > 0 needs labels in the calibration data")
     group, notes = 1, []
-    if settings.shifts:
-        more = shifted_copies(data, settings.shifts, settings.seed)
+    if settings.shifts:   # made once per run for each data, seed and count (searches recover many times)
+        key = ("shifted-copies", data.fingerprint(), settings.shifts, settings.seed)
+        if key not in ctx.cache:
+            ctx.cache[key] = shifted_copies(data, settings.shifts, settings.seed)
+        more = ctx.cache[key]
         if more is None:
             notes.append("no image input to shift (a float input of rank 4, larger than "
                          f"{2 * SHIFT + 1} pixels a side): recovered on the calibration data as is")
