@@ -51,10 +51,10 @@ def _ocr_part() -> str:
 
 def _allocated(notes: list[str]) -> str:
     """The allocation from a target's notes, what its rivals (uniform, progressive) did, which cut
-    the pass kept, and the criterion and steps it chose."""
+    the pass kept, and the steps it chose."""
     note = next((n for n in notes if "allocated:" in n), "")
     rival = next((n for n in notes if " also met by " in n), "")
-    chosen = [n.split(" chosen by ")[0] for n in notes if n.startswith("criterion ") or " step(s) chosen by " in n]
+    chosen = [n.split(" chosen by ")[0] for n in notes if " step(s) chosen by " in n]
     return (note.split("allocated: ")[-1] + (f" (rivals: {rival.split(' also met by ', 1)[-1]})" if rival else "")
             + (f"; {', '.join(chosen)}" if chosen else ""))
 
