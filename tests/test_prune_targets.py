@@ -368,17 +368,37 @@ def test_the_progressive_search_finishes_with_the_smallest_of_near_ties(monkeypa
     assert run(tie=0.0) == ({"c": 0.25, "a": 0.25}, {"macs": 900, "value": 900})
 
 
+def test_the_progressive_search_steps_back_from_an_overshoot(monkeypatch):
+    """"a" goes first (it loses next to nothing), then b's first step; b's second reaches the
+    target of 800 MACs at 600: an overshoot, since b's two steps alone (700) meet it too. The
+    search undoes a's step; undoing b's would miss the target (MACs scripted)."""
+    from onnxcompress import sensitivity as S
+    sens = S.Sensitivity(base_score=100.0, base_macs=1000, ratios=(0.5,), groups=["a", "b"], channels={"a": 8, "b": 8},
+                         score={"a": [99.0], "b": [99.0]}, macs={"a": [800], "b": [700]})
+    joint = {(): 100.0, (("a", 0.25),): 99.9, (("b", 0.25),): 99.5, (("a", 0.25), ("b", 0.25)): 99.4,
+             (("a", 0.25), ("b", 0.5)): 99.0, (("b", 0.5),): 99.2}
+    saves = {("a", 0.25): 100, ("b", 0.25): 80, ("b", 0.5): 300}
+    measured = lambda ratios: 1000 - sum(saves[k] for k in ratios.items())
+    monkeypatch.setattr(S, "_measure", lambda model, prune, ratios, *a, **k: {"macs": measured(ratios),
+                                                                             "value": measured(ratios)})
+    ratios, result = S.progressive(None, sens, None, lambda r: joint[tuple(sorted(r.items()))],
+                                   {"a": [0.25], "b": [0.25, 0.5]}, Dataset({"x": np.zeros((2, 1))}), 0.8,
+                                   by="macs", jobs=1)
+    assert ratios == {"b": 0.5} and result["value"] == 700
+
+
 def test_a_progressive_step_read_just_over_a_latency_target_is_timed_again(monkeypatch):
-    """One timing of a's step reads 0.55 of the original (a burst: within CONFIRM_NEAR of 0.5), the
-    seven after it 0.48: confirmed, it meets the target and the search stops there, where it would
-    have taken b's step on top (timings scripted)."""
+    """a's step reads 0.55 of the original in its first timings (a burst: within CONFIRM_NEAR of
+    0.5), 0.48 in the seven after them: confirmed, it meets the target and the search stops there,
+    where it would have taken b's step on top (timings scripted)."""
     from onnxcompress import sensitivity as S
     sens = S.Sensitivity(base_score=100.0, base_macs=1000, ratios=(0.5,), groups=["a", "b"], channels={"a": 8, "b": 8},
                          score={"a": [99.0], "b": [95.0]}, macs={"a": [600], "b": [600]},
                          latency={"a": [5.0], "b": [7.0]}, base_latency=10.0)
     joint = {(): 100.0, (("a", 0.5),): 99.0, (("b", 0.5),): 95.0, (("a", 0.5), ("b", 0.5)): 94.0}
-    readings = {(("a", 0.5),): iter([0.55] + [0.48] * S.CONFIRM_ROUNDS), (("b", 0.5),): iter([0.7] * 9),
-                (("a", 0.5), ("b", 0.5)): iter([0.3] * 9)}
+    first = S.PROPOSAL_TIMINGS
+    readings = {(("a", 0.5),): iter([0.55] * first + [0.48] * S.CONFIRM_ROUNDS), (("b", 0.5),): iter([0.7] * 20),
+                (("a", 0.5), ("b", 0.5)): iter([0.3] * 20)}
 
     def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
         value = next(readings[tuple(sorted(ratios.items()))]) * base
@@ -388,7 +408,7 @@ def test_a_progressive_step_read_just_over_a_latency_target_is_timed_again(monke
     ratios, measured = S.progressive(None, sens, lambda m, r: m, lambda r: joint[tuple(sorted(r.items()))],
                                      {"a": [0.5], "b": [0.5]}, Dataset({"x": np.zeros((2, 1))}), 0.5, jobs=1)
     assert ratios == {"a": 0.5} and measured["value"] == pytest.approx(0.48)
-    assert measured["rounds"] == 1 + S.CONFIRM_ROUNDS
+    assert measured["rounds"] == first + S.CONFIRM_ROUNDS
 
 
 def test_a_unit_steps_through_each_channel_count_it_can_keep():
