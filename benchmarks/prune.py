@@ -212,7 +212,8 @@ TEXT = """Structured pruning from one line. `prune-channels(macs=0.5)` and `prun
 allocate per-group ratios inside the pass: every channel group pruned alone at 25/50/75% (ThiNet
 ranking, recovery fit on two thirds of the 1,000 calibration digits, accuracy on the other third;
 trials in parallel workers), then the greedy allocation of the `sensitivity` command (the same code)
-and its rivals (every group at one ratio; for latency, the progressive search), then the cut and the
+and its rivals (every group at one ratio; for latency, the progressive search, which then steps back
+while the target holds), then the cut and the
 recovery (ThiNet ranking; recovery fit on each image and two shifted copies). The candidate, then the
 steps (1 or 3), are chosen on the calibration digits in three folds, each third scored after recovery
 on the rest, by KL from the original first and accuracy second. Kept channel counts are multiples of {multiple} (`round_to="auto"`:
