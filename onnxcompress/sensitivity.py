@@ -374,7 +374,7 @@ def progressive(model: onnx.ModelProto, sens: Sensitivity, structure: Prune, joi
         xs = (0.0, *sens.ratios_of(unit))
         return float(np.interp(r, xs, (0.0, *(origin - v for v in what[unit]))))
 
-    def timed_once(ratios: dict[str, float]) -> dict:
+    def timed_proposal(ratios: dict[str, float]) -> dict:
         """A proposal's latency: the median of PROPOSAL_TIMINGS one-round timings, each in new
         sessions (one pair of sessions keeps its own speed: one MobileNet cut read 0.46-0.51 of the
         original in six, where a step saves 2-6%). One that reads just short of the target may have
@@ -382,10 +382,9 @@ def progressive(model: onnx.ModelProto, sens: Sensitivity, structure: Prune, joi
         if by != "latency":
             return _measure(model, structure, ratios, shapes, by, timing, data, providers, ref)
         pruned = structure(model, ratios)
-        readings = _timings(model, pruned, ratios, PROPOSAL_TIMINGS, shapes, by, timing, data, providers, ref)
-        value = float(np.median([r["value"] for r in readings]))
-        a = {**readings[-1], "latency_ms": value, "value": value, "rounds": PROPOSAL_TIMINGS, "provisional": True}
-        if target * ref < value <= target * ref * (1 + CONFIRM_NEAR):
+        a = _median(_timings(model, pruned, ratios, PROPOSAL_TIMINGS, shapes, by, timing, data, providers, ref),
+                    rounds=PROPOSAL_TIMINGS) | {"provisional": True}
+        if target * ref < a["value"] <= target * ref * (1 + CONFIRM_NEAR):
             a = _confirmed(a, model, lambda m, r: pruned, ratios, shapes, by, timing, data, providers, ref)
         return a
 
@@ -402,7 +401,8 @@ def progressive(model: onnx.ModelProto, sens: Sensitivity, structure: Prune, joi
                 back = {k: v for k, v in ratios.items() if k != u} | ({u: prev} if prev else {})
                 if back:
                     backs.append(back)
-            meeting = [(b, a) for b in backs for a in [timed_once(b)] if a["value"] <= target * ref]
+            timed = [(b, timed_proposal(b)) for b in backs]
+            meeting = [(b, a) for b, a in timed if a["value"] <= target * ref]
             scores = parallel_map(joint, [b for b, _ in meeting], jobs, desc="progressive, stepping back")
             for s, (b, a) in sorted(zip(scores, meeting), key=lambda t: -t[0]):
                 if a.get("provisional"):
@@ -430,7 +430,7 @@ def progressive(model: onnx.ModelProto, sens: Sensitivity, structure: Prune, joi
             break
         moves = sorted(moves, key=lambda m: m[2])[:shortlist]
         scores = parallel_map(lambda m: joint({**ratios, m[0]: m[1]}), moves, jobs, desc="progressive")
-        after = [timed_once({**ratios, u: r}) for u, r, _ in moves]
+        after = [timed_proposal({**ratios, u: r}) for u, r, _ in moves]
         # (score, move, measured, saving): a saving lost in the timing's noise counts as next to none
         tried = [(s, m, a, max((measured["value"] - a["value"]) * scale, 1e-6 * scale))
                  for s, m, a in zip(scores, moves, after)]
@@ -472,13 +472,18 @@ def _confirmed(measured: dict, model, prune: Prune, ratios, *args) -> dict:
     cuts that were fast enough (ResNet's uniform cut at 40%, 2.09x faster in the benchmark, lost to
     45%: 2.52x, 0.3 points more lost)."""
     again = _timings(model, prune(model, ratios), ratios, CONFIRM_ROUNDS, *args)
-    value = float(np.median([measured["value"]] + [a["value"] for a in again]))
-    return {**again[-1], "latency_ms": value, "value": value, "rounds": measured.get("rounds", 3) + CONFIRM_ROUNDS}
+    return _median([measured, *again], rounds=measured.get("rounds", 3) + CONFIRM_ROUNDS)
 
 
 def _timings(model, pruned, ratios, n: int, *args) -> list[dict]:
     """`n` one-round timings of the cut `pruned` (made once), each against the original in new sessions."""
     return [_measure(model, lambda m, r: pruned, ratios, *args, rounds=1) for _ in range(n)]
+
+
+def _median(readings: list[dict], rounds: int) -> dict:
+    """One measurement from several latency readings of a cut: the median, over `rounds` rounds."""
+    value = float(np.median([r["value"] for r in readings]))
+    return {**readings[-1], "latency_ms": value, "value": value, "rounds": rounds}
 
 
 def check_target(macs: float | None, latency: float | None) -> None:
