@@ -24,7 +24,7 @@ from .metrics import static_shapes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["analyze", "Analysis", "Group", "apply_removal", "RULES"]
+__all__ = ["analyze", "Analysis", "Group", "apply_removal", "RULES", "branch_end", "remove_branches"]
 
 
 class UnionFind:
@@ -649,3 +649,70 @@ def apply_removal(graph: gs.Graph, an: Analysis, removed: set[int]) -> None:
     for t in graph.tensors().values():  # shapes change: let shape inference recompute them
         if isinstance(t, gs.Variable) and t not in graph.inputs and t not in graph.outputs:
             t.shape = None
+
+
+# -- whole branches -------------------------------------------------------------------------------
+
+MERGES = ("Add", "Sum")
+
+
+def branch_end(an: Analysis, group: Group) -> str | None:
+    """The tensor a residual branch adds to the rest of the graph, where the group is the branch's
+    inner width and every channel of it can go at once; else None.
+
+    All of a group's channels gone, the layer that reads them would compute a constant, and so
+    would everything after it up to the sum: the branch is then its mean (`remove_branches`), and
+    the sum is the shortcut plus that. So: one weighted layer reads the group and nothing outside
+    the group does; from that layer's output, nodes that read only it (and constants) lead to an
+    Add (or Sum) whose other input is no smaller (a residual sum, not a broadcast)."""
+    if group.frozen or not group.producers or len(group.consumers) != 1 or group.consumers[0] not in an.nodes:
+        return None
+    layer, inside, tensors = an.nodes[group.consumers[0]], set(group.tensors), an.graph.tensors()
+    for name in inside:
+        readers = tensors[name].outputs if name in tensors else []
+        if any(n is not layer and not (n.outputs and all(o.name in inside for o in n.outputs)) for n in readers):
+            return None
+    outputs = {t.name for t in an.graph.outputs}
+    t = layer.outputs[0]
+    while t.name not in outputs and len(t.outputs) == 1:
+        node = t.outputs[0]
+        others = [i for i in node.inputs if i is not t and W.value_of(i) is None]
+        if others:
+            shape = an.shapes.get(t.name)
+            fits = len(others) == 1 and shape is not None and an.shapes.get(others[0].name) == shape
+            return t.name if node.op in MERGES and fits and t.name in an.ids else None
+        if len(node.outputs) != 1:
+            return None
+        t = node.outputs[0]
+    return None
+
+
+def remove_branches(graph: gs.Graph, means: dict[str, np.ndarray]) -> list[str]:
+    """Each branch ({the tensor `branch_end` found: its mean, broadcastable}) replaced by its mean:
+    the sum reads the constant, and the branch's nodes, now read by nothing, go. Returns the ids of
+    the weighted layers that read the sums (they see the shortcut plus a constant now: refit them)."""
+    tensors, readers = graph.tensors(), []
+    for name, value in means.items():
+        t = tensors[name]
+        mean = gs.Constant(f"{name}_mean", value)
+        for node in list(t.outputs):
+            for i, x in enumerate(node.inputs):
+                if x is t:
+                    node.inputs[i] = mean
+            readers += _weighted_after(node)
+    G.tidy(graph)
+    return list(dict.fromkeys(G.layer_id(n) for n in readers))
+
+
+def _weighted_after(node: gs.Node) -> list[gs.Node]:
+    """The weighted layers that read `node`'s output, directly or through nodes without weights."""
+    found, todo, seen = [], [node], set()
+    while todo:
+        n = todo.pop()
+        for t in n.outputs:
+            for r in t.outputs:
+                if id(r) in seen:
+                    continue
+                seen.add(id(r))
+                (found if W.layer_weight(r) is not None else todo).append(r)
+    return found

@@ -279,7 +279,8 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
 
 def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     from .pass_api import Context
-    from .sensitivity import allocate, pass_pruner, sensitivity
+    from .channels import analyze
+    from .sensitivity import allocate, pass_pruner, sensitivity, trial_ratios
 
     registry.create("prune-channels", {"criterion": args.criterion, "round_to": args.round_to})  # checks both
     if args.jobs is not None and args.jobs < 1:
@@ -296,11 +297,15 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     round_to = args.round_to if args.round_to != "auto" else channel_multiple(providers)[0]
     criterion = args.criterion or registry.create("prune-channels").criterion_for(calib)
     prune = pass_pruner(registry, ctx, criterion, round_to, args.recover)
-    sens = sensitivity(model, prune, calib, evaluation, args.ratios, latency, providers, recovered=args.recover,
+    an = analyze(G.to_graph(model), model, calib.feed_shapes())
+    trials = trial_ratios(an, [g for g in an.groups if not g.frozen], args.ratios)   # + 1 for residual branches
+    sens = sensitivity(model, prune, calib, evaluation, trials, latency, providers, recovered=args.recover,
                        jobs=args.jobs)
     header = ["group", "channels"] + [f"{sens.metric} @{r:g}" for r in sens.ratios] + [f"MACs @{r:g}" for r in sens.ratios]
-    rows = [[g, str(sens.channels[g])] + [f"{s:.2f} ({s - sens.base_score:+.2f})" for s in sens.score[g]]
-            + [f"{m / sens.base_macs:.2f}x" for m in sens.macs[g]] for g in sens.groups]
+    at = lambda g, values, show: [show(dict(zip(sens.ratios_of(g), values))[r]) if r in sens.ratios_of(g) else "-"
+                                  for r in sens.ratios]
+    rows = [[g, str(sens.channels[g])] + at(g, sens.score[g], lambda s: f"{s:.2f} ({s - sens.base_score:+.2f})")
+            + at(g, sens.macs[g], lambda m: f"{m / sens.base_macs:.2f}x") for g in sens.groups]
     print(f"{args.input}: {sens.metric} {sens.base_score:.2f} unpruned; each group pruned alone, "
           f"{'with' if args.recover else 'no'} recovery")
     print(format_table(rows, header))
@@ -372,7 +377,7 @@ def _plot(sens) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for g in sens.groups:
-        ax.plot((0,) + sens.ratios, [sens.base_score] + sens.score[g], marker="o", label=g[-28:])
+        ax.plot((0,) + sens.ratios_of(g), [sens.base_score] + sens.score[g], marker="o", label=g[-28:])
     ax.set_xlabel("share of the group's channels removed")
     ax.set_ylabel(sens.metric)
     ax.set_title(f"Sensitivity of each channel group (pruned alone, {'with' if sens.recovered else 'no'} recovery)")

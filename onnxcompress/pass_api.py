@@ -60,6 +60,7 @@ class RunState:
     constraints: dict[str, Any] = field(default_factory=dict)     # layer id -> constraints.Constraint
     channel_maps: dict[str, ChannelMap] = field(default_factory=dict)   # relative to this run's original
     pairs: dict[str, str] = field(default_factory=dict)           # second layer id -> first layer id
+    refit: set[str] = field(default_factory=set)   # layer ids that read where a removed branch was: refit as changed
     # Probability that each If's then-branch runs (keyed by the If's first output), for expected MACs.
     branch_probs: dict[str, float] = field(default_factory=dict)
 

@@ -136,7 +136,7 @@ def changed_layers(graph: gs.Graph, ctx: Context, reference: onnx.ModelProto,
         if not _recoverable(node):
             continue
         ref = ref_by_output.get(mapping.get(node.outputs[0].name, node.outputs[0].name))
-        if G.layer_id(node) in ctx.state.constraints or ref is None or ref.op != node.op or not _same_params(node, ref):
+        if G.layer_id(node) in ctx.state.constraints or G.layer_id(node) in ctx.state.refit or ref is None or ref.op != node.op or not _same_params(node, ref):
             changed.append(node)
     return changed
 

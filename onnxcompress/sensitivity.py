@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from . import graph as G
-from .channels import analyze
+from .channels import Analysis, Group, analyze, branch_end
 from .data import Dataset
 from .metrics import LatencyConfig, accuracy, budget_metric, fidelity, mean_latency_ms, paired_latency_ratio, total_macs
 from .pass_api import Context, Registry
@@ -46,6 +46,13 @@ LATENCY_BATCHES = (1, 32)       # a latency target: the time of one batch of eac
 LATENCY_BATCH_VALUES = 2 ** 22  # ... the larger batch no bigger than this many input values (PP-OCR det's
                                 # 3x480x640 pages: a batch of 4, as its benchmark times; 32 took 8 s a run)
 LATENCY_BUDGET_S = 1.0          # seconds of timed runs per batch size and candidate (MNIST models: all 30)
+
+
+def trial_ratios(an: Analysis, groups: Iterable[Group], ratios: Sequence[float] = RATIOS) -> dict[str, tuple[float, ...]]:
+    """The shares of each channel group its trials take away: `ratios`, and 1 (the branch removed
+    whole) where the group is a residual branch's inner width (`channels.branch_end`). What
+    prune-channels' targets and the `sensitivity` command both measure."""
+    return {g.name: tuple(ratios) + ((1.0,) if branch_end(an, g) else ()) for g in groups}
 
 
 def pass_pruner(registry: Registry, ctx: Context, criterion: str | None = None, round_to: int | str = "auto",
@@ -524,9 +531,10 @@ def plan(model: onnx.ModelProto, prune: Prune, data: Dataset, target: float, by:
     stats = {"macs_ratio": measured["macs"] / sens.base_macs, "target_met": bool(measured["target_met"])}
     if timing:
         stats["latency_ratio"] = measured["latency_ms"] / sens.base_latency
-    shares = (f"{sum(map(len, sens.unit_ratios.values()))} trials at their own shares of each unit" if sens.unit_ratios
-              else "/".join(f"{r:.1%}".replace(".0%", "%") for r in sens.ratios))
-    notes = [f"{by}={target:g}: {len(sens.groups)} units measured alone at {shares} "
+    pct = lambda rs: "/".join(f"{r:.1%}".replace(".0%", "%") for r in rs)
+    shares = (f"in {sum(map(len, sens.unit_ratios.values()))} trials, each at its own shares (of {pct(sens.ratios)})"
+              if sens.unit_ratios else f"at {pct(sens.ratios)}")
+    notes = [f"{by}={target:g}: {len(sens.groups)} units measured alone {shares} "
              f"({sens.metric} on {len(evaluation)} calibration samples"
              f"{'' if not recovered else ', after recovery on the same samples' if evaluation is data else f', after recovery on {len(data)} others'}); allocated: "
              + (", ".join(f"{k} {v:g}" for k, v in chosen.items()) or "nothing")]

@@ -5,7 +5,12 @@ shared distillation engine (a least-squares refit of the changed layers, then th
 How much each group loses: `ratio` for all, `ratios` by name, or a target (`macs=0.5`, or
 `latency=0.5` measured in onnxruntime) for which the sensitivity analysis (`onnxcompress.sensitivity`,
 the `sensitivity` command's code) allocates per-group ratios with the least accuracy lost. Kept
-channel counts are multiples of what the execution provider's kernels want (`round_to="auto"`)."""
+channel counts are multiples of what the execution provider's kernels want (`round_to="auto"`).
+
+A group that is a residual branch's inner width (`channels.branch_end`) can also go whole, at
+ratio 1: the branch is replaced by its mean output on the calibration data and the layers after
+the sum are refit. A target weighs that against narrowing: on ResNet, whose 16-channel first stage
+cannot narrow at a multiple of 16, removing a branch there is the one cut that makes it faster."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,14 +22,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress import graph as G
-from onnxcompress.channels import RULES, Analysis, Group, analyze, apply_removal
+from onnxcompress.channels import RULES, Analysis, Group, analyze, apply_removal, branch_end, remove_branches
 from onnxcompress.errors import OptionError
 from onnxcompress.importance import CRITERIA, DATA_CRITERIA, RANK_ONLY, group_scores
 from onnxcompress.metrics import total_macs
 from onnxcompress.pass_api import ChannelMap, Context, Pass, PassResult
-from onnxcompress.recovery import RecoverySettings, recover
+from onnxcompress.recovery import RecoverySettings, recover, student_activations
 from onnxcompress.runtime import channel_multiple
-from onnxcompress.sensitivity import RATIOS, Scorer, check_target, plan, progressive, uniform
+from onnxcompress.sensitivity import RATIOS, Scorer, check_target, plan, progressive, trial_ratios, uniform
 
 __all__ = ["PruneChannels", "kept_count"]
 
@@ -63,15 +68,18 @@ class PruneChannels(Pass):
     min_channels: int = 1
     exclude: tuple[str, ...] = ()            # node or group names whose groups stay whole
     scope: Literal["layer", "global"] = "layer"
-    ratios: dict[str, float] = field(default_factory=dict)   # per-group ratios (from `sensitivity`)
+    ratios: dict[str, float] = field(default_factory=dict)   # per-group ratios (from `sensitivity`); 1: a
+                                                             # residual branch removed whole
     samples: int | None = None               # calibration samples for data criteria and recovery
     sensitivity_recover: bool = True         # with a target: measure each trial after recovery (slower, better)
     jobs: int | None = None                  # with a target: parallel trials (default: one per core)
 
     def __post_init__(self) -> None:
-        for r in [self.ratio, *self.ratios.values()]:
-            if not 0.0 <= r < 1.0:
-                raise ValueError(f"ratios must be in [0, 1), got {r}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        for r in self.ratios.values():
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"ratios must be in [0, 1] (1: a residual branch removed whole), got {r}")
         if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ValueError(f"round_to must be 'auto' or an integer of at least 1, got {self.round_to!r}")
         if self.steps != "auto" and (not isinstance(self.steps, int) or self.steps < 1):
@@ -106,10 +114,12 @@ class PruneChannels(Pass):
         analyze_now = lambda: analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original), shapes)
         an = analyze_now()
         notes += _frozen_notes(an, self.exclude)
+        whole = self._whole(an, ratios, default, data)
         targets = {g.id: kept_count(len(g.units), _ratio(g, an, ratios, default), round_to, self.min_channels)
-                   for g in self._prunable(an)}
-        start = {g.id: len(g.units) for g in self._prunable(an)}
-        notes += _whole_notes(an, self._prunable(an), targets, ratios, default, round_to, self.min_channels)
+                   for g in self._prunable(an) if g.id not in whole}
+        start = {g.id: len(g.units) for g in self._prunable(an) if g.id not in whole}
+        notes += _whole_notes(an, [g for g in self._prunable(an) if g.id not in whole], targets, ratios, default,
+                              round_to, self.min_channels)
         stats.update({"groups": len(an.groups), "groups_prunable": len(targets),
                       "channels_before": sum(start.values())})
         if self.criterion is None and not any(n.startswith("criterion ") for n in notes):
@@ -117,8 +127,10 @@ class PruneChannels(Pass):
                          "calibration data)")
         removed_total = 0
         stats["steps"] = steps
+        if whole:   # first: the narrowing's ranking and refits then see the model without them
+            removed_total += self._remove_branches(graph, ctx, data, an, whole, stats, notes)
         for step in range(1, steps + 1):
-            if step > 1:
+            if step > 1 or whole:
                 an = analyze_now()
             goal = {n: c - round((c - targets[n]) * step / steps) for n, c in start.items()}
             removed = self._choose(graph, an, goal, ctx, data, criterion, round_to)
@@ -127,13 +139,48 @@ class PruneChannels(Pass):
             apply_removal(graph, an, removed)
             G.tidy(graph)
             gc.collect()    # the cut constants sit in graphsurgeon's reference cycles, whole weights read from disk included
-            if self.recover and removed:
+            if self.recover and (removed or (whole and step == 1)):
                 result = recover(graph, ctx, data, RecoverySettings(temperature=ctx.temperature, alpha=ctx.alpha,
                                                                     shifts=self.shifts, seed=self.seed))
                 stats.update({f"step{step}_{k}": v for k, v in result.stats.items() if k.startswith("head_agreement")})
                 notes += [n for n in result.notes if n not in notes]
         stats["channels_after"] = stats["channels_before"] - removed_total
         return PassResult(graph, removed_total > 0, stats, notes)
+
+    def _whole(self, an: Analysis, ratios: dict[str, float], default: float, data) -> dict[str, str]:
+        """Groups at ratio 1 ({group id: the tensor their branch adds}); an error where one is not a
+        residual branch's inner width or there is no data for its mean."""
+        whole = {}
+        for g in self._prunable(an):
+            if _ratio(g, an, ratios, default) < 1.0:
+                continue
+            end = branch_end(an, g)
+            if end is None:
+                raise OptionError(f"{self.name}: group '{g.name}' cannot be removed whole (ratio 1): it is not the "
+                                  "inner width of a residual branch (one layer reads it, and that layer's output "
+                                  "reaches an Add with the shortcut)")
+            if data is None:
+                raise OptionError(f"{self.name}: removing group '{g.name}' whole needs calibration data (--calib): "
+                                  "the branch is replaced by its mean output")
+            whole[g.id] = end
+        return whole
+
+    def _remove_branches(self, graph: gs.Graph, ctx: Context, data, an: Analysis, whole: dict[str, str],
+                         stats: dict, notes: list[str]) -> int:
+        """Each branch replaced by its mean on the calibration data (per channel); the layers that
+        read the sums are refit by the recovery that follows. Returns the channels removed."""
+        acts = student_activations(graph, ctx, data, list(whole.values()))
+        means = {}
+        for end in whole.values():
+            a, axis = acts[end], an.axis.get(end, 1)
+            means[end] = a.mean(axis=tuple(i for i in range(a.ndim) if i != axis), keepdims=True).astype(a.dtype)
+        ctx.state.refit.update(remove_branches(graph, means))
+        groups = [g for g in an.groups if g.id in whole]
+        notes.append("residual branches removed (ratio 1; each replaced by its mean output, the layers after its sum "
+                     "refit): "
+                     + ", ".join(f"'{g.name}' ({len(g.units)} channels)" for g in groups))
+        stats["branches_removed"] = len(groups)
+        return sum(len(g.units) for g in groups)
 
     def _prunable(self, an: Analysis) -> list[Group]:
         return [g for g in an.groups if not g.frozen and not _excluded(g, an, self.exclude)]
@@ -161,11 +208,14 @@ class PruneChannels(Pass):
 
         shapes = data.feed_shapes()
         an = analyze(G.to_graph(model), model, shapes)
-        units = {g.name: len(g.units) for g in self._prunable(an)     # groups a cut can change
-                 if kept_count(len(g.units), max(RATIOS), round_to, self.min_channels) < len(g.units)}
+        narrows = lambda g: kept_count(len(g.units), max(RATIOS), round_to, self.min_channels) < len(g.units)
+        groups = [g for g in self._prunable(an) if narrows(g) or branch_end(an, g)]     # groups a cut can change
+        units = {g.name: len(g.units) for g in groups}
+        # a branch that cannot narrow (ResNet's 16 channels at a multiple of 16) is tried whole only
+        trials = {g.name: rs if narrows(g) else rs[len(RATIOS):] for g, rs in zip(groups, trial_ratios(an, groups).values())}
         by, target = ("latency", self.latency) if self.latency is not None else ("macs", self.macs)
         chosen, more_stats, more_notes, sens = plan(model, pruner(self.sensitivity_recover), fit, target, by,
-                                                    structure=pruner(False), units=units,
+                                                    structure=pruner(False), units=units, ratios=trials,
                                                     recovered=self.sensitivity_recover, evaluation=held,
                                                     providers=ctx.providers, jobs=self.jobs)
         stats.update({f"planned_{k}": v for k, v in more_stats.items()})
@@ -180,7 +230,8 @@ class PruneChannels(Pass):
             # latency savings add up worst of all (a layer between two cut groups loses both ways):
             # on MobileNet latency=0.5 the progressive search lost 0.4-1.3 points (runs differ with
             # the timings that steer it) where every group at 50% lost 2.0
-            levels = {u: _levels(n, round_to, self.min_channels) for u, n in units.items()}
+            levels = {u: _levels(n, round_to, self.min_channels) + [r for r in trials[u] if r == 1.0]
+                      for u, n in units.items()}
             # steps that score within one held-out sample of the best are alike: the smallest is taken
             found = progressive(model, sens, pruner(False), self._joint(model, ctx, data, round_to, criterion), levels,
                                 fit, target, by, ctx.providers, self.jobs, tie=100.0 / len(held))

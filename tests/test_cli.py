@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -139,6 +140,10 @@ def test_sensitivity_table_allocation_and_report(tmp_path, capsys):
                          "--ratios", "0.5", "--round-to", "8", "--target-macs", "0.7", "--report", str(report))
     assert code == 0, err
     assert "/blocks/blocks.4/a/a.0/Conv" in out and "accuracy @0.5" in out
+    # residual branches are also tried whole (@1); the other groups show no trial there
+    assert "accuracy @1" in out and "MACs @1" in out
+    assert re.search(r"/blocks/blocks.1/a/a.0/Conv +16 .* 0\.91x +0\.82x", out)
+    assert re.search(r"/stem/stem.0/Conv +16 .* - +0\.79x +-", out)
     assert "allocation for macs <= 0.7x: met" in out and "pipeline: prune-channels(ratios=" in out
     data = json.loads(report.read_text())
     assert data["allocation"]["measured"]["target_met"] is True

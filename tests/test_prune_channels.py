@@ -70,7 +70,8 @@ def test_per_group_ratios(resnet):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"ratio": 1.0}, r"ratios must be in \[0, 1\)"),
+    ({"ratio": 1.0}, r"ratio must be in \[0, 1\), got 1.0"),
+    ({"ratios": {"a": 1.5}}, r"ratios must be in \[0, 1\] \(1: a residual branch removed whole\), got 1.5"),
     ({"criterion": "thinet", "scope": "global"}, "ranks channels within a group only"),
     ({"criterion": "random"}, "option 'criterion' must be"),
     ({"ratios": {"a": "x"}}, "option 'ratios' must be dict of str to float"),
