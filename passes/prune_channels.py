@@ -215,7 +215,8 @@ class PruneChannels(Pass):
         trials = {g.name: rs if narrows(g) else rs[len(RATIOS):] for g, rs in zip(groups, trial_ratios(an, groups).values())}
         by, target = ("latency", self.latency) if self.latency is not None else ("macs", self.macs)
         chosen, more_stats, more_notes, sens = plan(model, pruner(self.sensitivity_recover), fit, target, by,
-                                                    structure=pruner(False), units=units, ratios=trials,
+                                                    structure=pruner(False), units=units,
+                                                    ratios=trials if any(r != RATIOS for r in trials.values()) else RATIOS,
                                                     recovered=self.sensitivity_recover, evaluation=held,
                                                     providers=ctx.providers, jobs=self.jobs)
         stats.update({f"planned_{k}": v for k, v in more_stats.items()})
