@@ -209,7 +209,8 @@ def _read_profile(path: str, warm: int) -> tuple[float, float, dict[str, tuple[f
 
 
 TEXT = """Structured pruning from one line. `prune-channels(macs=0.5)` and `prune-channels(latency=0.5)`
-allocate per-group ratios inside the pass: every channel group pruned alone at 25/50/75% (ThiNet
+allocate per-group ratios inside the pass: every channel group pruned alone at 25/50/75%, and
+whole where it is a residual branch's inner width (the branch replaced by its mean) (ThiNet
 ranking, recovery fit on two thirds of the 1,000 calibration digits, accuracy on the other third;
 trials in parallel workers), then the greedy allocation of the `sensitivity` command (the same code)
 and its rivals (every group at one ratio; for latency, the progressive search, which then steps back

@@ -115,13 +115,14 @@ class PruneChannels(Pass):
         an = analyze_now()
         notes += _frozen_notes(an, self.exclude)
         whole = self._whole(an, ratios, default, data)
+        prunable = self._prunable(an)
+        narrowed = [g for g in prunable if g.id not in whole]
         targets = {g.id: kept_count(len(g.units), _ratio(g, an, ratios, default), round_to, self.min_channels)
-                   for g in self._prunable(an) if g.id not in whole}
-        start = {g.id: len(g.units) for g in self._prunable(an) if g.id not in whole}
-        notes += _whole_notes(an, [g for g in self._prunable(an) if g.id not in whole], targets, ratios, default,
-                              round_to, self.min_channels)
-        stats.update({"groups": len(an.groups), "groups_prunable": len(targets),
-                      "channels_before": sum(start.values())})
+                   for g in narrowed}
+        start = {g.id: len(g.units) for g in narrowed}
+        notes += _whole_notes(an, narrowed, targets, ratios, default, round_to, self.min_channels)
+        stats.update({"groups": len(an.groups), "groups_prunable": len(prunable),
+                      "channels_before": sum(len(g.units) for g in prunable)})
         if self.criterion is None and not any(n.startswith("criterion ") for n in notes):
             notes.append(f"channels ranked by {criterion} (the default {'without' if criterion == 'l1' else 'with'} "
                          "calibration data)")

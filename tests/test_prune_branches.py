@@ -45,6 +45,7 @@ def test_a_branch_removed_whole_is_its_mean(resnet, calib):
     expected = tensor_of(resnet, BLOCK1_SUM, {"input": data.feeds["input"]}).mean(axis=(0, 2, 3), keepdims=True)
     assert mean.shape == (1, 16, 1, 1) and np.allclose(mean, expected, atol=1e-5)
     assert result.stats["branches_removed"] == 1
+    assert result.stats["channels_before"] - result.stats["channels_after"] == 16
     assert f"residual branches removed (ratio 1; each replaced by its mean output, the layers after its sum refit): " \
            f"'{BLOCK1}' (16 channels)" in result.notes
 
