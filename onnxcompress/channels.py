@@ -664,7 +664,7 @@ def branch_end(an: Analysis, group: Group) -> str | None:
     would everything after it up to the sum: the branch is then its mean (`remove_branches`), and
     the sum is the shortcut plus that. So: one weighted layer reads the group and nothing outside
     the group does; from that layer's output, nodes that read only it (and constants) lead to an
-    Add (or Sum) whose other input is no smaller (a residual sum, not a broadcast)."""
+    Add (or Sum) whose other input has the same shape (a residual sum, not a broadcast)."""
     if group.frozen or not group.producers or len(group.consumers) != 1 or group.consumers[0] not in an.nodes:
         return None
     layer, inside, tensors = an.nodes[group.consumers[0]], set(group.tensors), an.graph.tensors()
