@@ -694,12 +694,9 @@ def remove_branches(graph: gs.Graph, means: dict[str, np.ndarray]) -> list[str]:
     tensors, readers = graph.tensors(), []
     for name, value in means.items():
         t = tensors[name]
-        mean = gs.Constant(f"{name}_mean", value)
-        for node in list(t.outputs):
-            for i, x in enumerate(node.inputs):
-                if x is t:
-                    node.inputs[i] = mean
-            readers += _weighted_after(node)
+        node = t.outputs[0]          # the sum, its one reader (`branch_end`)
+        G.set_constant(graph, node, next(i for i, x in enumerate(node.inputs) if x is t), value, suffix="_mean")
+        readers += _weighted_after(node)
     G.tidy(graph)
     return list(dict.fromkeys(G.layer_id(n) for n in readers))
 

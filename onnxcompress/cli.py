@@ -298,9 +298,10 @@ def cmd_sensitivity(args: argparse.Namespace, registry: Registry) -> int:
     criterion = args.criterion or registry.create("prune-channels").criterion_for(calib)
     prune = pass_pruner(registry, ctx, criterion, round_to, args.recover)
     an = analyze(G.to_graph(model), model, calib.feed_shapes())
-    trials = trial_ratios(an, [g for g in an.groups if not g.frozen], args.ratios)   # + 1 for residual branches
+    groups = [g for g in an.groups if not g.frozen]
+    trials = trial_ratios(an, groups, args.ratios)   # + 1 for residual branches
     sens = sensitivity(model, prune, calib, evaluation, trials, latency, providers, recovered=args.recover,
-                       jobs=args.jobs)
+                       units={g.name: len(g.units) for g in groups}, jobs=args.jobs)
     header = ["group", "channels"] + [f"{sens.metric} @{r:g}" for r in sens.ratios] + [f"MACs @{r:g}" for r in sens.ratios]
     at = lambda g, values, show: [show(dict(zip(sens.ratios_of(g), values))[r]) if r in sens.ratios_of(g) else "-"
                                   for r in sens.ratios]

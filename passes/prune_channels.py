@@ -210,10 +210,13 @@ class PruneChannels(Pass):
         shapes = data.feed_shapes()
         an = analyze(G.to_graph(model), model, shapes)
         narrows = lambda g: kept_count(len(g.units), max(RATIOS), round_to, self.min_channels) < len(g.units)
-        groups = [g for g in self._prunable(an) if narrows(g) or branch_end(an, g)]     # groups a cut can change
-        units = {g.name: len(g.units) for g in groups}
-        # a branch that cannot narrow (ResNet's 16 channels at a multiple of 16) is tried whole only
-        trials = {g.name: rs if narrows(g) else rs[len(RATIOS):] for g, rs in zip(groups, trial_ratios(an, groups).values())}
+        prunable = self._prunable(an)
+        every = trial_ratios(an, prunable)
+        # groups a cut can change; a branch that cannot narrow (ResNet's 16 channels at a multiple
+        # of 16) is tried whole only
+        trials = {g.name: every[g.name] if narrows(g) else every[g.name][len(RATIOS):] for g in prunable}
+        trials = {name: rs for name, rs in trials.items() if rs}
+        units = {g.name: len(g.units) for g in prunable if g.name in trials}
         by, target = ("latency", self.latency) if self.latency is not None else ("macs", self.macs)
         chosen, more_stats, more_notes, sens = plan(model, pruner(self.sensitivity_recover), fit, target, by,
                                                     structure=pruner(False), units=units,
