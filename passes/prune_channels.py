@@ -109,7 +109,7 @@ class PruneChannels(Pass):
         notes = [f"channel counts in multiples of {round_to} (round_to='auto': {why})"] if why else []
         ratios, default, steps = self.ratios, self.ratio, self._steps
         if self.macs is not None or self.latency is not None:
-            (ratios, criterion, steps), default = self._allocate(graph, ctx, data, round_to, criterion, stats, notes), 0.0
+            (ratios, steps), default = self._allocate(graph, ctx, data, round_to, criterion, stats, notes), 0.0
         shapes = None if data is None else data.feed_shapes()
         analyze_now = lambda: analyze(graph, G.to_model(G.tidy(graph.copy()), like=ctx.original), shapes)
         an = analyze_now()
@@ -187,12 +187,12 @@ class PruneChannels(Pass):
         return [g for g in an.groups if not g.frozen and not _excluded(g, an, self.exclude)]
 
     def _allocate(self, graph: gs.Graph, ctx: Context, data, round_to: int, criterion: str, stats: dict,
-                  notes: list[str]) -> tuple[dict[str, float], str, int]:
+                  notes: list[str]) -> tuple[dict[str, float], int]:
         """Per-group ratios for the target: each group pruned alone (this pass, one shot) at 25/50/75%
         and scored against the original on the calibration data, then the greedy allocation. Trials
         that recover are fit on the first two thirds and scored on the rest (scored on what they were
         fit to, every trial looks harmless). Rivals that meet the target too (`uniform`, and for a
-        latency target `progressive`) compete in `_select`. Returns the ratios, criterion and steps."""
+        latency target `progressive`) compete in `_select`. Returns the ratios and the number of steps."""
         model = G.to_model(G.tidy(graph.copy()), like=ctx.original)
         fit, held = _fit_and_held(data) if self.sensitivity_recover else (data, data)
         trial_ctx = dataclasses.replace(ctx, calib=fit)
@@ -244,7 +244,7 @@ class PruneChannels(Pass):
                 rivals["progressive"] = found
         candidates = ({"allocated": chosen} if more_stats["target_met"] or not rivals else {}) \
             | {k: v[0] for k, v in rivals.items()}
-        pick, criterion, steps = self._select(model, ctx, data, candidates, criterion, round_to, notes, by, target)
+        pick, steps = self._select(model, ctx, data, candidates, criterion, round_to, notes, by, target)
         if pick != "allocated":
             chosen, measured = rivals[pick]
             stats.update(planned_target_met=True, planned_macs_ratio=measured["macs"] / total_macs(model, shapes))
@@ -258,12 +258,12 @@ class PruneChannels(Pass):
             notes.append(f"latency={target:g}: the cut taken timed at {stats['planned_latency_ratio']:.2f} of the "
                          "original's time on this machine (one thread, the two run by run in turn); a ratio measured "
                          "here, which moves with the hardware and its load: time the output where it will run")
-        return chosen, criterion, steps
+        return chosen, steps
 
     def _select(self, model, ctx: Context, data, candidates: dict[str, dict[str, float]], criterion: str, round_to: int,
-                notes: list[str], by: str, target: float) -> tuple[str, str, int]:
-        """The cut to make (a name in `candidates`), its ranking criterion and its number of steps,
-        chosen one after the other by `_held_out_scores`: the candidates in one cut with `criterion`;
+                notes: list[str], by: str, target: float) -> tuple[str, int]:
+        """The cut to make (a name in `candidates`) and its number of steps, chosen one after the
+        other by `_held_out_scores`: the candidates in one cut with `criterion`;
         then, with steps="auto", each of TARGET_STEPS (on MobileNet's latency=0.5 cut, 3 steps kept
         98.0% of the test digits where one kept 97.0%; on other cuts one step did better).
 
@@ -275,21 +275,21 @@ class PruneChannels(Pass):
         digits on all four (by 0.2-2.9 points), recovered on two thirds of the digits where ThiNet
         ranks on fewer samples than the final cut has. Ties go to the first."""
         steps = self._steps
-        scored: dict[tuple[str, str, int], tuple[float, ...]] = {}
+        scored: dict[tuple[str, int], tuple[float, ...]] = {}
 
-        def best(options: list[tuple[str, str, int]]) -> tuple[str, str, int]:
+        def best(options: list[tuple[str, int]]) -> tuple[str, int]:
             if len(options) == 1:
                 return options[0]
-            todo = {o: (candidates[o[0]], o[1], o[2]) for o in options if o not in scored}
+            todo = {o: (candidates[o[0]], o[1]) for o in options if o not in scored}
             if todo:
-                scored.update(self._held_out_scores(model, ctx, data, todo, round_to)[0])
+                scored.update(self._held_out_scores(model, ctx, data, todo, criterion, round_to)[0])
             return max(options, key=lambda o: (scored[o][1], scored[o][0]))
 
         said = lambda o: ", ".join(f"{v:.2f}" for v in scored[o])
         on = "accuracy and -100 x KL from the original (ranked by KL, then accuracy) " + (
             f"on {len(data)} calibration samples in {HELD_OUT_FOLDS} folds, each scored after recovery on the others"
             if len(data) >= HELD_OUT_MIN else f"on the {len(data)} calibration samples recovered on")
-        pick = best([(k, criterion, steps) for k in candidates])
+        pick = best([(k, steps) for k in candidates])
         if len(candidates) > 1:
             what = {"uniform": lambda r: f"every unit at {next(iter(r.values())):g}",
                     "progressive": lambda r: "the progressive search's " + ", ".join(f"{k} {v:g}" for k, v in r.items())}
@@ -297,9 +297,9 @@ class PruneChannels(Pass):
                                                                     if k != "allocated")
                          + f": {on}: " + ", ".join(f"{k[0]} {said(k)}" for k in scored) + f"; {pick[0]} used")
         if self.steps == "auto" and candidates[pick[0]]:
-            options = [(pick[0], pick[1], s) for s in TARGET_STEPS]
+            options = [(pick[0], s) for s in TARGET_STEPS]
             pick = best(options)
-            notes.append(f"{pick[2]} step(s) chosen by {on}: " + ", ".join(f"{o[2]} {said(o)}" for o in options))
+            notes.append(f"{pick[1]} step(s) chosen by {on}: " + ", ".join(f"{o[1]} {said(o)}" for o in options))
         return pick
 
     @property
@@ -321,9 +321,9 @@ class PruneChannels(Pass):
         scorers = [Scorer(model, held, ctx.providers, score=k) for k in ("accuracy", "kl")]
         return lambda ratios: sum(sc(self._cut(model, ctx, fit, ratios, criterion, round_to, self._steps)) for sc in scorers)
 
-    def _held_out_scores(self, model, ctx: Context, data, cuts: dict, round_to: int) -> tuple[dict, int]:
-        """Each cut ({key: (ratios, criterion, steps)}) made and recovered on two thirds of the
-        calibration data, accuracy (or agreement) and -100 x KL from the original on the other third;
+    def _held_out_scores(self, model, ctx: Context, data, cuts: dict, criterion: str, round_to: int) -> tuple[dict, int]:
+        """Each cut ({key: (ratios, steps)}, channels ranked by `criterion`) made and recovered on two
+        thirds of the calibration data, accuracy (or agreement) and -100 x KL from the original on the other third;
         every third held out in turn (HELD_OUT_FOLDS), the means. A single third of MNIST's 1,000
         digits is 334: one digit is 0.3 points, and the thirds of one cut differed by 1.8 points.
         Returns ({key: (accuracy, -100 x KL)}, samples held out)."""
@@ -331,7 +331,7 @@ class PruneChannels(Pass):
         per_fold = {key: [] for key in cuts}
         for fit, held in folds:
             scorers = [Scorer(model, held, ctx.providers, score=k) for k in ("accuracy", "kl")]
-            for key, (ratios, criterion, steps) in cuts.items():
+            for key, (ratios, steps) in cuts.items():
                 pruned = self._cut(model, ctx, fit, ratios, criterion, round_to, steps)
                 per_fold[key].append(tuple(sc(pruned) for sc in scorers))
         return {k: tuple(float(x) for x in np.mean(v, axis=0)) for k, v in per_fold.items()}, sum(len(h) for _, h in folds)

@@ -115,7 +115,7 @@ def test_held_out_scores_are_the_means_over_folds(resnet, calib, monkeypatch):
     monkeypatch.setattr(P.PruneChannels, "_cut", lambda self, model, ctx, data, *a: fitted.append(len(data)) or model)
     data = calib.take(120)
     scores, held = PruneChannels(macs=0.5)._held_out_scores(resnet, Context(original=resnet), data,
-                                                            {"a": ({}, "l1", 1), "b": ({}, "l1", 3)}, 8)
+                                                            {"a": ({}, 1), "b": ({}, 3)}, "l1", 8)
     assert fitted == [80] * 6 and held == 120
     assert scores["a"] == scores["b"] == pytest.approx((Scorer(resnet, data, ["CPUExecutionProvider"])(resnet), 0.0))
 
@@ -127,13 +127,13 @@ def test_a_target_chooses_the_steps_on_held_out_samples_by_kl_first(resnet, cali
     import onnxcompress.passes.prune_channels as P
     monkeypatch.setattr(P, "plan", lambda *a, **k: ({"/stem/stem.0/Conv": 0.5}, {"macs_ratio": 0.9, "target_met": True}, [], None))
     monkeypatch.setattr(P, "uniform", lambda *a, **k: None)
-    scripted = {("allocated", "thinet", 1): (97.3, -3.5), ("allocated", "thinet", 3): (97.0, -2.0)}
+    scripted = {("allocated", 1): (97.3, -3.5), ("allocated", 3): (97.0, -2.0)}
     asked = []
-    monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, model, ctx, data, cuts, round_to: (
+    monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, model, ctx, data, cuts, criterion, round_to: (
         asked.append(sorted(cuts)) or {k: scripted[k] for k in cuts}, 64))
     ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
     pruned, result = apply_pass(PruneChannels(macs=0.9, recover=False, round_to=8), resnet, ctx)
-    assert asked == [[("allocated", "thinet", 1), ("allocated", "thinet", 3)]]
+    assert asked == [[("allocated", 1), ("allocated", 3)]]
     assert result.stats["steps"] == 3 and "planned_pick" not in result.stats
     assert any(n.startswith("3 step(s) chosen by accuracy and -100 x KL from the original (ranked by KL, then accuracy)")
                and n.endswith("1 97.30, -3.50, 3 97.00, -2.00") for n in result.notes)
@@ -307,7 +307,7 @@ def test_a_target_takes_the_uniform_cut_when_it_scores_better_and_ties_go_by_kl(
     monkeypatch.setattr(P, "plan", lambda *a, **k: ({"/stem/stem.0/Conv": 0.75}, {"macs_ratio": 0.9, "target_met": True}, [], None))
     monkeypatch.setattr(P, "uniform", lambda model, structure, units, *a, **k: ({u: 0.25 for u in units}, {"macs": 1.0, "value": 1.0}))
     monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, *a, **k: (
-        {("allocated", "l1", 1): (97.9, -3.7), ("uniform", "l1", 1): (97.9, -2.2)}, 64))
+        {("allocated", 1): (97.9, -3.7), ("uniform", 1): (97.9, -2.2)}, 64))
     ctx = Context(calib=calib.take(64), original=resnet, teachers=[resnet])
     pruned, result = apply_pass(PruneChannels(macs=0.9, recover=False, criterion="l1", steps=1), resnet, ctx)
     widths, before = conv_widths(pruned), conv_widths(resnet)
@@ -430,7 +430,7 @@ def test_a_latency_target_takes_the_progressive_cut_when_it_scores_best(resnet, 
     chosen, ties = {"/blocks/blocks.5/a/a.0/Conv": 0.5}, []
     monkeypatch.setattr(P, "progressive", lambda *a, tie, **k: ties.append(tie) or (chosen, {"macs": 2.0, "value": 0.45}))
     monkeypatch.setattr(P.PruneChannels, "_held_out_scores", lambda self, *a, **k: (
-        {("allocated", "l1", 1): (96.1, -3.9), ("uniform", "l1", 1): (96.7, -3.6), ("progressive", "l1", 1): (97.6, -2.2)},
+        {("allocated", 1): (96.1, -3.9), ("uniform", 1): (96.7, -3.6), ("progressive", 1): (97.6, -2.2)},
         64))
     ctx = Context(calib=calib.take(120), original=resnet, teachers=[resnet])
     pruned, result = apply_pass(PruneChannels(latency=0.5, recover=False, criterion="l1", steps=1), resnet, ctx)
