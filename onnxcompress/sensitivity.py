@@ -366,10 +366,8 @@ def progressive(model: onnx.ModelProto, sens: Sensitivity, structure: Prune, joi
     within this of the best are alike, and the one that saves least is taken: one that saves more
     overshoots (MobileNet's best-scored of four finishing steps within 0.1 of each other took it
     from 0.57 to 0.40 of the original's latency); and once the target is met, steps are undone
-    while the cut still meets it (`trim`). A latency cut is then timed afresh (CONFIRM_ROUNDS
-    timings, the median) and the search goes on from it unless those meet the target too. Returns
-    the ratios and what the model measured (a latency: those fresh timings), or None where no ratio
-    was taken or the target was not met."""
+    while the cut still meets it (`trim`). Returns the ratios and what the model measured,
+    or None where no ratio was taken or the target was not met."""
     shapes = data.feed_shapes()
     timing = timing_config(data) if by == "latency" else None
     if by == "latency" and sens.base_latency is None:
@@ -426,7 +424,7 @@ def progressive(model: onnx.ModelProto, sens: Sensitivity, structure: Prune, joi
     saving = lambda u, r: predicted(u, r, measured_at, base)
     alone = lambda u, r: predicted(u, r, sens.score, sens.base_score)
     ratios: dict[str, float] = {}
-    score, missed = joint({}), False      # missed: a cut the search took failed its fresh timings (not trimmed again)
+    score = joint({})
     measured = {"value": ref}
     for _ in range(max_rounds):
         moves = []      # (unit, next ratio, cost per saving alone)
@@ -456,21 +454,7 @@ def progressive(model: onnx.ModelProto, sens: Sensitivity, structure: Prune, joi
                   ", ".join(f"{u} {r:g} {v:.2f} at {a['value'] / ref:.3f}" for (u, r, _), v, a in zip(moves, scores, after)),
                   by, measured["value"] / ref)
         if measured["value"] <= target * ref:
-            if not missed:
-                ratios, measured = trim(ratios, measured)
-            if by != "latency":
-                return ratios, measured
-            # the timings that chose the cut favour it: of the steps near the target, the search and
-            # `trim` keep one that read fast enough, so a cut that meets it about half the time is
-            # taken more often than not (MobileNet's latency=0.5 cut, taken at 0.50, read 0.50-0.58
-            # in twelve timings after, 0.525 their median). Met only if fresh timings agree, as the
-            # pass scores its cuts on samples they were not fit to; if not, the search goes on from it
-            fresh = _median(_timings(model, structure(model, ratios), ratios, CONFIRM_ROUNDS, shapes, by, timing,
-                                     data, providers, ref), rounds=CONFIRM_ROUNDS)
-            if fresh["value"] <= target * ref:
-                return ratios, fresh
-            log.debug("progressive: %s read %.3f in fresh timings: not met, going on", ratios, fresh["value"] / ref)
-            measured, score, missed = fresh, joint(ratios), True
+            return trim(ratios, measured)
     return None
 
 

@@ -397,8 +397,7 @@ def test_a_progressive_step_read_just_over_a_latency_target_is_timed_again(monke
                          latency={"a": [5.0], "b": [7.0]}, base_latency=10.0)
     joint = {(): 100.0, (("a", 0.5),): 99.0, (("b", 0.5),): 95.0, (("a", 0.5), ("b", 0.5)): 94.0}
     first = S.PROPOSAL_TIMINGS
-    readings = {(("a", 0.5),): iter([0.55] * first + [0.48] * S.CONFIRM_ROUNDS + [0.49] * S.CONFIRM_ROUNDS),
-                (("b", 0.5),): iter([0.7] * 20),
+    readings = {(("a", 0.5),): iter([0.55] * first + [0.48] * S.CONFIRM_ROUNDS), (("b", 0.5),): iter([0.7] * 20),
                 (("a", 0.5), ("b", 0.5)): iter([0.3] * 20)}
 
     def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
@@ -408,31 +407,8 @@ def test_a_progressive_step_read_just_over_a_latency_target_is_timed_again(monke
     monkeypatch.setattr(S, "_measure", fake_measure)
     ratios, measured = S.progressive(None, sens, lambda m, r: m, lambda r: joint[tuple(sorted(r.items()))],
                                      {"a": [0.5], "b": [0.5]}, Dataset({"x": np.zeros((2, 1))}), 0.5, jobs=1)
-    assert ratios == {"a": 0.5} and measured["value"] == pytest.approx(0.49)     # the fresh timings
-    assert measured["rounds"] == S.CONFIRM_ROUNDS
-
-
-def test_a_latency_cut_that_fails_its_fresh_timings_is_cut_further(monkeypatch):
-    """a's step meets 0.5 in the timings that chose it (0.49) and misses in the fresh ones after
-    (0.53): not met, so the search goes on from it and takes b's step on top, which the fresh
-    timings confirm (timings scripted)."""
-    from onnxcompress import sensitivity as S
-    sens = S.Sensitivity(base_score=100.0, base_macs=1000, ratios=(0.5,), groups=["a", "b"], channels={"a": 8, "b": 8},
-                         score={"a": [99.0], "b": [95.0]}, macs={"a": [600], "b": [600]},
-                         latency={"a": [5.0], "b": [7.0]}, base_latency=10.0)
-    joint = {(): 100.0, (("a", 0.5),): 99.0, (("b", 0.5),): 95.0, (("a", 0.5), ("b", 0.5)): 94.0}
-    n = S.PROPOSAL_TIMINGS + 1 + 2 * S.CONFIRM_ROUNDS       # proposed, timed again and confirmed, then fresh
-    readings = {(("a", 0.5),): iter([0.49] * (n - S.CONFIRM_ROUNDS) + [0.53] * S.CONFIRM_ROUNDS),
-                (("b", 0.5),): iter([0.7] * n), (("a", 0.5), ("b", 0.5)): iter([0.3] * n)}
-
-    def fake_measure(model, prune, ratios, shapes, by, latency, data, providers, base, rounds=3):
-        value = next(readings[tuple(sorted(ratios.items()))]) * base
-        return {"macs": 0, "latency_ms": value, "value": value, "rounds": rounds}
-
-    monkeypatch.setattr(S, "_measure", fake_measure)
-    ratios, measured = S.progressive(None, sens, lambda m, r: m, lambda r: joint[tuple(sorted(r.items()))],
-                                     {"a": [0.5], "b": [0.5]}, Dataset({"x": np.zeros((2, 1))}), 0.5, jobs=1)
-    assert ratios == {"a": 0.5, "b": 0.5} and measured["value"] == pytest.approx(0.3)
+    assert ratios == {"a": 0.5} and measured["value"] == pytest.approx(0.48)
+    assert measured["rounds"] == first + S.CONFIRM_ROUNDS
 
 
 def test_a_unit_steps_through_each_channel_count_it_can_keep():
