@@ -318,7 +318,7 @@ class PruneChannels(Pass):
         """The progressive search's score of a cut: recovered on two thirds of the calibration data,
         accuracy (or agreement) plus -100 x KL from the original on the rest."""
         fit, held = _fit_and_held(data)
-        scorers = [Scorer(model, held, ctx.providers, score=k) for k in ("accuracy", "kl")]
+        scorers = _accuracy_and_kl(model, held, ctx.providers)
         return lambda ratios: sum(sc(self._cut(model, ctx, fit, ratios, criterion, round_to, self._steps)) for sc in scorers)
 
     def _held_out_scores(self, model, ctx: Context, data, cuts: dict, criterion: str, round_to: int) -> tuple[dict, int]:
@@ -330,7 +330,7 @@ class PruneChannels(Pass):
         folds = _folds(data)
         per_fold = {key: [] for key in cuts}
         for fit, held in folds:
-            scorers = [Scorer(model, held, ctx.providers, score=k) for k in ("accuracy", "kl")]
+            scorers = _accuracy_and_kl(model, held, ctx.providers)
             for key, (ratios, steps) in cuts.items():
                 pruned = self._cut(model, ctx, fit, ratios, criterion, round_to, steps)
                 per_fold[key].append(tuple(sc(pruned) for sc in scorers))
@@ -396,6 +396,12 @@ def _levels(channels: int, round_to: int, min_channels: int, step: float = 0.125
             seen.add(k)
             out.append(round(float(r), 4))
     return out
+
+
+def _accuracy_and_kl(model, held, providers) -> list[Scorer]:
+    """What a target's candidate cuts are scored by on held-out samples: accuracy (or agreement)
+    and -100 x KL from the original."""
+    return [Scorer(model, held, providers, score=k) for k in ("accuracy", "kl")]
 
 
 def _fit_and_held(data):
